@@ -1,0 +1,51 @@
+"""Open a model for generation from whatever the user points at.
+
+A checkpoint folder (Hugging Face layout, written by lmforge or by transformers), a
+`.gguf` file (llama.cpp's format, weights dequantized on load), or the short name of a
+packaged sample such as `smollm2`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.data.samples import resolve_model_path
+from lmforge.model.transformer import Transformer
+from lmforge.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    path: Path
+
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a reply: EOS plus the end-of-turn tokens chat templates use."""
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>"):
+            if name in self.tokenizer.special_tokens:
+                ids.add(self.tokenizer.special_tokens[name])
+        return sorted(ids)
+
+
+def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    path = resolve_model_path(str(spec))
+    if path.is_file() and path.suffix == ".gguf":
+        from lmforge.model.gguf import load_gguf_model
+
+        config, state_dict, _metadata = load_gguf_model(path)
+        model = Transformer(config)
+        model.load_state_dict(state_dict)
+        model = model.to(device=device, dtype=dtype)
+    elif path.is_dir():
+        from lmforge.model.checkpoint import load_checkpoint
+
+        model, _config = load_checkpoint(path, dtype=dtype, device=device)
+    else:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a .gguf file")
+    model.eval()
+    return LoadedModel(model=model, tokenizer=load_tokenizer(path), path=path)

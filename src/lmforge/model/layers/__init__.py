@@ -1,0 +1,1 @@
+"""The building blocks of a transformer block, one concept per module."""
