@@ -58,8 +58,6 @@ class Transformer(nn.Module):
             self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
         if config.position == "rope":
             self.rotary = RotaryEmbedding(config.dim_per_head, config.rope_theta, config.rope_scaling)
-        if config.position == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(config.n_heads), persistent=False)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = make_norm(config)
@@ -142,7 +140,7 @@ class Transformer(nn.Module):
         allowed = attention_mask(positions, k_pos, self.config.sliding_window)
         if self.config.position != "alibi":
             return allowed
-        bias = alibi_bias(self.alibi_slopes, positions, k_pos)
+        bias = alibi_bias(alibi_slopes(self.config.n_heads), positions, k_pos)  # fp32 even in a bf16 model
         return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
     def num_parameters(self) -> int:

@@ -47,6 +47,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inverse_frequencies(head_dim, theta, scaling), persistent=False)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Follow the model across devices but stay fp32: bf16 frequencies rotate far positions wrongly."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if not inv_freq.is_meta and not self.inv_freq.is_meta:
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin of shape [B, 1, T, head_dim] in fp32."""
         angles = positions[..., None].float() * self.inv_freq.float()  # [B, T, hd/2]

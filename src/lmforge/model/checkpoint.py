@@ -1,0 +1,447 @@
+"""Checkpoint folders in the Hugging Face layout, written atomically and read defensively.
+
+A folder holds `config.json`, `model.safetensors`, `generation_config.json`, the
+tokenizer's files and `lmforge.json` (the full `ModelConfig` plus provenance). When an
+HF family can express the model, `config.json` and the tensor names are that family's,
+so `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it unchanged;
+otherwise both are lmforge-native (`"architectures": ["LmforgeTransformer"]`).
+
+Weights are only ever safetensors: a pickle can run code when loaded. Every file is
+checked before its bytes are trusted (header length, JSON, offsets inside the file,
+tensor names and shapes against the config) so a bad folder fails with a sentence
+that says what is wrong, not with a stack trace from deep inside a library.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lmforge.model.config import ConfigError, ModelConfig
+from lmforge.model.hf import (
+    ARCHITECTURES,
+    CheckpointError,
+    check_exportable,
+    check_shapes,
+    check_state_dict,
+    config_from_hf,
+    config_to_hf,
+    expected_state,
+    hf_model_type,
+    hf_model_type_of,
+    normalize_hf_names,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
+from lmforge.model.transformer import Transformer
+
+__all__ = ["CheckpointError", "load_checkpoint", "load_config", "read_safetensors_header", "save_checkpoint"]
+
+CONFIG_NAME = "config.json"
+LMFORGE_NAME = "lmforge.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+GENERATION_NAME = "generation_config.json"
+NATIVE_ARCHITECTURE = "LmforgeTransformer"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit; a longer "header" is a corrupt file
+FORMAT_VERSION = 1
+
+_ITEM_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+# ---------------------------------------------------------------------------------- safetensors headers
+def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {"dtype", "shape", "data_offsets"} from a .safetensors file, reading no tensor data.
+
+    The 8-byte header length is checked against the file size and a 100 MB cap before
+    anything is parsed, and every tensor's byte range must lie inside the file, so a
+    truncated download or a stray file fails here with a clear `CheckpointError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such safetensors file")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated or not safetensors ({size} bytes; the format starts "
+                                  "with an 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: corrupt safetensors header: it claims {header_len:,} bytes, over "
+                                  f"the {MAX_HEADER_BYTES // 2**20} MB limit (not a safetensors file?)")
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path}: corrupt safetensors header: it claims {header_len:,} bytes but "
+                                  f"the file has only {size:,} (truncated, or not a safetensors file)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header: not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - header_len
+    for name, info in header.items():
+        _check_tensor_entry(path, name, info, data_size)
+    return header
+
+
+def _check_tensor_entry(path: Path, name: str, info: Any, data_size: int) -> None:
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} {why}")
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise bad("lacks dtype, shape or data_offsets")
+    if info["dtype"] not in _ITEM_SIZE:
+        raise bad(f"has unknown dtype {info['dtype']!r}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise bad(f"has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has invalid data_offsets {offsets!r}")
+    if offsets[1] - offsets[0] != math.prod(shape) * _ITEM_SIZE[info["dtype"]]:
+        raise bad(f"has {offsets[1] - offsets[0]} bytes of data for shape {shape} {info['dtype']}")
+    if offsets[1] > data_size:
+        raise bad(f"ends at byte {offsets[1]:,} of the data but the file holds {data_size:,} (truncated)")
+
+
+def checkpoint_tensors(folder: str | Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Every tensor in a folder's weights (one file or an index of shards): name -> (file, header entry)."""
+    folder = Path(folder)
+    single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME
+    if single.exists():
+        return {name: (single, info) for name, info in read_safetensors_header(single).items()}
+    if not index.exists():
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+            raise CheckpointError(f"{folder}: only pickle weights (.bin/.pt) found; lmforge never unpickles "
+                                  "weights (it can run code) - convert them to safetensors first")
+        raise CheckpointError(f"{folder}: no weights ({WEIGHTS_NAME} or {INDEX_NAME}) in the folder")
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: has no weight_map object")
+    headers: dict[str, dict[str, dict[str, Any]]] = {}
+    out: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for name, file_name in weight_map.items():
+        if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in ("..", "."):
+            raise CheckpointError(f"{index}: shard {file_name!r} (for {name!r}) is not a file in this folder")
+        if file_name not in headers:
+            headers[file_name] = read_safetensors_header(folder / file_name)
+        if name not in headers[file_name]:
+            raise CheckpointError(f"{index}: maps {name!r} to {file_name}, which does not contain it")
+        out[name] = (folder / file_name, headers[file_name][name])
+    return out
+
+
+# ---------------------------------------------------------------------------------- loading
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not readable JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def _config_and_names(folder: Path, *, strict: bool = True) -> tuple[ModelConfig, str | None]:
+    """The folder's config, and the HF model_type its tensor names use (None: lmforge names)."""
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: a checkpoint is a folder, this is a file")
+    lmforge_file, config_file = folder / LMFORGE_NAME, folder / CONFIG_NAME
+    if lmforge_file.exists():
+        info = _read_json(lmforge_file)
+        if not isinstance(info.get("config"), dict):
+            raise CheckpointError(f"{lmforge_file}: has no 'config' object")
+        try:
+            config = ModelConfig.from_dict(info["config"])
+        except (ConfigError, TypeError) as err:
+            raise CheckpointError(f"{lmforge_file}: invalid model config: {err}") from err
+        weights = info.get("weights")
+        names = weights.get("names", "lmforge") if isinstance(weights, dict) else "lmforge"
+        if names != "lmforge" and names not in ARCHITECTURES:
+            raise CheckpointError(f"{lmforge_file}: unknown tensor naming {names!r}")
+        return config, (None if names == "lmforge" else names)
+    if not config_file.exists():
+        raise CheckpointError(f"{folder}: missing {CONFIG_NAME} (and {LMFORGE_NAME}): not a checkpoint")
+    hf = _read_json(config_file)
+    if hf.get("architectures") == [NATIVE_ARCHITECTURE] or hf.get("model_type") == "lmforge":
+        bookkeeping = ("architectures", "model_type", "dtype", "torch_dtype")
+        values = {k: v for k, v in hf.items() if k not in bookkeeping}
+        try:
+            return ModelConfig.from_dict(values), None
+        except (ConfigError, TypeError) as err:
+            raise CheckpointError(f"{config_file}: invalid lmforge config: {err}") from err
+    model_type = hf_model_type_of(hf)
+    config = config_from_hf(hf, strict=strict)
+    config.extra["source"] = str(folder)
+    return config, model_type
+
+
+def load_config(folder: str | Path, *, strict: bool = True) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint folder (lmforge.json first, else config.json), loading no weights."""
+    return _config_and_names(Path(folder), strict=strict)[0]
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_checkpoint(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+) -> tuple[Transformer, ModelConfig]:
+    """Loads a checkpoint folder written by lmforge or by `transformers` -> (model in eval mode, config).
+
+    `dtype=None` keeps the stored dtype. Names and shapes are checked against the config
+    from the headers alone, before any tensor data is read. `strict=False` tolerates HF
+    config fields lmforge does not recognise (they are listed in config.extra).
+    """
+    folder = Path(folder)
+    config, model_type = _config_and_names(folder, strict=strict)
+    target_dtype = _as_dtype(dtype)
+    files = checkpoint_tensors(folder)
+
+    if model_type is None:
+        canonical: dict[str, str | None] = {name: name for name in files}
+        expected = {k: tuple(v.shape) for k, v in expected_state(config).items()}
+    else:
+        canonical = normalize_hf_names(list(files), model_type)
+        fused = any(name.endswith(".experts.gate_up_proj") for name in canonical.values() if name)
+        expected = {k: tuple(v.shape) for k, v in
+                    state_dict_to_hf(expected_state(config), config, model_type, fused_experts=fused).items()}
+        if config.tie_embeddings and "lm_head.weight" in canonical.values():
+            expected["lm_head.weight"] = (config.vocab_size, config.d_model)  # a redundant copy some save
+    found = {canonical[n]: tuple(info["shape"]) for n, (_, info) in files.items() if canonical[n] is not None}
+    check_shapes(found, expected, f"{folder}: the weights")
+
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, (path, _info) in files.items():
+        if canonical[name] is not None:
+            by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in names:
+                    tensors[canonical[name]] = f.get_tensor(name)  # type: ignore[index]
+        except Exception as err:  # the library's own error types vary by version
+            raise CheckpointError(f"{path}: could not read tensors ({err})") from err
+
+    state = tensors if model_type is None else state_dict_from_hf(tensors, config, model_type)
+    if target_dtype is not None:
+        state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model = Transformer(config)
+    # assign=True keeps the stored dtype; RoPE/ALiBi tables stay fp32 (a blanket .to(bf16) would round them)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval(), config
+
+
+# ---------------------------------------------------------------------------------- saving
+def save_checkpoint(
+    folder: str | Path,
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    config: ModelConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    generation_config: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    dtype: torch.dtype | str | None = None,
+    hf_family: str | None = None,
+) -> Path:
+    """Writes a checkpoint folder atomically (temp folder, fsync, rename) and returns its path.
+
+    HF layout (config.json + names that `transformers` loads) when a family can express
+    the config, else lmforge-native. `hf_family` (e.g. "mistral") forces a family, and
+    is an error if that family cannot express the config. `extra` is stored in
+    lmforge.json (its "source" key, if any, becomes the provenance); `dtype` casts
+    floating tensors before writing. A tokenizer is written with `tokenizer.save(folder)`.
+    """
+    folder = Path(folder)
+    if config is None:
+        config = getattr(model_or_state_dict, "config", None)
+        if not isinstance(config, ModelConfig):
+            raise CheckpointError("save_checkpoint needs a ModelConfig (the model has none)")
+    state = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
+             else dict(model_or_state_dict))
+    target_dtype = _as_dtype(dtype)
+    state = {k: _prepared(v, target_dtype) for k, v in state.items()}
+    check_state_dict(state, config, what="the state dict to save")
+
+    hf_meta = config.extra.get("hf") if isinstance(config.extra.get("hf"), dict) else {}
+    model_type: str | None
+    if hf_family is not None:
+        check_exportable(config, hf_family)
+        model_type, hf_export = hf_family, ARCHITECTURES[hf_family]
+    else:
+        try:
+            source = hf_meta.get("model_type")
+            model_type = hf_model_type(config, source if source in ARCHITECTURES else None)
+            hf_export = ARCHITECTURES[model_type]
+        except CheckpointError as err:  # not expressible: the lmforge-native layout, and why
+            model_type, hf_export = None, str(err)
+
+    dtype_name = _main_dtype(state)
+    ids = _token_ids(hf_meta, tokenizer)
+    if model_type is not None:
+        tensors = state_dict_to_hf(state, config, model_type)
+        config_json = config_to_hf(config, model_type=model_type, dtype=dtype_name, **ids)
+    else:
+        tensors = state
+        config_json = {"architectures": [NATIVE_ARCHITECTURE], "model_type": "lmforge",
+                       **_jsonable(config.to_dict()), "dtype": dtype_name}
+    provenance = {
+        "format": "lmforge-checkpoint", "format_version": FORMAT_VERSION, "lmforge_version": _version(),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "source": (extra or {}).get("source") or config.extra.get("source") or "lmforge",
+        "config": _jsonable(config.to_dict()),
+        "weights": {"file": WEIGHTS_NAME, "names": model_type or "lmforge", "dtype": dtype_name},
+        "hf_export": hf_export,
+        "extra": _jsonable(extra or {}),
+    }
+    generation = _jsonable({k: v for k, v in ids.items() if v is not None} | dict(generation_config or {}))
+
+    with _atomic_folder(folder) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        _write_json(tmp / CONFIG_NAME, config_json)
+        _write_json(tmp / GENERATION_NAME, generation)
+        _write_json(tmp / LMFORGE_NAME, provenance)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return folder
+
+
+def _main_dtype(state: Mapping[str, torch.Tensor]) -> str:
+    """The dtype holding most of the weights, for config.json's `dtype` (some models keep norms in fp32)."""
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    return str(max(sizes, key=sizes.__getitem__) if sizes else torch.float32).removeprefix("torch.")
+
+
+def _prepared(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach().to("cpu")
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous()
+
+
+def _token_ids(hf_meta: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """bos/eos/pad ids: from the config's HF provenance, else from the tokenizer if it has them."""
+    ids = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = hf_meta.get(key)
+        if value is None and tokenizer is not None:
+            value = getattr(tokenizer, key, None)
+        ids[key] = value if isinstance(value, int | list) else None
+    return ids
+
+
+def _jsonable(value: Any) -> Any:
+    """Round-trips through JSON so that a value that cannot be stored fails before anything is written."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot store {value!r} as JSON: {err}") from err
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lmforge")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _write_json(path: Path, value: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file or folder to disk; folders cannot be opened for fsync on every OS."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _looks_like_checkpoint(folder: Path) -> bool:
+    markers = (CONFIG_NAME, LMFORGE_NAME, WEIGHTS_NAME, INDEX_NAME)
+    return not any(folder.iterdir()) or any((folder / m).exists() for m in markers)
+
+
+@contextmanager
+def _atomic_folder(target: Path) -> Iterator[Path]:
+    """Yields a temp folder next to `target`; on success it replaces `target` whole, on failure vanishes.
+
+    Replacing renames the old folder aside, renames the new one in, then deletes the old
+    one, so at every instant `target` is either the complete old or the complete new
+    checkpoint. Only a folder that looks like a checkpoint (or is empty) is replaced.
+    """
+    target = target.absolute()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a folder")
+    if target.exists() and not _looks_like_checkpoint(target):
+        raise CheckpointError(f"refusing to replace {target}: it is not empty and holds no checkpoint")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp = target.parent / f".{target.name}.tmp-{token}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        _fsync(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{token}"
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            _fsync(target.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+            _fsync(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
