@@ -81,11 +81,11 @@ def describe(spec: str) -> dict[str, Any]:
 
 
 def _describe_gguf(path: Path) -> dict[str, Any]:
-    from lmforge.model.gguf import GGUFFile, config_from_gguf_metadata
+    from lmforge.model.gguf import GGUFFile, config_from_gguf
 
     gguf = GGUFFile(path)
-    config = config_from_gguf_metadata(gguf.metadata)
-    types = Counter(info.type_name for info in gguf.tensors.values())
+    config = config_from_gguf(gguf.metadata, gguf.tensors)
+    types = Counter(info.ggml_type.name for info in gguf.tensors.values())
     meta = gguf.metadata
     return {"path": str(path), "format": f"GGUF v{gguf.version}",
             "name": meta.get("general.name", "?")} | describe_config(config) | {
