@@ -108,7 +108,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
         stats = GenerationStats()
         reply: list[str] = []
-        sys.stdout.write("assistant> ")
+        if interactive:
+            sys.stdout.write("assistant> ")
         try:
             for event in generate(loaded.model, prompt_ids, max_new_tokens=args.max_new_tokens, params=params,
                                   stop_ids=loaded.stop_ids(), token_bytes=tok.token_bytes, stats=stats):
@@ -183,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `lmforge info x | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except USER_ERRORS as err:
         if args.traceback:
             raise

@@ -153,14 +153,15 @@ def test_learned_positions_beyond_max_seq_len_are_an_error():
 
 
 # ---------------------------------------------------------------------------------- MoE
-def test_moe_aux_loss_is_one_for_uniform_routing():
+def test_moe_aux_loss_is_k_for_uniform_routing():
     model = _model(**CONFIGS["moe"])
     with torch.no_grad():
         for block in model.blocks:
             block.mlp.router.weight.zero_()  # every expert equally likely
     out = model(_ids())
     coef = model.config.moe_aux_loss_coef
-    assert out.aux_loss.item() / coef == pytest.approx(1.0, abs=1e-6)
+    k = model.config.n_experts_per_token  # transformers' Mixtral convention
+    assert out.aux_loss.item() / coef == pytest.approx(k, abs=1e-6)
 
 
 def test_moe_gradients_reach_the_router_from_both_losses():
@@ -212,3 +213,16 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
     assert model.embed.weight.dtype == torch.bfloat16
     cos16, _ = model.rotary(positions)
     torch.testing.assert_close(cos16, cos32)
+
+
+@pytest.mark.parametrize("name", ["learned", "rope", "alibi", "sliding-window"])
+def test_packed_rows_keep_sequences_apart(name):
+    """Positions that restart inside a row start a new sequence that cannot see the previous one."""
+    model = _model(**CONFIGS[name])
+    ids = _ids(batch=1, length=10)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    packed = model(ids, positions).logits
+    first = model(ids[:, :4]).logits
+    second = model(ids[:, 4:]).logits
+    torch.testing.assert_close(packed[:, :4], first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 4:], second, atol=1e-5, rtol=1e-5)

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lmforge.atomic import default_file_mode
 from lmforge.model.config import ConfigError, ModelConfig
 from lmforge.model.hf import (
     ARCHITECTURES,
@@ -427,6 +428,7 @@ def _atomic_folder(target: Path) -> Iterator[Path]:
         yield tmp
         for path in tmp.rglob("*"):
             if path.is_file():
+                os.chmod(path, default_file_mode())  # safetensors writes owner-only files
                 _fsync(path)
         _fsync(tmp)
         if target.exists():

@@ -124,6 +124,7 @@ class ModelConfig:
         unused = self.n_experts - self.n_experts_per_token
         mlp_in = 2 if self.mlp == "swiglu" else 1
         one_mlp = mlp_in * self.d_model * self.d_ff + self.d_ff * self.d_model
+        one_mlp += (mlp_in * self.d_ff + self.d_model) * self.mlp_bias
         return self.num_parameters() - self.n_layers * unused * one_mlp
 
     def flops_per_token(self, seq_len: int | None = None, *, training: bool = True) -> float:

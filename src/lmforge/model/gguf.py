@@ -24,7 +24,6 @@ from __future__ import annotations
 import enum
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lmforge.atomic import atomic_write
 from lmforge.model.config import ConfigError, ModelConfig
 
 GGUF_MAGIC = b"GGUF"
@@ -598,22 +598,13 @@ def write_gguf(
         payloads.append((offset, payload))
         offset = _align(offset + payload.size, alignment)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            head = b"".join(header)
-            f.write(head + bytes(_align(len(head), alignment) - len(head)))
-            data_start = f.tell()
-            for start, payload in payloads:
-                f.write(bytes(data_start + start - f.tell()))
-                f.write(payload.data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        head = b"".join(header)
+        f.write(head + bytes(_align(len(head), alignment) - len(head)))
+        data_start = f.tell()
+        for start, payload in payloads:
+            f.write(bytes(data_start + start - f.tell()))
+            f.write(payload.data)
     return path
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers.alibi import alibi_bias, alibi_slopes
-from lmforge.model.layers.attention import Attention, KVCache, attention_mask
+from lmforge.model.layers.attention import Attention, KVCache, attention_mask, packed_causal_mask
 from lmforge.model.layers.mlp import MLP
 from lmforge.model.layers.moe import MixtureOfExperts
 from lmforge.model.layers.norms import make_norm
@@ -137,7 +137,10 @@ class Transformer(nn.Module):
                         and self.config.position != "alibi" and _is_arange(positions))
         if plain_causal:
             return None
-        allowed = attention_mask(positions, k_pos, self.config.sliding_window)
+        if cache is None:
+            allowed = packed_causal_mask(positions, self.config.sliding_window)
+        else:
+            allowed = attention_mask(positions, k_pos, self.config.sliding_window)
         if self.config.position != "alibi":
             return allowed
         bias = alibi_bias(alibi_slopes(self.config.n_heads), positions, k_pos)  # fp32 even in a bf16 model

@@ -37,11 +37,30 @@ class KVCache(Protocol):
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """[B, 1, T, S] boolean: may query i (at q_pos) see key j (at k_pos)?"""
+    """[B, 1, T, S] boolean: may query i (at q_pos) see key j (at k_pos)? For cached decoding,
+    where the cache holds one sequence per row in order."""
     q, k = q_pos[:, None, :, None], k_pos[:, None, None, :]
     allowed = (k <= q) & (k >= 0)
     if window is not None:
         allowed &= (q - k) < window
+    return allowed
+
+
+def packed_causal_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1, T, T] boolean for a row that may pack several sequences (no cache).
+
+    Wherever the positions do not continue (p[t] != p[t-1] + 1) a new sequence starts,
+    and a token may only see earlier tokens of its own sequence: without this, packed
+    documents would leak into each other and a restarted position would see the future.
+    """
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    segment = starts.cumsum(dim=1)
+    index = torch.arange(positions.shape[1], device=positions.device)
+    allowed = (index[None, :] <= index[:, None])[None, None]
+    allowed = allowed & (segment[:, None, :, None] == segment[:, None, None, :])
+    if window is not None:
+        allowed = allowed & ((index[:, None] - index[None, :]) < window)[None, None]
     return allowed
 
 

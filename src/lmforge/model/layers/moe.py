@@ -3,8 +3,10 @@
 A router scores the experts, the top k are run, and their outputs are mixed with the
 renormalised router probabilities (Mixtral). Left alone, a router collapses onto a few
 experts, so training adds the Switch Transformer load-balancing loss:
-E * sum_e (fraction of routed slots that went to e) * (mean router probability of e),
-which is 1.0 when routing is perfectly uniform.
+E * sum_e (fraction of tokens that chose e among their k) * (mean router probability of e),
+which is k when routing is perfectly uniform. This is the convention of transformers'
+Mixtral, so an imported `router_aux_loss_coef` means the same pressure here; lmforge
+averages the per-layer losses, where transformers pools the layers' statistics first.
 """
 
 from __future__ import annotations
@@ -40,6 +42,6 @@ class MixtureOfExperts(nn.Module):
                 out.index_add_(0, token_idx, expert_out)
 
         n_experts = probs.shape[-1]
-        routed_fraction = F.one_hot(chosen, n_experts).float().mean(dim=(0, 1))  # [E]
+        routed_fraction = F.one_hot(chosen, n_experts).float().mean(dim=0).sum(dim=0)  # [E], sums to k
         aux_loss = n_experts * (routed_fraction * probs.mean(0)).sum()
         return out.reshape(shape), aux_loss
