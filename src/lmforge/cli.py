@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="checkpoint folder, .gguf file, or a sample name")
     p.add_argument("--preset", help="describe a built-in architecture instead (gpt2, llama-tiny, ...)")
     p.add_argument("--json", action="store_true")
+
+    from lmforge.data.cli import register as register_data
+    from lmforge.data.crawl import register as register_crawl
+
+    register_crawl(sub)
+    register_data(sub)
     return parser
 
 

