@@ -33,7 +33,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigKeyError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise ConfigKeyError(f"config file {path} must hold a mapping at the top level, got {kind}")
     return data
 
 
@@ -89,7 +90,8 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def build(cls: type[T], values: dict[str, Any], *, prefix: str = "") -> T:
     """Instantiate dataclass `cls` from a mapping, checking every key and type."""
     if not isinstance(values, dict):
-        raise ConfigKeyError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(values).__name__}")
+        where = prefix.rstrip(".") or "config"
+        raise ConfigKeyError(f"{where} must be a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
@@ -120,7 +122,8 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
                 return _coerce(option, value, dotted)
             except ConfigKeyError as err:
                 errors.append(str(err))
-        raise ConfigKeyError(errors[0] if len(errors) == 1 else f"{dotted}: {value!r} fits none of {hint}")
+        message = errors[0] if len(errors) == 1 else f"{dotted}: {value!r} fits none of {hint}"
+        raise ConfigKeyError(message)
     if origin is typing.Literal:
         if value not in args:
             raise ConfigKeyError(f"{dotted} must be one of {', '.join(map(repr, args))}, got {value!r}")
@@ -143,7 +146,8 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    is_bool_for_int = hint is int and isinstance(value, bool)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not is_bool_for_int):
         raise ConfigKeyError(f"{dotted} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
 

@@ -90,7 +90,7 @@ class ModelConfig:
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive")
         if self.n_experts:
             need(0 < self.n_experts_per_token <= self.n_experts,
-                 f"n_experts_per_token ({self.n_experts_per_token}) must be in 1..n_experts ({self.n_experts})")
+                 f"n_experts_per_token ({self.n_experts_per_token}) must be in 1..{self.n_experts}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type")
             need(kind in ("linear", "llama3"),
@@ -135,7 +135,8 @@ class ModelConfig:
         values), following the PaLM appendix. The usual shorthand is 6N per token.
         """
         seq_len = seq_len or self.max_seq_len
-        matmul_params = self.active_parameters() - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        embedding_tables = 1 if self.tie_embeddings else 2
+        matmul_params = self.active_parameters() - self.vocab_size * self.d_model * embedding_tables
         matmul_params -= self.max_seq_len * self.d_model if self.position == "learned" else 0
         matmul_params += self.vocab_size * self.d_model  # the LM head is a matmul
         window = min(seq_len, self.sliding_window or seq_len)
