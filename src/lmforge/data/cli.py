@@ -42,6 +42,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_prepare)
 
+    t = sub.add_parser("tokenize", help="documents -> token shards (train/val) for pretraining",
+                       description="Encode documents (prepare's Parquet/JSONL output, or text, HTML, ...) "
+                                   "into flat uint16/uint32 token shards with a document index, BOS/EOS "
+                                   "at document boundaries, and a train/validation split by id hash.")
+    t.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders of documents")
+    t.add_argument("--tokenizer", required=True,
+                   help="tokenizer folder, checkpoint folder, .gguf file, or a sample name (smollm2)")
+    t.add_argument("--output", "-o", required=True, help="output folder for the shards and meta.json")
+    t.add_argument("--val-fraction", type=float, default=None, help="share of documents held out (0.005)")
+    t.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (100M)")
+    t.add_argument("--json", action="store_true", help="print the report as JSON")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    t.set_defaults(func=cmd_tokenize)
+
     data = sub.add_parser("data", help="data utilities: sample corpora", description="Data utilities.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     s = data_sub.add_parser("samples", help="fetch (once) and list the real sample corpora",
@@ -140,4 +154,35 @@ def cmd_samples(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['name']:<{width}}  {row['files']:>6} files  {row['mb']:>8.2f} MB  {row['path']}")
         print(f"{'':<{width}}  {row['description']}")
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from lmforge.data.samples import resolve_model_path
+    from lmforge.data.shards import TokenizeConfig, read_documents_from, tokenize_documents
+    from lmforge.tokenizer import load_tokenizer
+
+    config = TokenizeConfig()
+    if args.val_fraction is not None:
+        config.val_fraction = args.val_fraction
+    if args.shard_tokens is not None:
+        config.shard_tokens = args.shard_tokens
+    config.validate()
+    try:
+        tokenizer_path = resolve_model_path(args.tokenizer)
+        inputs = _resolve_inputs(list(args.inputs), sys.stderr)
+    except SampleError as err:
+        raise OSError(str(err)) from err
+    tokenizer = load_tokenizer(tokenizer_path)
+
+    def progress(docs: int, tokens: int, elapsed: float) -> None:
+        rate = tokens / elapsed if elapsed > 0 else 0.0
+        print(f"\rtokenize: {docs:,} docs · {tokens:,} tokens · {rate:,.0f} tokens/s",
+              end="", file=sys.stderr, flush=True)
+
+    report = tokenize_documents(read_documents_from(inputs), tokenizer, args.output, config,
+                                tokenizer_name=str(args.tokenizer), progress=None if args.quiet else progress)
+    if not args.quiet:
+        print(file=sys.stderr)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_table())
     return 0

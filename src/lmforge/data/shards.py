@@ -1,0 +1,319 @@
+"""Token shards: documents turned into flat arrays of token ids, ready for pretraining.
+
+Training reads billions of tokens in random windows; re-tokenizing text every epoch
+would waste most of the time, so `lmforge tokenize` does it once. Each shard is a
+safetensors file with two arrays:
+
+- ``tokens``: every document's ids back to back, uint16 when the vocabulary fits in
+  65,536 ids (half the disk and memory bandwidth of uint32), else uint32. Each document
+  is wrapped in BOS ... EOS where the tokenizer has them, so a window that spans a
+  boundary tells the model where one document ends and the next begins.
+- ``doc_starts``: the offset of each document's first token (int64), so BOS-aligned
+  packing and per-document statistics need no scan.
+
+Documents go to the validation split by a hash of their id, not by their position, so
+the split is the same however the input is ordered or sharded. `meta.json` records the
+tokenizer, dtype, special ids and counts (tokens, documents, bytes per token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.atomic import atomic_write
+from lmforge.data.document import Document, StageStats
+from lmforge.data.errors import DataInputError
+from lmforge.data.readers import discover_inputs, read_input
+
+SPLITS = ("train", "val")
+SHARD_SUFFIX = ".safetensors"
+
+
+@dataclass
+class TokenizeConfig:
+    val_fraction: float = 0.005  # share of documents (by id hash) held out for validation
+    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB at uint16)
+    add_bos: bool = True  # wrap documents in BOS ... EOS when the tokenizer has those tokens
+    add_eos: bool = True
+    batch_documents: int = 256  # documents encoded per call (tiktoken encodes a batch in threads)
+    min_tokens: int = 1  # documents shorter than this (before BOS/EOS) are skipped
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataInputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shard_tokens < 1024:
+            raise DataInputError(f"shard_tokens must be at least 1024, got {self.shard_tokens}")
+        if self.batch_documents < 1:
+            raise DataInputError(f"batch_documents must be positive, got {self.batch_documents}")
+
+
+@dataclass
+class SplitStats:
+    documents: int = 0
+    tokens: int = 0
+    text_bytes: int = 0
+    shards: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_per_token(self) -> float:
+        content_tokens = self.tokens
+        return self.text_bytes / content_tokens if content_tokens else 0.0
+
+
+@dataclass
+class TokenizeReport:
+    output: str
+    tokenizer: str
+    vocab_size: int
+    dtype: str
+    bos_token_id: int | None
+    eos_token_id: int | None
+    splits: dict[str, SplitStats]
+    skipped: dict[str, int]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for name, split in self.splits.items():
+            out["splits"][name]["bytes_per_token"] = round(split.bytes_per_token, 4)
+        return out
+
+    def to_table(self) -> str:
+        lines = [
+            f"tokenized with {self.tokenizer} (vocab {self.vocab_size:,}, {self.dtype}) "
+            f"in {self.seconds:.1f}s -> {self.output}",
+            f"{'split':<6} {'documents':>10} {'tokens':>14} {'bytes/token':>12} {'shards':>7}",
+        ]
+        for name, s in self.splits.items():
+            lines.append(
+                f"{name:<6} {s.documents:>10,} {s.tokens:>14,} {s.bytes_per_token:>12.3f} {len(s.shards):>7}"
+            )
+        if self.skipped:
+            lines.append("skipped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items())))
+        return "\n".join(lines)
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """A stable coin flip from the id: the same document always lands in the same split."""
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+class _ShardWriter:
+    """Accumulates one split's tokens and writes a shard file whenever it is full."""
+
+    def __init__(
+        self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int, stats: SplitStats
+    ) -> None:
+        self.folder, self.split, self.dtype, self.limit, self.stats = (
+            folder,
+            split,
+            dtype,
+            shard_tokens,
+            stats,
+        )
+        self.pieces: list[np.ndarray] = []
+        self.starts: list[int] = []
+        self.size = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        if self.size and self.size + len(ids) > self.limit:
+            self.flush()
+        self.starts.append(self.size)
+        self.pieces.append(ids)
+        self.size += len(ids)
+
+    def flush(self) -> None:
+        if not self.size:
+            return
+        from safetensors.numpy import save
+
+        tokens = np.concatenate(self.pieces).astype(self.dtype, copy=False)
+        name = f"{self.split}-{len(self.stats.shards):05d}{SHARD_SUFFIX}"
+        payload = save(
+            {"tokens": tokens, "doc_starts": np.asarray(self.starts, dtype=np.int64)},
+            metadata={"format": "lmforge-token-shard", "split": self.split},
+        )
+        with atomic_write(self.folder / name) as f:
+            f.write(payload)
+        self.stats.shards.append(name)
+        self.pieces, self.starts, self.size = [], [], 0
+
+
+def tokenize_documents(
+    documents: Iterable[Document],
+    tokenizer: Any,
+    output: str | os.PathLike[str],
+    config: TokenizeConfig | None = None,
+    *,
+    tokenizer_name: str = "",
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TokenizeReport:
+    """Encode `documents` into train/val shards under `output` and write meta.json last.
+
+    meta.json is written only once every shard is on disk, so a folder with meta.json
+    is complete; an interrupted run leaves none and is simply run again.
+    """
+    config = config or TokenizeConfig()
+    config.validate()
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "meta.json").exists():
+        (folder / "meta.json").unlink()  # about to be rewritten: never pair old meta with new shards
+    for old in folder.glob(f"*{SHARD_SUFFIX}"):
+        old.unlink()
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    bos = tokenizer.bos_token_id if config.add_bos else None
+    eos = tokenizer.eos_token_id if config.add_eos else None
+    if bos is None and eos is None and (config.add_bos or config.add_eos):
+        raise DataInputError("the tokenizer has neither a BOS nor an EOS token to mark document boundaries")
+    splits = {name: SplitStats() for name in SPLITS}
+    writers = {name: _ShardWriter(folder, name, dtype, config.shard_tokens, splits[name]) for name in SPLITS}
+    skipped: dict[str, int] = {}
+    started = time.perf_counter()
+    documents_seen = tokens_seen = 0
+
+    for batch in _batches(documents, config.batch_documents):
+        texts = [doc.text for doc in batch]
+        encoded = tokenizer.encode_batch(texts, add_bos=False, add_eos=False, allow_special=False)
+        for doc, ids in zip(batch, encoded):
+            documents_seen += 1
+            if len(ids) < config.min_tokens:
+                skipped["too_short"] = skipped.get("too_short", 0) + 1
+                continue
+            wrapped = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
+            split = "val" if is_validation(doc.id, config.val_fraction) else "train"
+            writers[split].add(np.asarray(wrapped, dtype=np.int64))
+            stats = splits[split]
+            stats.documents += 1
+            stats.tokens += len(wrapped)
+            stats.text_bytes += len(doc.text.encode("utf-8"))
+            tokens_seen += len(wrapped)
+        if progress:
+            progress(documents_seen, tokens_seen, time.perf_counter() - started)
+    for writer in writers.values():
+        writer.flush()
+    if not splits["train"].tokens:
+        raise DataInputError("no documents to tokenize: the input held no text")
+
+    report = TokenizeReport(
+        output=str(folder),
+        tokenizer=tokenizer_name,
+        vocab_size=tokenizer.vocab_size,
+        dtype=dtype.name,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        splits=splits,
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
+    )
+    meta = report.to_dict() | {"format": "lmforge-token-shards", "config": asdict(config)}
+    with atomic_write(folder / "meta.json", "w") as f:
+        json.dump(meta, f, indent=2)
+    return report
+
+
+def _batches(documents: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def read_documents_from(inputs: Sequence[str | os.PathLike[str]]) -> Iterator[Document]:
+    """Documents from `prepare`'s output (Parquet/JSONL) or any other readable input.
+
+    A `prepare` output folder also holds its report and work files; only its final
+    ``part-*`` files are documents.
+    """
+    paths: list[str | os.PathLike[str]] = []
+    for raw in inputs:
+        folder = Path(raw)
+        parts = sorted(folder.glob("part-*")) if folder.is_dir() and (folder / "report.json").exists() else []
+        paths.extend(parts or [raw])
+    stats = StageStats("read")
+    for item in discover_inputs(paths):
+        yield from read_input(item, stats)
+
+
+# ------------------------------------------------------------------------------ reading
+@dataclass
+class TokenShard:
+    """One shard, memory-mapped: nothing is read until a slice of `tokens` is touched."""
+
+    path: Path
+    tokens: np.ndarray
+    doc_starts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+_SAFETENSORS_DTYPES = {"U16": np.uint16, "U32": np.uint32, "I64": np.int64}
+
+
+def open_shard(path: str | os.PathLike[str]) -> TokenShard:
+    """Memory-map a shard's arrays straight from the safetensors file (no copy, no pickle)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len <= 0 or header_len > min(size - 8, 1 << 20):
+            raise DataInputError(f"{path} is not a token shard (bad safetensors header length {header_len})")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as err:
+            raise DataInputError(f"{path} is not a token shard (header is not JSON)") from err
+    arrays: dict[str, np.ndarray] = {}
+    for name in ("tokens", "doc_starts"):
+        entry = header.get(name)
+        if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise DataInputError(f"{path} is not a token shard (no valid {name!r} array)")
+        begin, end = entry["data_offsets"]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+        count = math.prod(entry["shape"])
+        if end - begin != count * dtype.itemsize or 8 + header_len + end > size:
+            raise DataInputError(f"{path} is truncated or corrupt ({name} does not fit the file)")
+        arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=(count,))
+    return TokenShard(path=path, tokens=arrays["tokens"], doc_starts=arrays["doc_starts"])
+
+
+def load_shard_set(
+    folder: str | os.PathLike[str], split: str = "train"
+) -> tuple[dict[str, Any], list[TokenShard]]:
+    """meta.json and the shards of one split; a folder without meta.json is an unfinished run."""
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        raise DataInputError(
+            f"{folder} holds no finished token shards (no meta.json): run `lmforge tokenize`"
+        )
+    meta = json.loads(meta_path.read_text())
+    if split not in meta.get("splits", {}):
+        raise DataInputError(f"{folder} has no {split!r} split")
+    names = meta["splits"][split]["shards"]
+    missing = [n for n in names if not (folder / n).exists()]
+    if missing:
+        raise DataInputError(f"{folder} is missing shard(s) {', '.join(missing)}")
+    return meta, [open_shard(folder / n) for n in names]
