@@ -218,7 +218,7 @@ def main() -> None:
             )
         note = f"{len(model.merges)} merges, {model.stats['distinct_pretokens']:,} distinct pre-tokens"
         if hf_merges is not None:
-            note += f"; vs HF: {agreement(model.merges, hf_merges)}"
+            note += f"; HF {len(hf_merges)} merges; {agreement(model.merges, hf_merges)}"
         print(f"{'':>6} {note}")
         sys.stdout.flush()
 

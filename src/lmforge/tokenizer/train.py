@@ -56,6 +56,8 @@ import regex
 if TYPE_CHECKING:  # tiktoken is only needed by BPEModel.to_tiktoken
     import tiktoken
 
+__all__ = ["GPT2_PATTERN", "GPT4_PATTERN", "BPEModel", "TrainingError", "train_bpe", "train_bpe_from_files"]
+
 #: GPT-2's pre-tokenizer: contractions, optionally space-led letter/number/punctuation runs,
 #: and whitespace (a run of spaces leaves its last space to lead the next word).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
