@@ -167,3 +167,17 @@ def test_gguf_needs_a_named_pre_tokenizer(gpt2):
     )
     with pytest.raises(TokenizerError, match="no GGUF name"):
         odd.gguf_metadata()
+
+
+def test_save_tiktoken_round_trips_a_trained_tokenizer(tmp_path):
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer.train import GPT2_PATTERN, train_bpe
+
+    text = Path("/usr/share/common-licenses/GPL-3").read_text(encoding="utf-8")
+    model = train_bpe([text], 400, pattern=GPT2_PATTERN, special_tokens=["<|endoftext|>"])
+    tok = Tokenizer.from_tiktoken(model.mergeable_ranks, model.pattern, model.special_tokens)
+    tok.save_tiktoken(tmp_path / "ranks.tiktoken")
+    again = Tokenizer.from_tiktoken_file(tmp_path / "ranks.tiktoken", model.pattern, model.special_tokens)
+    sample = text[:3000] + "<|endoftext|>"
+    assert again.encode(sample) == tok.encode(sample)
+    assert (tmp_path / "ranks.tiktoken").read_text().splitlines()[0] == "AA== 0"  # byte 0x00 has rank 0

@@ -29,7 +29,7 @@ from lmforge.tokenizer.chat import CHATML_TEMPLATE, ChatTemplate
 from lmforge.tokenizer.errors import TokenizerError
 from lmforge.tokenizer.fast import FastEncoder
 from lmforge.tokenizer.pretokenize import ByteLevel, PreTokenizer, Split
-from lmforge.tokenizer.ranks import merges_from_ranks, read_tiktoken_file
+from lmforge.tokenizer.ranks import RankTable, merges_from_ranks, read_tiktoken_file, tiktoken_ranks
 from lmforge.tokenizer.spec import TokenizerSpec
 
 logger = logging.getLogger(__name__)
@@ -347,6 +347,27 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json (HF format) into `folder`, atomically."""
         hf_json.save(self.spec, folder)
 
+    def save_tiktoken(self, path: str | Path) -> None:
+        """Write the ranks as a `.tiktoken` file ("<base64 token> <rank>" per line), atomically.
+
+        The file holds neither the regex nor the special tokens (tiktoken keeps those in
+        code), and its ranks are the ids, so only a vocabulary whose ids are in merge
+        order (GPT-2's, cl100k's, any lmforge-trained one) can be saved this way.
+        """
+        import base64
+
+        from lmforge.atomic import atomic_write
+
+        table = RankTable.from_ranks(self.spec.tiktoken_ranks) if self.spec.tiktoken_ranks \
+            else tiktoken_ranks(self.bpe)
+        if table.rank_to_id is not None:
+            raise TokenizerError("this vocabulary's ids are not in merge order, so a .tiktoken file "
+                                 "would renumber it; save tokenizer.json instead")
+        lines = (f"{base64.b64encode(token).decode()} {rank}\n"
+                 for token, rank in sorted(table.mergeable_ranks.items(), key=lambda item: item[1]))
+        with atomic_write(path, "w") as f:
+            f.writelines(lines)
+
     def gguf_metadata(self) -> dict[str, Any]:
         """The `tokenizer.ggml.*` and `tokenizer.chat_template` keys for a GGUF export."""
         return gguf_meta.gguf_metadata(self.spec, self.bpe)
@@ -384,23 +405,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def _gguf_metadata(path: Path) -> Mapping[str, Any]:
     """A GGUF file's metadata, read by lmforge's own GGUF reader."""
-    try:
-        from lmforge.model.gguf import GGUFFile
-    except ImportError:  # lmforge's reader is missing: the gguf package can stand in
-        return _gguf_metadata_by_package(path)
+    from lmforge.model.gguf import GGUFFile
+
     try:
         return GGUFFile(path).metadata
     except (ValueError, OSError) as err:
         raise TokenizerError(f"{path}: cannot read GGUF metadata: {err}") from err
-
-
-def _gguf_metadata_by_package(path: Path) -> Mapping[str, Any]:
-    try:
-        import gguf
-    except ImportError as err:
-        raise TokenizerError(f"{path}: reading GGUF needs lmforge.model.gguf or the gguf package") from err
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as err:
-        raise TokenizerError(f"{path}: cannot read GGUF metadata: {err}") from err
-    return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
