@@ -177,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lmforge.data.cli import register as register_data
     from lmforge.data.crawl import register as register_crawl
+    from lmforge.tokenizer.cli import register as register_tokenizer
 
     register_crawl(sub)
     register_data(sub)
+    register_tokenizer(sub)
     return parser
 
 
