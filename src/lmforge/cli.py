@@ -49,7 +49,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = _load(args)
     tok = loaded.tokenizer
     if args.chat:
-        prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
     else:
         prompt = args.prompt
     prompt_ids = tok.encode(prompt)

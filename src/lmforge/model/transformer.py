@@ -130,7 +130,9 @@ class Transformer(nn.Module):
             aux_total = self.config.moe_aux_loss_coef * aux_total / self.config.n_layers
         return ModelOutput(logits=logits, aux_loss=aux_total)
 
-    def _mask(self, positions: torch.Tensor, cache: KVCache | None, dtype: torch.dtype) -> torch.Tensor | None:
+    def _mask(
+        self, positions: torch.Tensor, cache: KVCache | None, dtype: torch.dtype
+    ) -> torch.Tensor | None:
         """None lets SDPA use its fused causal kernel; otherwise a boolean or additive mask."""
         k_pos = cache.key_positions(positions) if cache is not None else positions
         plain_causal = (cache is None and self.config.sliding_window is None
