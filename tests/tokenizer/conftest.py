@@ -113,11 +113,11 @@ def read_tiktoken_js(name: str) -> tuple[dict[bytes, int], str, dict[str, int]]:
 
 @pytest.fixture(scope="session")
 def tiktoken_encodings():
-    """`name -> (ranks, pattern, special_tokens, tiktoken.Encoding)` for gpt2 and cl100k_base."""
+    """`name -> (ranks, pattern, special_tokens, tiktoken.Encoding)` for gpt2, cl100k_base and o200k_base."""
     import tiktoken
 
     out: dict[str, Any] = {}
-    for name in ("gpt2", "cl100k_base"):
+    for name in ("gpt2", "cl100k_base", "o200k_base"):
         ranks, pattern, specials = read_tiktoken_js(name)
         out[name] = (
             ranks,

@@ -209,3 +209,24 @@ def test_transformers_gguf_conversion_misses_smollm2_digit_split(smollm2_tok, sm
     text = "a  1"
     assert converted.encode(text).ids != smollm2_tok.encode(text)
     assert smollm2_tok.encode("x 1") == converted.encode("x 1").ids  # no difference without the space run
+
+
+# --------------------------------------------------------------------------- o200k
+
+
+@pytest.fixture(scope="module")
+def o200k(tiktoken_encodings) -> Tokenizer:
+    ranks, pattern, specials, _ = tiktoken_encodings["o200k_base"]
+    return Tokenizer.from_tiktoken(ranks, pattern, specials)
+
+
+def test_o200k_prose_and_hard_cases(o200k, tiktoken_encodings, prose_text):
+    oracle = tiktoken_encodings["o200k_base"][3]
+    assert o200k.backend == "tiktoken"
+    assert o200k.encode(prose_text, allow_special=False) == oracle.encode_ordinary(prose_text)
+    reference = o200k.without_fast_path()
+    for text in HARD_CASES:
+        expected = oracle.encode(text, allowed_special="all")
+        assert o200k.encode(text) == expected
+        assert reference.encode(text) == expected
+        assert o200k.decode(expected) == text
