@@ -179,10 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.data.cli import register as register_data
     from lmforge.data.crawl import register as register_crawl
     from lmforge.tokenizer.cli import register as register_tokenizer
+    from lmforge.train.cli import register as register_pretrain
 
     register_crawl(sub)
     register_data(sub)
     register_tokenizer(sub)
+    register_pretrain(sub)
     return parser
 
 

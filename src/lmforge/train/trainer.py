@@ -1,0 +1,313 @@
+"""`Trainer`: the one training loop. Objectives plug into it; it owns everything else.
+
+One optimizer step is:
+
+1. `accum` micro-batches, each forward + backward under the chosen precision, each loss
+   divided by `accum` so the summed gradients are the mean over the whole batch
+   (gradient accumulation: a large batch in tokens on a small machine);
+2. the gradient norm, clipped to `grad_clip` (one bad batch cannot throw the weights
+   far); a NaN/inf loss or gradient stops here, before the weights are touched;
+3. the learning rate for this step from the schedule, then the optimizer step.
+
+Precision `bf16` runs matmuls in bfloat16 under autocast while the weights, their
+gradients and the optimizer state stay fp32 ("master weights"): bf16 has fp32's range
+but only 8 bits of mantissa, too coarse to accumulate many small updates into.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lmforge.train.checkpoint import load_training_checkpoint, save_training_checkpoint
+from lmforge.train.data import TokenWindows
+from lmforge.train.objectives import Objective
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss or gradient: training stopped before the optimizer step."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_tokens: int = 65536  # tokens per optimizer step: micro_batch * seq_len * accumulation
+    micro_batch: int = 8  # sequences per forward/backward
+    seq_len: int = 256
+    grad_clip: float = 1.0  # 0: no clipping (the norm is still measured and logged)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    eval_interval: int = 100  # 0: never
+    eval_batches: int = 10
+    checkpoint_interval: int = 500  # 0: only at the end
+    keep_checkpoints: int = 3
+    log_interval: int = 10
+    peak_flops: float | None = None  # the device's peak FLOP/s, for MFU (e.g. 989e12: H100 bf16 dense)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    @property
+    def micro_tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    def accumulation(self) -> int:
+        if self.batch_tokens % self.micro_tokens:
+            raise ValueError(f"train.batch_tokens ({self.batch_tokens}) must be a multiple of micro_batch * "
+                             f"seq_len ({self.micro_batch} * {self.seq_len} = {self.micro_tokens})")
+        return self.batch_tokens // self.micro_tokens
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains `model` on `train_data` with `objective`; logs, evaluates and checkpoints into `run_dir`.
+
+    `lr_factor(step)` returns the schedule's multiplier for optimizer step `step`; each
+    param group's lr is its `base_lr` times that. `bytes_per_token` (from the shard
+    meta) turns validation loss into bits per byte, comparable across tokenizers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        optimizer: torch.optim.Optimizer,
+        lr_factor: Callable[[int], float],
+        train_data: TokenWindows,
+        config: TrainConfig,
+        run_dir: str | Path,
+        *,
+        val_data: TokenWindows | None = None,
+        bytes_per_token: float | None = None,
+        run_config: dict[str, Any] | None = None,
+        tokenizer: Any = None,
+        quiet: bool = False,
+    ) -> None:
+        self.model, self.objective, self.optimizer = model, objective, optimizer
+        self.lr_factor, self.train_data, self.val_data = lr_factor, train_data, val_data
+        self.config, self.run_dir = config, Path(run_dir)
+        self.bytes_per_token, self.run_config = bytes_per_token, run_config or {}
+        self.tokenizer, self.quiet = tokenizer, quiet
+        self.accum = config.accumulation()
+        self.device = next(model.parameters()).device
+        self.forward_model: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict[str, Any]] = []
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.checkpoints = self.run_dir / "checkpoints"
+        flops = getattr(getattr(model, "config", None), "flops_per_token", None)
+        self.flops_per_token = flops(config.seq_len) if flops else None
+
+    # ------------------------------------------------------------------ precision
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ one step
+    def accumulate_gradients(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward/backward over `accum` micro-batches; returns (mean loss, mean metrics)."""
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(self.accum):
+            batch = self.train_data.next_batch(self.config.micro_batch).to(self.device, non_blocking=True)
+            with self.autocast():
+                loss, metrics = self.objective.loss(self.forward_model, batch)
+            (loss / self.accum).backward()
+            total += loss.detach() / self.accum
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0) + value.float() / self.accum
+        return total, {k: float(v) for k, v in sums.items()}
+
+    def train_step(self) -> dict[str, Any] | None:
+        """One optimizer step; the logged record, or None when a non-finite step was skipped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, metrics = self.accumulate_gradients()
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss_value, norm_value = float(loss), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            message = (f"step {self.step + 1}: the {what} is not finite (loss {loss_value}, grad norm "
+                       f"{norm_value}); the weights were not updated")
+            if self.config.on_nonfinite == "stop":
+                raise NonFiniteError(message + ". Lower the learning rate, enable grad_clip, use "
+                                     "precision: fp32, or set train.on_nonfinite: skip")
+            self._say(f"warning: {message}; skipping this batch")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            return None
+        factor = self.lr_factor(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        self.optimizer.step()
+        self.step += 1
+        self.tokens_seen += self.config.batch_tokens
+        lr = self.optimizer.param_groups[0]["lr"]
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value, **metrics}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over fixed batches, and bits per byte when bytes/token is known."""
+        if self.val_data is None:
+            return {}
+        self.model.eval()
+        losses = []
+        for batch in self.val_data.first_batches(self.config.micro_batch, self.config.eval_batches):
+            with self.autocast():
+                loss, metrics = self.objective.loss(self.forward_model, batch.to(self.device))
+            losses.append(float(metrics.get("ce", loss)))
+        val_loss = sum(losses) / len(losses)
+        out = {"val_loss": val_loss}
+        if self.bytes_per_token:
+            out["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        state = {"tokens_seen": self.tokens_seen, "data": self.train_data.state_dict(),
+                 "schedule": {"step": self.step}, "config": self.run_config}
+        return save_training_checkpoint(self.checkpoints, self.step, self.model, self.optimizer, state,
+                                        keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
+
+    def resume(self, folder: str | Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, RNG, data position, step and the metrics log."""
+        state = load_training_checkpoint(folder, self.model, self.optimizer)
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.train_data.load_state_dict(state["data"])
+        # the log may hold steps past the checkpoint (the run died after it): drop them
+        kept: list[dict[str, Any]] = []
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if record.get("step", 0) <= self.step:
+                        kept.append(record)
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        self.history = kept
+        self._say(f"resumed from {folder} at step {self.step}")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to `config.steps`; returns a summary (also written to run_dir/summary.json)."""
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_step, started = self.step, time.perf_counter()
+        last_ckpt: Path | None = None
+        record: dict[str, Any] | None = None
+        eval_record: dict[str, float] = {}
+        with open(self.metrics_path, "a", encoding="utf-8") as log:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                record = self.train_step()
+                if record is None:  # a skipped non-finite step: nothing to log
+                    if self.step == cfg.steps:
+                        last_ckpt = self.save()
+                    continue
+                elapsed = time.perf_counter() - t0
+                record["tokens_per_s"] = cfg.batch_tokens / elapsed if elapsed > 0 else 0.0
+                if self.flops_per_token and cfg.peak_flops:
+                    record["mfu"] = record["tokens_per_s"] * self.flops_per_token / cfg.peak_flops
+                at_end = self.step == cfg.steps
+                if self.val_data is not None and ((cfg.eval_interval and self.step % cfg.eval_interval == 0)
+                                                  or at_end):
+                    eval_record = self.evaluate()
+                    record.update(eval_record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                self.history.append(record)
+                if self.step % max(1, cfg.log_interval) == 0 or at_end or "val_loss" in record:
+                    self._progress(record, start_step, started)
+                if (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or at_end:
+                    log.flush()
+                    last_ckpt = self.save()
+        seconds = time.perf_counter() - started
+        plot = self.plot()
+        steps_run = self.step - start_step
+        summary = {
+            "steps": self.step, "steps_this_run": steps_run, "tokens_seen": self.tokens_seen,
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(steps_run * cfg.batch_tokens / seconds, 1) if seconds > 0 else None,
+            "final_loss": self.history[-1]["loss"] if self.history else None,
+            **{k: v for k, v in eval_record.items()},
+            "checkpoint": str(last_ckpt or (self.checkpoints if self.checkpoints.exists() else "")),
+            "metrics": str(self.metrics_path), "plot": str(plot) if plot else None,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return summary
+
+    # ------------------------------------------------------------------ reporting
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def _progress(self, record: dict[str, Any], start_step: int, started: float) -> None:
+        done = self.step - start_step
+        rate = (time.perf_counter() - started) / max(1, done)
+        eta = _duration(rate * (self.config.steps - self.step))
+        parts = [f"step {self.step}/{self.config.steps}", f"loss {record['loss']:.4f}",
+                 f"lr {record['lr']:.2e}", f"|g| {record['grad_norm']:.2f}",
+                 f"{record['tokens_per_s']:,.0f} tok/s"]
+        if "mfu" in record:
+            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        if "val_loss" in record:
+            parts.append(f"val {record['val_loss']:.4f}")
+        if "val_bpb" in record:
+            parts.append(f"bpb {record['val_bpb']:.3f}")
+        parts.append(f"ETA {eta}")
+        self._say(" | ".join(parts))
+
+    def plot(self) -> Path | None:
+        """metrics.png: training (and validation) loss, and the learning rate, against the step."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self._say("note: matplotlib is not installed; no plot written (pip install matplotlib)")
+            return None
+        if not self.history:
+            return None
+        steps = [r["step"] for r in self.history]
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+        ax_loss.plot(steps, [r["loss"] for r in self.history], label="train", linewidth=1)
+        val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
+        if val:
+            ax_loss.plot(*zip(*val), "o-", label="validation")
+        ax_loss.set_ylabel("loss (nats/token)")
+        ax_loss.legend()
+        ax_loss.grid(alpha=0.3)
+        ax_lr.plot(steps, [r["lr"] for r in self.history], color="tab:green")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.set_xlabel("step")
+        ax_lr.grid(alpha=0.3)
+        fig.tight_layout()
+        path = self.run_dir / "metrics.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
