@@ -22,53 +22,107 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, *, default_temperature:
     parser.add_argument("--temperature", type=float, default=default_temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
+    parser.add_argument("--min-p", type=float, default=0.0,
+                        help="drop tokens less likely than min-p x the top token")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 discourages tokens already in the prompt or reply")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="subtracted per earlier occurrence in the reply, in [-2, 2]")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="subtracted once a token occurred in the reply, in [-2, 2]")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end the reply at this text (repeatable; not printed)")
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--truncate", action="store_true", help="drop the start of a prompt that is too long")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization of the linear layers (faster decoding)")
+    parser.add_argument("--draft-model", default=None, metavar="PATH",
+                        help="speculative decoding with this draft model (same vocabulary)")
+    parser.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
+                        help="quantize the draft model (e.g. --draft-model smollm2 --draft-quantize int4)")
+    parser.add_argument("--num-speculative", type=int, default=4, help="draft tokens proposed per round")
 
 
 def _sampling_params(args: argparse.Namespace):
     from lmforge.infer.sampling import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, max_tokens=args.max_new_tokens, stop=tuple(args.stop),
+        logprobs=bool(getattr(args, "logprobs", 0)), top_logprobs=getattr(args, "logprobs", 0) or 0,
+    )
 
 
 def _load(args: argparse.Namespace):
+    """The inference `Engine` for --model (quantized with --quantize, with --draft-model)."""
     import torch
 
+    from lmforge.infer.engine import Engine
     from lmforge.infer.loading import load_model
+    from lmforge.infer.quant import quantize_model
 
-    return load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    dtype = getattr(torch, args.dtype)
+    loaded = load_model(args.model, dtype=dtype, device=args.device)
+    if args.quantize:
+        quantize_model(loaded.model, args.quantize)
+    draft = None
+    if args.draft_model:
+        draft = load_model(args.draft_model, dtype=dtype, device=args.device).model
+        if args.draft_quantize:
+            quantize_model(draft, args.draft_quantize)
+    return Engine(loaded.model, loaded.tokenizer, stop_ids=loaded.stop_ids(), max_batch_size=1,
+                  draft_model=draft, num_speculative=args.num_speculative), loaded
 
 
 # ---------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmforge.infer.generate import GenerationStats, generate
+    from lmforge.infer.engine import GenerationStats
 
     params = _sampling_params(args)
-    loaded = _load(args)
+    engine, loaded = _load(args)
     tok = loaded.tokenizer
+    prompt = args.prompt
     if args.chat:
-        messages = [{"role": "user", "content": args.prompt}]
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
-    else:
-        prompt = args.prompt
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     prompt_ids = tok.encode(prompt)
+    if args.beam:  # not streamed: the best reply is known only at the end (all beams with --json)
+        hyps = engine.beam_search(prompt_ids, width=args.beam, max_tokens=args.max_new_tokens,
+                                  length_penalty=args.length_penalty)
+        texts = [tok.decode([t for t in h.token_ids if t not in engine.eos_ids]) for h in hyps]
+        if not args.json:
+            print(texts[0])
+            return 0
+        print(json.dumps({"completion": texts[0], "prompt_tokens": len(prompt_ids), "beams": [
+            {"text": t, "score": round(h.score, 4), "logprob": round(h.logprob, 4),
+             "completion_tokens": len(h.token_ids), "finish_reason": h.finish_reason}
+            for t, h in zip(texts, hyps)]}))
+        return 0
     stats = GenerationStats()
     pieces: list[str] = []
-    for event in generate(loaded.model, prompt_ids, max_new_tokens=args.max_new_tokens, params=params,
-                          stop_ids=loaded.stop_ids(), token_bytes=tok.token_bytes, stats=stats):
+    logprobs: list[dict] = []
+    for event in engine.generate(prompt_ids, params, truncate=args.truncate, stats=stats):
         pieces.append(event.text)
+        if event.logprob is not None:
+            logprobs.append({"token": event.token_id, "logprob": round(event.logprob, 4),
+                             "top": [[t.token_id, round(t.logprob, 4)] for t in event.top_logprobs or []]})
         if not args.json:
             sys.stdout.write(event.text)
             sys.stdout.flush()
     if args.json:
-        print(json.dumps({
+        result = {
             "completion": "".join(pieces), "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.completion_tokens, "finish_reason": stats.finish_reason,
             "prefill_seconds": round(stats.prefill_seconds, 4),
             "decode_tokens_per_second": round(stats.decode_tokens_per_second, 2),
-        }))
+        }
+        if stats.acceptance_rate is not None:
+            result["acceptance_rate"] = round(stats.acceptance_rate, 4)
+        if args.logprobs:
+            result["logprobs"] = logprobs
+        print(json.dumps(result))
     else:
         sys.stdout.write("\n")
     return 0
@@ -79,11 +133,11 @@ CHAT_HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) leaves"
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lmforge.infer.generate import GenerationError, GenerationStats, generate
+    from lmforge.infer.engine import GenerationError, GenerationStats
 
     params = _sampling_params(args)
     started = time.perf_counter()
-    loaded = _load(args)
+    engine, loaded = _load(args)
     tok = loaded.tokenizer
     interactive = sys.stdin.isatty()
     config = loaded.model.config
@@ -112,8 +166,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if interactive:
             sys.stdout.write("assistant> ")
         try:
-            for event in generate(loaded.model, prompt_ids, max_new_tokens=args.max_new_tokens, params=params,
-                                  stop_ids=loaded.stop_ids(), token_bytes=tok.token_bytes, stats=stats):
+            for event in engine.generate(prompt_ids, params, truncate=args.truncate, stats=stats):
                 reply.append(event.text)
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
@@ -164,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print the completion and timings as JSON")
+    p.add_argument("--logprobs", type=int, default=0, metavar="N",
+                   help="with --json: each token's log-probability and its N most likely alternatives")
+    p.add_argument("--beam", type=int, default=0, metavar="WIDTH", help="beam search with this many beams")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = log-probability / length ** this (> 1 favours longer replies)")
     _add_sampling_flags(p, default_temperature=0.0)
 
     p = command("chat", cmd_chat, "a streaming terminal chat using the model's chat template")

@@ -125,7 +125,10 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if logits_for == "last":
             x = x[:, -1:]
-        logits = x @ self.head_weight.t()
+        # an `lm_head` module wins even when embeddings are tied: inference may install a
+        # quantized copy of the tied matrix there (lmforge.infer.quant.quantize_model)
+        head = self._modules.get("lm_head")
+        logits = head(x) if head is not None else x @ self.embed.weight.t()
         if aux_total is not None:
             aux_total = self.config.moe_aux_loss_coef * aux_total / self.config.n_layers
         return ModelOutput(logits=logits, aux_loss=aux_total)

@@ -1,0 +1,407 @@
+"""Decoding speed: lmforge's Engine vs transformers' `generate` and llama.cpp, on one CPU.
+
+Measured in one run, on SmolLM2-135M-Instruct (real weights, from the packaged GGUF)
+and on the GPT-2 124M configuration (random weights; the speed does not depend on them):
+
+1. **Batch-1 greedy decode**, tokens/s, prefill excluded, at matching precision:
+   lmforge fp32 / int8 (per channel) / int4 (groups of 32, 5 bits like Q4_1) against
+   transformers fp32 and llama.cpp F32 / Q8_0 / Q4_1 (llama-cpp-python's C API,
+   `llama_decode` per token, greedy with numpy, same thread count). Both timings cover
+   the decode loop only; lmforge's includes everything its engine does per token.
+2. **Fraction of the bandwidth bound**: a decode step must read every weight once, so
+   tokens/s can be at most (memory bandwidth) / (weight bytes per token). The bandwidth is
+   measured here (summing 512 MB with `torch.sum`, best of 5, in every round) and printed.
+   All contenders run once per round, rounds interleaved, best round kept: this machine's
+   bandwidth drifts by +-15% over minutes (other tenants), and so each sees the same drift.
+3. **16 concurrent requests**: the engine with continuous batching vs transformers
+   serving the same 16 requests one at a time; total tokens / wall time, prefills included.
+4. **Speculative decoding**: SmolLM2 fp32 with its own int4 / int8 versions as the draft,
+   vs plain fp32 decoding: tokens/s, acceptance rate, speed-up (greedy: same tokens).
+
+    python benchmarks/bench_decode.py                      # everything (about 10 minutes)
+    python benchmarks/bench_decode.py --only smollm2 --skip-llamacpp --tokens 64
+    python benchmarks/bench_decode.py --json results.json
+
+Run it on an otherwise idle machine: every number is a best-of-N, but a busy CPU still
+lowers them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.infer.engine import Engine
+from lmforge.infer.loading import load_model
+from lmforge.infer.quant import quantize_model, weight_bytes
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model.gguf import GGUFFile, export_gguf, load_gguf_model
+
+PROMPT = "The history of the printing press begins"
+CHAT_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+# ----------------------------------------------------------------------------------- machine
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def memory_bandwidth(repeats: int = 10) -> float:
+    """Read bandwidth in bytes/s: summing 512 MB (far larger than any cache), best of `repeats`."""
+    data = torch.ones(128 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+# ----------------------------------------------------------------------------------- lmforge
+def lmforge_decoder(model, prompt_ids: list[int], tokens: int) -> Callable[[], float]:
+    """A function measuring batch-1 greedy decode tokens/s (prefill excluded) once."""
+    engine = Engine(model, max_batch_size=1)
+    params = SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
+    engine.complete([prompt_ids], SamplingParams(temperature=0, max_tokens=4))  # warm-up (builds kernels)
+    return lambda: engine.complete([prompt_ids], params)[0].stats.decode_tokens_per_second
+
+
+# ------------------------------------------------------------------------------ transformers
+def hf_decode(model, prompt_ids: list[int], tokens: int, repeats: int) -> float:
+    """transformers `generate`, greedy: (time for 1 + tokens new tokens) - (time for 1)."""
+    ids = torch.tensor([prompt_ids])
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    first = min(run(1) for _ in range(repeats))
+    full = min(run(tokens + 1) for _ in range(repeats))
+    return tokens / (full - first)
+
+
+# --------------------------------------------------------------------------------- llama.cpp
+def llamacpp_decoder(path: Path, prompt_ids: list[int], tokens: int,
+                     threads: int) -> Callable[[], float] | None:
+    """A function measuring llama.cpp greedy decode tokens/s once, through its C API (`llama_decode`
+    one token at a time, argmax in numpy); None without llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512,
+                          verbose=False)
+    ctx, n_vocab = llm._ctx.ctx, llm.n_vocab()
+
+    def decode(ids: list[int]) -> np.ndarray:
+        array = (llama_cpp.llama_token * len(ids))(*ids)
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(ids))) != 0:
+            raise RuntimeError("llama_decode failed")
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+
+    def measure() -> float:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        logits = decode(prompt_ids)  # prefill, not timed
+        start = time.perf_counter()
+        for _ in range(tokens):
+            logits = decode([int(np.argmax(logits))])
+        return tokens / (time.perf_counter() - start)
+
+    measure.llm = llm  # keep the model alive with the closure
+    return measure
+
+
+def gpt2_gguf(model, path: Path, kind: str) -> Path:
+    """A llama.cpp GPT-2 GGUF of an lmforge GPT-2 model (F32, Q8_0 or Q4_1 matrices)."""
+    import gguf
+
+    vocab = Path.home() / ".cache/lmforge/test-data/llama-vocab/ggml-vocab-gpt-2.gguf"
+    if not vocab.exists():
+        raise FileNotFoundError(f"{vocab}: GPT-2's llama.cpp vocabulary (from the llama-cpp-python sdist)")
+    meta = GGUFFile(vocab).metadata
+    cfg = model.config
+    types = gguf.GGMLQuantizationType
+    qtype = {"f32": None, "q8_0": types.Q8_0, "q4_1": types.Q4_1}[kind]
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_layer_norm_eps(cfg.norm_eps)
+    writer.add_file_type({"f32": 0, "q8_0": 7, "q4_1": 3}[kind])
+    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(meta.get("tokenizer.ggml.pre", "gpt-2"))
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_types(meta["tokenizer.ggml.token_type"])
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id)):
+        if f"tokenizer.ggml.{key}_token_id" in meta:
+            add(meta[f"tokenizer.ggml.{key}_token_id"])
+
+    def tensor(name: str, t: torch.Tensor) -> None:
+        a = t.detach().float().numpy()
+        if a.ndim == 2 and qtype is not None and name != "position_embd.weight":
+            writer.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, a)
+
+    sd = model.state_dict()
+    tensor("token_embd.weight", sd["embed.weight"])
+    tensor("position_embd.weight", sd["pos_embed.weight"])
+    tensor("output.weight", sd["embed.weight"])  # tied: the head reads the whole matrix, as lmforge's does
+    tensor("output_norm.weight", sd["final_norm.weight"])
+    tensor("output_norm.bias", sd["final_norm.bias"])
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}."
+        qkv = [sd[p + f"attn.{n}_proj.weight"] for n in "qkv"]
+        qkv_b = [sd[p + f"attn.{n}_proj.bias"] for n in "qkv"]
+        for ours, theirs in (("attn_norm", "attn_norm"), ("mlp_norm", "ffn_norm")):
+            tensor(f"blk.{i}.{theirs}.weight", sd[p + ours + ".weight"])
+            tensor(f"blk.{i}.{theirs}.bias", sd[p + ours + ".bias"])
+        tensor(f"blk.{i}.attn_qkv.weight", torch.cat(qkv))
+        tensor(f"blk.{i}.attn_qkv.bias", torch.cat(qkv_b))
+        for ours, theirs in (("attn.o_proj", "attn_output"), ("mlp.up_proj", "ffn_up"),
+                             ("mlp.down_proj", "ffn_down")):
+            tensor(f"blk.{i}.{theirs}.weight", sd[p + ours + ".weight"])
+            tensor(f"blk.{i}.{theirs}.bias", sd[p + ours + ".bias"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# ------------------------------------------------------------------------------------ models
+def smollm2_setup(tmp: Path, want_llamacpp: bool):
+    loaded = load_model("smollm2")
+    path = loaded.path
+    ggufs: dict[str, Path] = {}
+    if want_llamacpp:
+        config, state, metadata = load_gguf_model(path)
+        tokenizer_meta = {k: v for k, v in GGUFFile(path).metadata.items() if k.startswith("tokenizer.")}
+        for kind in ("f32", "q8_0"):
+            ggufs[kind] = export_gguf(tmp / f"smollm2-{kind}.gguf", config, state, tokenizer_meta, dtype=kind)
+        ggufs["q4_1"] = path  # the packaged file itself: Q4_1 matrices, Q8_0 embedding/head
+
+    def hf():
+        import transformers
+
+        return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                 dtype=torch.float32).eval()
+
+    ids = loaded.tokenizer.encode(PROMPT)
+    return loaded.model, hf, ids, ggufs, loaded
+
+
+def gpt2_setup(tmp: Path, want_llamacpp: bool):
+    import transformers
+
+    from lmforge.model.checkpoint import load_checkpoint
+
+    torch.manual_seed(0)
+    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    reference.save_pretrained(tmp / "gpt2")
+    model, _ = load_checkpoint(tmp / "gpt2")
+    model.eval()
+    ggufs = {kind: gpt2_gguf(model, tmp / f"gpt2-{kind}.gguf", kind) for kind in ("f32", "q8_0", "q4_1")} \
+        if want_llamacpp else {}
+    ids = list(range(464, 464 + 8))
+    return model, lambda: reference, ids, ggufs, None
+
+
+# --------------------------------------------------------------------------------- sections
+def batch1(name: str, setup, args, tmp: Path) -> list[dict]:
+    """Every contender measured once per round, rounds interleaved, best round kept: the machine's
+    memory bandwidth drifts by +-15% over minutes here, and this way each sees the same drift.
+    The bandwidth itself is measured in every round too, and the bound uses the best."""
+    model, make_hf, ids, ggufs, _ = setup(tmp, not args.skip_llamacpp)
+    variants: list[tuple[str, object]] = [
+        ("fp32", model),
+        ("int8", quantize_model(copy.deepcopy(model), "int8")),
+        ("int4", quantize_model(copy.deepcopy(model), "int4")),
+    ]
+    if name == "smollm2":  # the packaged Q4_1 file keeps its embedding/head at 8 bits: mirror it too
+        variants.append(("int4 (head int8)", quantize_model(copy.deepcopy(model), "int4", head="int8")))
+    contenders: dict[tuple[str, str], Callable[[], float]] = {}
+    for label, m in variants:
+        contenders[("lmforge", label)] = lmforge_decoder(m, ids, args.tokens)
+    for kind, path in ggufs.items():
+        measure = llamacpp_decoder(path, ids, args.tokens, torch.get_num_threads())
+        if measure is not None:
+            contenders[("llama.cpp", kind)] = measure
+    best = dict.fromkeys(contenders, 0.0)
+    bandwidths = []
+    for _ in range(args.repeats):
+        bandwidths.append(memory_bandwidth(5))
+        for key, measure in contenders.items():
+            best[key] = max(best[key], measure())
+    bandwidth = max(bandwidths)
+    print(f"  memory bandwidth over the rounds: best {bandwidth / 1e9:.1f} GB/s, "
+          f"median {statistics.median(bandwidths) / 1e9:.1f} GB/s", flush=True)
+
+    rows = []
+    lm_fp32 = best[("lmforge", "fp32")]
+    for (engine, label), tps in best.items():
+        row = {"model": name, "engine": engine, "precision": label, "tokens_per_s": tps}
+        if engine == "lmforge":
+            m = dict(variants)[label]
+            nbytes = weight_bytes(m)
+            bound = bandwidth / nbytes
+            row |= {"weight_bytes": nbytes, "bound_tokens_per_s": bound, "fraction_of_bound": tps / bound}
+            print(f"  lmforge {label:<17} {tps:7.1f} tok/s   {nbytes / 1e6:6.1f} MB/token   "
+                  f"bound {bound:6.1f} tok/s   {100 * tps / bound:5.1f}% of bound", flush=True)
+        else:
+            size = ggufs[label].stat().st_size
+            row["file_bytes"] = size
+            print(f"  llama.cpp {label:<15} {tps:7.1f} tok/s   ({size / 1e6:.0f} MB file)", flush=True)
+        rows.append(row)
+    if not args.skip_hf:
+        hf = make_hf()
+        tps = hf_decode(hf, ids, args.tokens, args.repeats)
+        rows.append({"model": name, "engine": "transformers", "precision": "fp32", "tokens_per_s": tps})
+        print(f"  transformers fp32        {tps:7.1f} tok/s   lmforge fp32 is {lm_fp32 / tps:.2f}x",
+              flush=True)
+        del hf
+    return rows
+
+
+def concurrent(args) -> list[dict]:
+    """16 requests at once through the engine vs transformers one at a time (SmolLM2, fp32)."""
+    loaded = load_model("smollm2")
+    tok = loaded.tokenizer
+    topics = ["the moon", "bread", "rivers", "chess", "volcanoes", "the violin", "bees", "glass", "trains",
+              "tea", "snow", "maps", "clocks", "whales", "paper", "bridges"]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": f"Tell me about {t}."}]))
+               for t in topics[:args.concurrent]]
+    n = args.concurrent_tokens
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    rows = []
+    for cache in ("static", "paged"):
+        engine = Engine(loaded.model, tok, max_batch_size=args.concurrent, cache=cache)
+        engine.complete(prompts[:2], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+        start = time.perf_counter()
+        results = engine.complete(prompts, params)
+        seconds = time.perf_counter() - start
+        total = sum(len(r.token_ids) for r in results)
+        rows.append({"engine": f"lmforge ({cache} cache)", "requests": len(prompts), "tokens": total,
+                     "seconds": seconds, "tokens_per_s": total / seconds})
+        print(f"  lmforge, {len(prompts)} at once, {cache} cache: {total} tokens in {seconds:.1f}s = "
+              f"{total / seconds:.1f} tok/s", flush=True)
+    if not args.skip_hf:
+        import transformers
+
+        path = loaded.path
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
+        start = time.perf_counter()
+        total = 0
+        with torch.inference_mode():
+            for p in prompts:
+                out = hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=0)
+                total += out.shape[1] - len(p)
+        seconds = time.perf_counter() - start
+        rows.append({"engine": "transformers (one at a time)", "requests": len(prompts), "tokens": total,
+                     "seconds": seconds, "tokens_per_s": total / seconds})
+        print(f"  transformers, one at a time: {total} tokens in {seconds:.1f}s = {total / seconds:.1f} "
+              f"tok/s; lmforge static is {rows[0]['tokens_per_s'] / (total / seconds):.2f}x", flush=True)
+    return rows
+
+
+def speculative(args) -> list[dict]:
+    loaded = load_model("smollm2")
+    tok = loaded.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}]))
+    params = SamplingParams(temperature=0, max_tokens=args.tokens)
+    rows = []
+
+    def run(engine: Engine) -> tuple[float, object]:
+        best, result = 0.0, None
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            result = engine.complete([prompt], params)[0]
+            best = max(best, len(result.token_ids) / (time.perf_counter() - start))
+        return best, result
+
+    base, plain = run(Engine(loaded.model, tok, stop_ids=loaded.stop_ids()))
+    print(f"  fp32 alone: {base:.1f} tok/s ({len(plain.token_ids)} tokens, prefill included)", flush=True)
+    rows.append({"draft": None, "tokens_per_s": base})
+    for label, mode in (("int4", "int4"), ("int8", "int8")):
+        draft = quantize_model(copy.deepcopy(loaded.model), mode)
+        for k in args.speculative_k:
+            engine = Engine(loaded.model, tok, stop_ids=loaded.stop_ids(), draft_model=draft,
+                            num_speculative=k)
+            tps, result = run(engine)
+            same = result.token_ids == plain.token_ids
+            rate = result.stats.acceptance_rate
+            rows.append({"draft": label, "k": k, "tokens_per_s": tps, "acceptance_rate": rate,
+                         "speedup": tps / base, "identical_tokens": same})
+            print(f"  draft {label}, k={k}: {tps:.1f} tok/s, acceptance {rate:.2f}, "
+                  f"speed-up {tps / base:.2f}x, identical tokens: {same}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--tokens", type=int, default=128, help="tokens decoded per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the best round counts")
+    parser.add_argument("--only", choices=["smollm2", "gpt2", "concurrent", "speculative"], action="append")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--concurrent", type=int, default=16)
+    parser.add_argument("--concurrent-tokens", type=int, default=64)
+    parser.add_argument("--speculative-k", type=int, nargs="+", default=[4])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sections = args.only or ["smollm2", "gpt2", "concurrent", "speculative"]
+
+    bandwidth = statistics.median(memory_bandwidth() for _ in range(3))
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} threads; "
+          f"torch {torch.__version__}")
+    print(f"measured memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (torch.sum over 512 MB)\n", flush=True)
+    results: dict = {"machine": cpu_name(), "threads": args.threads, "bandwidth_bytes_per_s": bandwidth,
+                     "tokens": args.tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, setup in (("smollm2", smollm2_setup), ("gpt2", gpt2_setup)):
+            if name in sections:
+                print(f"{name}: batch-1 greedy decode, {args.tokens} tokens, prefill excluded", flush=True)
+                results[name] = batch1(name, setup, args, Path(tmp))
+                print()
+    if "concurrent" in sections:
+        print(f"{args.concurrent} concurrent requests, {args.concurrent_tokens} tokens each (SmolLM2 fp32)")
+        results["concurrent"] = concurrent(args)
+        print()
+    if "speculative" in sections:
+        print(f"speculative decoding, SmolLM2 fp32 target, {args.tokens} tokens, greedy")
+        results["speculative"] = speculative(args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

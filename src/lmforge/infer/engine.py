@@ -1,0 +1,493 @@
+"""`Engine`: everything that generates text goes through here.
+
+The engine owns the model (through a `ModelRunner`), the tokenizer and the KV cache,
+and runs requests with *continuous batching*:
+
+```
+add_request(prompt, params) -> request id          (queued: "waiting")
+step():
+    admit waiting requests while a slot is free:   prefill each prompt -> its first token
+    one decode step for every running request:     one batched forward, [n, 1] tokens
+    finished requests (stop, length) leave at once and free their cache
+    -> the TokenEvents produced by this step
+cancel(request id)                                 frees its cache immediately
+```
+
+Requests join and leave the running batch between any two decode steps; nothing waits
+for the slowest member of a batch. A decode step reads every weight once whatever the
+batch size, so at small batches n requests cost little more than one: that is where the
+throughput comes from.
+
+With a draft model, a lone running request is decoded speculatively
+(`lmforge.infer.speculative`): the draft proposes k tokens, the model checks them in one
+forward pass, and the accept/reject rule keeps the model's own output distribution.
+
+Convenience wrappers: `generate` (stream one request), `complete` (run many to the end),
+`beam_search` (`lmforge.infer.beam`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lmforge.infer.cache import CacheFullError, PagedKVCache, StaticKVCache
+from lmforge.infer.runner import ModelRunner
+from lmforge.infer.sampling import (
+    SamplingParams,
+    TokenCounts,
+    TokenLogprob,
+    apply_penalties,
+    filter_logits,
+    logprobs_of,
+)
+from lmforge.model.transformer import Transformer
+
+
+class GenerationError(ValueError):
+    """A request the model cannot serve, e.g. a prompt longer than its context."""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one request."""
+
+    token_id: int
+    text: str  # newly completed text (may be empty while a character or a possible stop string is incomplete)
+    finish_reason: str | None = None  # "stop" (stop token or string) or "length", on a request's last event
+    request_id: int = 0
+    index: int = 0  # position in the reply
+    logprob: float | None = None  # the model's log-probability of this token (with params.logprobs)
+    top_logprobs: list[TokenLogprob] | None = None  # the most likely alternatives (params.top_logprobs)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_seconds: float = 0.0  # the prompt's forward pass and the first token
+    decode_seconds: float = 0.0  # from the first token to the last
+    finish_reason: str | None = None
+    draft_tokens: int = 0  # speculative decoding: tokens the draft proposed ...
+    accepted_tokens: int = 0  # ... and how many of them the model accepted
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(self.completion_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+
+@dataclass
+class Completion:
+    """A finished request, as `Engine.complete` returns it."""
+
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stats: GenerationStats
+    logprobs: list[float] | None = None
+
+
+class _StopStrings:
+    """Finds stop strings in streamed text, holding back any tail that could still become one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops, self.held = list(stops), ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text that is safe to emit, whether a stop string was reached)."""
+        if not self.stops:
+            return text, False
+        buffer = self.held + text
+        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buffer[:min(hits)], True
+        keep = 0
+        for stop in self.stops:  # the longest suffix of the buffer that a stop string starts with
+            for k in range(min(len(stop) - 1, len(buffer)), keep, -1):
+                if buffer.endswith(stop[:k]):
+                    keep = k
+                    break
+        self.held = buffer[len(buffer) - keep:]
+        return buffer[:len(buffer) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+@dataclass(eq=False)  # compared by identity: `seq in self.waiting` must not compare every field
+class _Sequence:
+    """A request's state inside the engine."""
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    counts: TokenCounts | None
+    decoder: codecs.IncrementalDecoder
+    stopper: _StopStrings
+    stats: GenerationStats
+    output_ids: list[int] = field(default_factory=list)
+    finished: str | None = None
+    admitted: float = 0.0
+    first_token_at: float = 0.0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class Engine:
+    """Continuous-batching generation over one model.
+
+    `cache="static"` (default) gives each running request a preallocated slot (grown by
+    doubling as needed); `cache="paged"` shares a pool of `num_blocks` blocks of
+    `block_size` tokens. `max_seq_len` caps prompt + reply (default: the model's context).
+    `stop_ids` are the model's end-of-sequence tokens (`LoadedModel.stop_ids()`).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        *,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        cache: Literal["static", "paged"] = "static",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        stop_ids: Sequence[int] = (),
+        token_bytes: Callable[[int], bytes] | None = None,
+        draft_model: Transformer | None = None,
+        num_speculative: int = 4,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.token_bytes = token_bytes or (tokenizer.token_bytes if tokenizer is not None else None)
+        self.runner = ModelRunner(model)
+        self.context = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.max_batch_size = max_batch_size
+        self.eos_ids = frozenset(stop_ids)
+        self.device = self.runner.device
+        if cache == "static":
+            self.cache: StaticKVCache | PagedKVCache = StaticKVCache.for_model(
+                model, max_batch_size, self.context, lazy=True)
+        elif cache == "paged":
+            blocks = num_blocks or max_batch_size * -(-min(self.context, 1024) // block_size) + 1
+            self.cache = PagedKVCache.for_model(model, blocks, block_size)
+        else:
+            raise ValueError(f"cache must be 'static' or 'paged', got {cache!r}")
+        self.draft = None
+        if draft_model is not None:
+            from lmforge.infer.speculative import Drafter
+
+            if draft_model.config.vocab_size != model.config.vocab_size:
+                raise ValueError("the draft model must share the model's vocabulary")
+            self.draft = Drafter(draft_model, self.context)
+        if num_speculative < 1:
+            raise ValueError(f"num_speculative must be >= 1, got {num_speculative}")
+        self.num_speculative = num_speculative
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self.sequences: dict[int, _Sequence] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, spec, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        quantize: str | None = None, **kwargs) -> Engine:
+        """An engine for a checkpoint folder, `.gguf` file or sample name (`smollm2`)."""
+        from lmforge.infer.loading import load_model
+
+        loaded = load_model(spec, dtype=dtype, device=device)
+        if quantize:
+            from lmforge.infer.quant import quantize_model
+
+            quantize_model(loaded.model, quantize)
+        return cls(loaded.model, loaded.tokenizer, stop_ids=loaded.stop_ids(), **kwargs)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+                    truncate: bool = False) -> int:
+        """Queue a request; returns its id. A prompt is text (needs a tokenizer) or token ids.
+
+        Raises `GenerationError` if the prompt, or the prompt plus `max_tokens`, does not
+        fit the context; with `truncate=True` an over-long prompt keeps its last tokens.
+        """
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GenerationError("a text prompt needs an engine with a tokenizer")
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if params.stop and self.token_bytes is None:
+            raise GenerationError("stop strings need an engine with a tokenizer")
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty")
+        if not all(0 <= t < vocab for t in prompt_ids):
+            raise GenerationError(f"prompt token ids must be in 0..{vocab - 1}")
+        context = self._capacity()
+        wanted = params.max_tokens or 1
+        if wanted > context - 1 and params.max_tokens is not None:
+            raise GenerationError(f"max_tokens ({params.max_tokens}) leaves no room for a prompt: the "
+                                  f"context is {context} tokens")
+        if len(prompt_ids) + wanted > context:
+            if not truncate:
+                raise GenerationError(
+                    f"the prompt has {len(prompt_ids)} tokens and {wanted} new tokens were asked for, but "
+                    f"the context is {context} tokens (shorten the prompt, lower max_tokens, or truncate)")
+            prompt_ids = prompt_ids[len(prompt_ids) + wanted - context:]
+        max_tokens = params.max_tokens or context - len(prompt_ids)
+
+        seq = _Sequence(
+            id=next(self._ids), prompt_ids=prompt_ids, params=params, max_tokens=max_tokens,
+            stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids),
+            generator=(torch.Generator(device=self.device).manual_seed(params.seed)
+                       if params.seed is not None else None),
+            counts=TokenCounts(vocab, prompt_ids, self.device) if params.penalized else None,
+            decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
+            stopper=_StopStrings(params.stop),
+            stats=GenerationStats(prompt_tokens=len(prompt_ids)),
+        )
+        self.sequences[seq.id] = seq
+        self.waiting.append(seq)
+        return seq.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request now and free its cache; False if it had already finished."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.finished:
+            return False
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, "cancelled")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self, request_id: int) -> GenerationStats:
+        return self.sequences[request_id].stats
+
+    def release(self, request_id: int) -> None:
+        """Forget a finished request's bookkeeping (a long-running server calls this)."""
+        seq = self.sequences.get(request_id)
+        if seq is not None and seq.finished:
+            del self.sequences[request_id]
+
+    def _capacity(self) -> int:
+        if isinstance(self.cache, PagedKVCache):
+            return min(self.context, self.cache.max_len)
+        return self.context
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[TokenEvent]:
+        """Admit what fits, then decode one token for every running request."""
+        events: list[TokenEvent] = []
+        while self.waiting and len(self.running) < self.max_batch_size and self._fits(self.waiting[0]):
+            events += self._prefill(self.waiting.popleft())
+        if not self.running:
+            if self.waiting:  # nothing runs and the first request cannot fit even alone
+                seq = self.waiting.popleft()
+                self._finish(seq, "length")
+                raise GenerationError(f"request {seq.id} does not fit in the KV cache")
+            return events
+        if self.draft is not None and len(self.running) == 1 and not self.waiting:
+            seq = self.running[0]
+            if seq.max_tokens - len(seq.output_ids) > 1:
+                return events + self._speculative(seq)
+        self._make_room()
+        if self.running:
+            events += self._decode()
+        return events
+
+    def _fits(self, seq: _Sequence) -> bool:
+        if isinstance(self.cache, PagedKVCache):  # its prompt, plus one block to grow into
+            return self.cache.free_tokens() >= len(seq.all_ids) + self.cache.block_size
+        return True
+
+    def _make_room(self) -> None:
+        """Paged cache: if the running requests need more blocks than are free, send the most
+        recent ones back to the queue (their cache is freed; they are prefilled again later)."""
+        if not isinstance(self.cache, PagedKVCache):
+            return
+        while self.running:
+            bs = self.cache.block_size
+            needed = sum(1 for s in self.running if self.cache.seq_length(s.id) % bs == 0)
+            if needed <= len(self.cache.free_blocks):
+                return
+            seq = self.running.pop()
+            self.cache.free(seq.id)
+            self.waiting.appendleft(seq)
+
+    def _prefill(self, seq: _Sequence) -> list[TokenEvent]:
+        """Run the prompt (plus anything generated before a preemption) and take the next token."""
+        self.runner.refresh()
+        seq.admitted = time.perf_counter()
+        self.cache.allocate(seq.id)
+        self.running.append(seq)
+        self.running.sort(key=lambda s: self.cache.order(s.id))
+        ids = torch.tensor([seq.all_ids], device=self.device)
+        logits = self.runner(ids, self.cache.view([seq.id]))
+        token = self._choose(logits[0], seq)
+        return [self._emit(seq, token, logits[0])]
+
+    def _decode(self) -> list[TokenEvent]:
+        batch = self.running
+        ids = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
+        logits = self.runner(ids, self.cache.view([s.id for s in batch]))
+        if all(s.params.plain_greedy for s in batch):
+            tokens = self.runner.greedy(logits)
+        else:
+            tokens = [self._choose(logits[i], s) for i, s in enumerate(batch)]
+        return [self._emit(s, t, logits[i]) for i, (s, t) in enumerate(zip(list(batch), tokens))]
+
+    def _choose(self, logits: torch.Tensor, seq: _Sequence) -> int:
+        """One row's next token: penalties, temperature, top-k/p, min-p, then a seeded draw."""
+        params = seq.params
+        logits = apply_penalties(logits.float(), params, seq.counts)
+        if params.greedy:
+            return int(logits.argmax())
+        probs = filter_logits(logits[None], params).softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def _emit(self, seq: _Sequence, token: int, logits: torch.Tensor | None) -> TokenEvent:
+        """Record a token, turn it into text, and decide whether the request is done."""
+        now = time.perf_counter()
+        seq.output_ids.append(token)
+        n = len(seq.output_ids)
+        if n == 1:
+            seq.first_token_at = now
+            seq.stats.prefill_seconds = now - seq.admitted
+        seq.stats.decode_seconds = now - seq.first_token_at
+        seq.stats.completion_tokens = n
+        if seq.counts is not None:
+            seq.counts.add(token)
+        event = TokenEvent(token, "", request_id=seq.id, index=n - 1)
+        if logits is not None and (seq.params.logprobs or seq.params.top_logprobs):
+            event.logprob, alternatives = logprobs_of(logits, token, seq.params.top_logprobs)
+            event.top_logprobs = alternatives if seq.params.top_logprobs else None
+
+        if token in seq.stop_ids:
+            event.text = seq.stopper.flush() + seq.decoder.decode(b"", final=True)
+            event.finish_reason = "stop"
+        else:
+            piece = seq.decoder.decode(self.token_bytes(token)) if self.token_bytes else ""
+            event.text, hit = seq.stopper.feed(piece)
+            if hit:
+                event.finish_reason = "stop"
+            elif n >= seq.max_tokens or len(seq.all_ids) >= self._capacity():
+                event.text += seq.stopper.feed(seq.decoder.decode(b"", final=True))[0] + seq.stopper.flush()
+                event.finish_reason = "length"
+        if event.finish_reason:
+            self._finish(seq, event.finish_reason)
+        return event
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        seq.finished = seq.stats.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.free(seq.id)
+            # a static cache refills a freed slot with its last one: keep the batch in slot order
+            self.running.sort(key=lambda s: self.cache.order(s.id))
+        if self.draft is not None:
+            self.draft.forget(seq.id)
+
+    def _speculative(self, seq: _Sequence) -> list[TokenEvent]:
+        from lmforge.infer.speculative import speculative_step
+
+        remaining = seq.max_tokens - len(seq.output_ids)
+        room = self._capacity() - len(seq.all_ids)
+        k = min(self.num_speculative, remaining - 1, room - 1)
+        if k < 1:
+            return self._decode()
+        tokens, logits = speculative_step(self, seq, k)
+        events = []
+        for i, token in enumerate(tokens):
+            events.append(self._emit(seq, token, logits[i]))
+            if seq.finished:
+                break
+        return events
+
+    # ------------------------------------------------------------------ conveniences
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+                 truncate: bool = False, stats: GenerationStats | None = None) -> Iterator[TokenEvent]:
+        """Stream one request's events (for an engine serving one caller at a time).
+
+        Stopping the iteration early (or Ctrl-C) cancels the request and frees its cache.
+        """
+        rid = self.add_request(prompt, params, truncate=truncate)
+        seq = self.sequences[rid]
+        try:
+            while not seq.finished:
+                for event in self.step():
+                    if event.request_id == rid:
+                        yield event
+        finally:
+            if not seq.finished:
+                self.cancel(rid)
+            if stats is not None:
+                for name in stats.__dataclass_fields__:
+                    setattr(stats, name, getattr(seq.stats, name))
+            self.release(rid)
+
+    def complete(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 truncate: bool = False) -> list[Completion]:
+        """Run many requests to the end with continuous batching; results in prompt order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp, truncate=truncate) for p, sp in zip(prompts, params)]
+        texts: dict[int, list[str]] = {i: [] for i in ids}
+        logprobs: dict[int, list[float]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for event in self.step():
+                if event.request_id in texts:
+                    texts[event.request_id].append(event.text)
+                    if event.logprob is not None:
+                        logprobs[event.request_id].append(event.logprob)
+        results = []
+        for i in ids:
+            seq = self.sequences.pop(i)
+            results.append(Completion(i, seq.prompt_ids, seq.output_ids, "".join(texts[i]), seq.finished,
+                                      seq.stats, logprobs[i] if seq.params.logprobs else None))
+        return results
+
+    def beam_search(self, prompt: str | Sequence[int], *, width: int, max_tokens: int = 256,
+                    length_penalty: float = 1.0, early_stopping: bool = False):
+        """The `width` best replies by total log-probability (see `lmforge.infer.beam`)."""
+        from lmforge.infer.beam import beam_search
+
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty")
+        if len(prompt_ids) + max_tokens > self.context:
+            raise GenerationError(f"the prompt has {len(prompt_ids)} tokens and {max_tokens} new tokens were "
+                                  f"asked for, but the context is {self.context} tokens")
+        self.runner.refresh()
+        return beam_search(self.runner, prompt_ids, width=width, max_tokens=max_tokens, stop_ids=self.eos_ids,
+                           length_penalty=length_penalty, early_stopping=early_stopping)
+
+
+__all__ = ["CacheFullError", "Completion", "Engine", "GenerationError", "GenerationStats", "TokenEvent"]

@@ -1,0 +1,155 @@
+"""Build and load lmforge's CPU decode kernels (`decode.c`) on first use, and call them.
+
+The C file is compiled once per machine with the system C compiler (about a second),
+cached under `~/.cache/lmforge/kernels/<hash>/`, and loaded with ctypes. It needs no
+PyTorch headers; it links the same OpenMP runtime (libgomp) that PyTorch has already
+loaded, so both share one thread pool and `torch.set_num_threads` applies to both.
+
+Everything that uses these kernels has a plain PyTorch path, taken when they are
+unavailable (no compiler, not Linux x86-64, `LMFORGE_KERNELS=0`) and on every device but
+the CPU; nothing depends on them but speed. The structures below mirror `decode.c`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode.c")
+F32, INT8, INT4 = 0, 1, 2
+RMSNORM, LAYERNORM = 0, 1
+MLP_KINDS = {"swiglu": 0, "gelu_tanh": 1, "gelu": 2, "relu2": 3}
+
+
+class Weight(ctypes.Structure):
+    """A weight matrix in one of three formats (`lmf_weight`); pointers into PyTorch tensors."""
+
+    _fields_ = [("kind", ctypes.c_int32), ("group", ctypes.c_int32), ("n", ctypes.c_int64),
+                ("k", ctypes.c_int64), ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    """One transformer layer's sizes, weights and KV-cache location (`lmf_layer`)."""
+
+    _fields_ = [("d", ctypes.c_int64), ("n_heads", ctypes.c_int64), ("n_kv", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("d_ff", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("norm", ctypes.c_int32), ("mlp", ctypes.c_int32), ("window", ctypes.c_int32),
+                ("attn_norm_w", ctypes.c_void_p), ("attn_norm_b", ctypes.c_void_p),
+                ("mlp_norm_w", ctypes.c_void_p), ("mlp_norm_b", ctypes.c_void_p),
+                ("q_norm_w", ctypes.c_void_p), ("k_norm_w", ctypes.c_void_p),
+                ("qkv", Weight), ("o", Weight), ("up", Weight), ("down", Weight),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+                ("slot_stride", ctypes.c_int64), ("head_stride", ctypes.c_int64),
+                ("token_stride", ctypes.c_int64)]
+
+
+class Model(ctypes.Structure):
+    """Everything a decode step reads: embeddings, layers, final norm, LM head (`lmf_model`)."""
+
+    _fields_ = [("n_layers", ctypes.c_int64), ("d", ctypes.c_int64), ("vocab", ctypes.c_int64),
+                ("layers", ctypes.POINTER(Layer)), ("embed", ctypes.c_void_p), ("pos_embed", ctypes.c_void_p),
+                ("final_norm", ctypes.c_int32), ("final_w", ctypes.c_void_p), ("final_b", ctypes.c_void_p),
+                ("final_eps", ctypes.c_float), ("head", Weight), ("inv_freq", ctypes.c_void_p)]
+
+
+class Step(ctypes.Structure):
+    """What changes every decode step (`lmf_step`)."""
+
+    _fields_ = [("batch", ctypes.c_int64), ("tokens", ctypes.c_void_p), ("slots", ctypes.c_void_p),
+                ("lengths", ctypes.c_void_p), ("scratch", ctypes.c_void_p), ("max_keys", ctypes.c_int64),
+                ("token_index", ctypes.c_void_p), ("argmax", ctypes.c_void_p), ("cos", ctypes.c_void_p),
+                ("sin", ctypes.c_void_p)]
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags + ["-lm"]
+
+
+def _compile(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes building at once: the second waits, then reuses
+        if target.exists():
+            return
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        result = subprocess.run([compiler, str(SOURCE), "-o", str(partial), *_flags()],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(partial, target)
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it first if needed; None when unavailable."""
+    if os.environ.get("LMFORGE_KERNELS", "1") == "0":
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        from lmforge.data.samples import cache_dir
+
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:16]
+        target = cache_dir() / "kernels" / key / "lmforge_decode.so"
+        if not target.exists():
+            log.info("building lmforge's CPU kernels (once)")
+            _compile(target)
+        lib = ctypes.CDLL(str(target))
+    except Exception as err:  # a missing compiler must never break inference, only slow it
+        log.warning("lmforge CPU kernels unavailable, using plain PyTorch: %s", err)
+        return None
+    lib.lmf_linear.argtypes = [ctypes.POINTER(Weight), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                               ctypes.c_int]
+    lib.lmf_norm.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.lmf_decode.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Step), ctypes.c_void_p]
+    lib.lmf_scratch_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, ctypes.c_int64]
+    lib.lmf_scratch_floats.restype = ctypes.c_int64
+    for fn in (lib.lmf_linear, lib.lmf_norm, lib.lmf_decode):
+        fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def weight(kind: int, data: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+           group: int = 0) -> Weight:
+    """A `Weight` viewing these tensors (fp32 CPU, contiguous). The caller keeps them alive."""
+    n = data.shape[0]
+    k = data.shape[1] * (2 if kind == INT4 else 1)
+    return Weight(kind, group, n, k, pointer(data), pointer(scale), pointer(bias))
+
+
+def linear(w: Weight, x: torch.Tensor, out: torch.Tensor | None = None,
+           accumulate: bool = False) -> torch.Tensor:
+    """out[m] (= or +=) x[m] @ W^T + bias for a contiguous fp32 x [M, K]."""
+    if out is None:
+        out = torch.empty(x.shape[0], w.n, dtype=torch.float32)
+    library().lmf_linear(ctypes.byref(w), x.data_ptr(), x.shape[0], out.data_ptr(), int(accumulate))
+    return out

@@ -1,0 +1,557 @@
+/* lmforge's CPU decode kernels: matrix-vector products for fp32, int8 and int4 weights, and one
+ * whole transformer layer for a batch of single-token decode steps.
+ *
+ * Why C. A decode step does little arithmetic per weight, so its speed is set by how many bytes of
+ * weights stream from memory per token. Quantized weights read 4-8x fewer bytes, but only if the
+ * matmul reads the small integers directly (PyTorch's own int8/int4 CPU kernels are slow on AVX2-only
+ * CPUs). And a small model's decode step launches a few thousand tiny PyTorch operations whose fixed
+ * cost (microseconds each) rivals the weight streaming itself; doing a layer in one call removes it.
+ *
+ * Everything here has a PyTorch twin, which is the reference the tests compare against: the
+ * projections in `lmforge/infer/quant.py`, the layer in `ModelRunner` (`lmforge/infer/runner.py`).
+ * Plain C11 + OpenMP, no PyTorch headers: it builds in about a second, is called through ctypes, and
+ * shares PyTorch's OpenMP thread pool (same libgomp), so `torch.set_num_threads` applies.
+ *
+ * Weight formats (row-major, one row per output channel n, k inputs):
+ *   F32:  w[n, k]
+ *   INT8: q[n, k] in [-127, 127], w = scale[n] * q                                  (per channel)
+ *   INT4: groups of G inputs share a step d and an offset m, w = d * q + m, q in 0..15 (like GGUF
+ *         Q4_1). Codes are packed 64 inputs to 32 bytes (see row_i4 for the order); d and m are fp16,
+ *         interleaved as dm[n, k / G, 2]. G is a multiple of 32 and k a multiple of 64.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LMF_AVX2 1
+#else
+#define LMF_AVX2 0
+#endif
+
+enum { LMF_F32 = 0, LMF_INT8 = 1, LMF_INT4 = 2 };
+enum { LMF_RMSNORM = 0, LMF_LAYERNORM = 1 };
+enum { LMF_SWIGLU = 0, LMF_GELU_TANH = 1, LMF_GELU = 2, LMF_RELU2 = 3 };
+
+typedef struct {
+  int32_t kind;       /* LMF_F32, LMF_INT8, LMF_INT4 */
+  int32_t group;      /* INT4 group size (a multiple of 32) */
+  int64_t n, k;       /* output and input features */
+  const void* data;   /* float [n, k] | int8 [n, k] | uint8 [n, k / 2] */
+  const void* scale;  /* INT8: float [n]; INT4: fp16 [n, k / group, 2] */
+  const float* bias;  /* [n] or NULL */
+} lmf_weight;
+
+/* ------------------------------------------------------------------------------------ helpers */
+static float half_to_float(uint16_t h) {
+#if LMF_AVX2
+  return _cvtsh_ss(h);
+#else
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) { /* zero or subnormal */
+    if (man == 0) bits = sign;
+    else {
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) { man <<= 1; exp--; }
+      bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
+  else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+#if LMF_AVX2
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline __m256 load_i8(const int8_t* p) { /* 8 int8 -> 8 float */
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+#endif
+
+static float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if LMF_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+  }
+  s = hsum(_mm256_add_ps(a0, a1));
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+/* y += a * x */
+static void axpy(float a, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if LMF_AVX2
+  __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+/* --------------------------------------------------------------------------- matrix x vector(s)
+ * Rows of x are processed in tiles of up to 4: each weight is loaded (and converted) once per tile.
+ * out[t] = dot(x[t], w[row]) for the MT rows of the tile. */
+#define MAX_TILE 4
+#ifndef PREFETCH
+#define PREFETCH 1024 /* bytes ahead of the weight stream */
+#endif
+#ifndef PREFETCH8
+#define PREFETCH8 1024
+#endif
+
+static inline __attribute__((always_inline)) void row_f32(const float* w, const float* x, int64_t k, const int mt,
+                                                          float* out) {
+  int64_t i = 0;
+  for (int t = 0; t < mt; ++t) out[t] = 0.f;
+#if LMF_AVX2
+  if (mt == 1) { /* four independent accumulators keep both FMA units busy */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= k; i += 32) {
+      _mm_prefetch((const char*)(w + i) + PREFETCH, _MM_HINT_T0);
+      _mm_prefetch((const char*)(w + i) + PREFETCH + 64, _MM_HINT_T0);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    out[0] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  } else {
+    __m256 acc[MAX_TILE];
+    for (int t = 0; t < mt; ++t) acc[t] = _mm256_setzero_ps();
+    for (; i + 8 <= k; i += 8) {
+      __m256 wv = _mm256_loadu_ps(w + i);
+      for (int t = 0; t < mt; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * k + i), acc[t]);
+    }
+    for (int t = 0; t < mt; ++t) out[t] = hsum(acc[t]);
+  }
+#endif
+  for (; i < k; ++i)
+    for (int t = 0; t < mt; ++t) out[t] += w[i] * x[t * k + i];
+}
+
+static inline __attribute__((always_inline)) void row_i8(const int8_t* w, const float* x, int64_t k, const int mt,
+                                                         float* out) {
+  int64_t i = 0;
+  for (int t = 0; t < mt; ++t) out[t] = 0.f;
+#if LMF_AVX2
+  if (mt == 1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= k; i += 32) {
+      _mm_prefetch((const char*)(w + i) + PREFETCH8, _MM_HINT_T0);
+      a0 = _mm256_fmadd_ps(load_i8(w + i), _mm256_loadu_ps(x + i), a0);
+      a1 = _mm256_fmadd_ps(load_i8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+      a2 = _mm256_fmadd_ps(load_i8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+      a3 = _mm256_fmadd_ps(load_i8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    out[0] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  } else {
+    __m256 acc[MAX_TILE];
+    for (int t = 0; t < mt; ++t) acc[t] = _mm256_setzero_ps();
+    for (; i + 8 <= k; i += 8) {
+      __m256 wv = load_i8(w + i);
+      for (int t = 0; t < mt; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * k + i), acc[t]);
+    }
+    for (int t = 0; t < mt; ++t) out[t] = hsum(acc[t]);
+  }
+#endif
+  for (; i < k; ++i)
+    for (int t = 0; t < mt; ++t) out[t] += (float)w[i] * x[t * k + i];
+}
+
+/* With w = d*q + m per group: dot(x, w) = sum_g d_g * dot(x_g, q_g) + m_g * sum(x_g). The group sums
+ * of x (xsum[t, g]) are computed once per call and shared by every output channel.
+ * Layout: each 64 consecutive inputs are 32 bytes, read as eight 32-bit lanes; nibble j of lane i is the
+ * code of input 8j + i. So (lanes >> 4j) & 15 is inputs 8j..8j+7, in order: unpacking is a shift, a mask
+ * and a conversion per 8 weights, with no shuffles (the scarce resource when widening small integers). */
+static inline __attribute__((always_inline)) void row_i4(const uint8_t* w, const uint16_t* dm, const float* x,
+                                                         const float* xsum, int64_t k, int64_t group,
+                                                         const int mt, float* out) {
+  const int64_t groups = k / group;
+  float offset[MAX_TILE] = {0};
+  for (int64_t g = 0; g < groups; ++g) {
+    const float m = half_to_float(dm[2 * g + 1]);
+    for (int t = 0; t < mt; ++t) offset[t] += m * xsum[t * groups + g];
+  }
+#if LMF_AVX2
+  __m256 acc[MAX_TILE];
+  for (int t = 0; t < mt; ++t) acc[t] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi32(0x0f);
+  for (int64_t b = 0; b < k / 64; ++b) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * b));
+    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(v, nibble));
+    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4), nibble));
+    const __m256 w2 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 8), nibble));
+    const __m256 w3 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 12), nibble));
+    const __m256 w4 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 16), nibble));
+    const __m256 w5 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 20), nibble));
+    const __m256 w6 = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 24), nibble));
+    const __m256 w7 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+    const __m256 d0 = _mm256_set1_ps(half_to_float(dm[2 * ((64 * b) / group)]));
+    const __m256 d1 = _mm256_set1_ps(half_to_float(dm[2 * ((64 * b + 32) / group)]));
+    for (int t = 0; t < mt; ++t) { /* two short chains per half, each half scaled by its group's step */
+      const float* xb = x + t * k + 64 * b;
+      __m256 p0 = _mm256_mul_ps(w0, _mm256_loadu_ps(xb)), p1 = _mm256_mul_ps(w1, _mm256_loadu_ps(xb + 8));
+      p0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), p0);
+      p1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), p1);
+      __m256 q0 = _mm256_mul_ps(w4, _mm256_loadu_ps(xb + 32)), q1 = _mm256_mul_ps(w5, _mm256_loadu_ps(xb + 40));
+      q0 = _mm256_fmadd_ps(w6, _mm256_loadu_ps(xb + 48), q0);
+      q1 = _mm256_fmadd_ps(w7, _mm256_loadu_ps(xb + 56), q1);
+      acc[t] = _mm256_fmadd_ps(d0, _mm256_add_ps(p0, p1), acc[t]);
+      acc[t] = _mm256_fmadd_ps(d1, _mm256_add_ps(q0, q1), acc[t]);
+    }
+  }
+  for (int t = 0; t < mt; ++t) out[t] = hsum(acc[t]) + offset[t];
+#else
+  float acc[MAX_TILE] = {0};
+  for (int64_t b = 0; b < k / 64; ++b)
+    for (int i = 0; i < 8; ++i) {
+      uint32_t lane;
+      memcpy(&lane, w + 32 * b + 4 * i, 4);
+      for (int j = 0; j < 8; ++j) {
+        const int64_t c = 64 * b + 8 * j + i;
+        const float wq = (float)((lane >> (4 * j)) & 15) * half_to_float(dm[2 * (c / group)]);
+        for (int t = 0; t < mt; ++t) acc[t] += wq * x[t * k + c];
+      }
+    }
+  for (int t = 0; t < mt; ++t) out[t] = acc[t] + offset[t];
+#endif
+}
+
+static void group_sums(const lmf_weight* W, const float* x, int64_t M, float* xsum);
+static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, int64_t r, const float* x,
+                                                          const float* xsum, const int mt, float* out);
+
+static int64_t row_bytes(const lmf_weight* W) {
+  return W->kind == LMF_F32 ? 4 * W->k : W->kind == LMF_INT8 ? W->k : W->k / 2;
+}
+
+/* y[m, :] (= or +=) x[m, :] @ W^T + bias, m < M, called by every thread of a parallel region (or
+ * outside one, by a single thread). `xsum` has room for M * k / group floats (INT4 only). */
+static void linear_rows(const lmf_weight* W, const float* x, int64_t M, float* y, int accumulate,
+                        const float* xsum) {
+  const int64_t n = W->n, k = W->k, groups = W->kind == LMF_INT4 ? k / W->group : 0;
+  /* Threads take chunks of ~64 KB of weights as they go (not one fixed half each): on a busy machine a
+   * thread that loses its core for a while then holds up the others for one chunk, not half the matrix. */
+  const int64_t chunk = row_bytes(W) >= 8192 ? 1 : 8192 / row_bytes(W);
+#pragma omp for schedule(guided, chunk)
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_TILE) {
+      const int mt = (int)(M - m0 < MAX_TILE ? M - m0 : MAX_TILE);
+      float out[MAX_TILE];
+      /* each case inlines the row function with a constant tile, so its accumulators live in registers */
+#define TILE(T)                                                            \
+  case T:                                                                \
+    row_any(W, r, x + m0 * k, xsum + m0 * groups, T, out);               \
+    break;
+      switch (mt) { TILE(1) TILE(2) TILE(3) default: TILE(4) }
+#undef TILE
+      for (int t = 0; t < mt; ++t) {
+        float* dst = y + (m0 + t) * n + r;
+        *dst = accumulate ? *dst + out[t] : out[t];
+      }
+    }
+  }
+}
+
+/* The same as a standalone call (quantized layers in the PyTorch path use it). Below ~256 KB of weights,
+ * waking a second thread costs more than it saves. */
+void lmf_linear(const lmf_weight* W, const float* x, int64_t M, float* y, int accumulate) {
+  float* xsum = W->kind == LMF_INT4 ? (float*)malloc(sizeof(float) * (size_t)(M * (W->k / W->group))) : NULL;
+  group_sums(W, x, M, xsum);
+#pragma omp parallel if (W->n * row_bytes(W) * M >= (1 << 18))
+  linear_rows(W, x, M, y, accumulate, xsum);
+  free(xsum);
+}
+
+/* ------------------------------------------------------------------------------------- norms */
+/* out[r] = norm(x[r]) for rows of width d: RMSNorm (w * x / rms) or LayerNorm (w * (x - mean) / std + b),
+ * statistics in fp32 like the model's own layers. */
+void lmf_norm(int32_t kind, const float* x, const float* w, const float* b, float eps, int64_t rows, int64_t d,
+              float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    float* o = out + r * d;
+    if (kind == LMF_RMSNORM) {
+      const float inv = 1.0f / sqrtf(dot(xr, xr, d) / (float)d + eps);
+      for (int64_t i = 0; i < d; ++i) o[i] = w[i] * (xr[i] * inv);
+    } else {
+      float mean = 0.f, var = 0.f;
+      for (int64_t i = 0; i < d; ++i) mean += xr[i];
+      mean /= (float)d;
+      for (int64_t i = 0; i < d; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+      const float inv = 1.0f / sqrtf(var / (float)d + eps);
+      for (int64_t i = 0; i < d; ++i) o[i] = (xr[i] - mean) * inv * w[i] + (b ? b[i] : 0.f);
+    }
+  }
+}
+
+/* ----------------------------------------------------------------------------------- a layer */
+typedef struct {
+  int64_t d, n_heads, n_kv, head_dim, d_ff;
+  float eps;
+  int32_t norm, mlp, window; /* window 0: every earlier key is visible */
+  const float *attn_norm_w, *attn_norm_b, *mlp_norm_w, *mlp_norm_b;
+  const float *q_norm_w, *k_norm_w; /* QK-norm (RMSNorm over head_dim), or NULL */
+  lmf_weight qkv, o, up, down;      /* up: for SwiGLU, gate and up rows interleaved */
+  /* The layer's KV cache. Slots (StaticKVCache): key t of kv head g of row b starts at
+   *   slots[b] * slot_stride + g * head_stride + t * token_stride.
+   * Paged (PagedKVCache): the step's token_index gives the pool row of each (row, position):
+   *   token_index[b * max_keys + t] * token_stride + g * head_stride. */
+  float *k_cache, *v_cache;
+  int64_t slot_stride, head_stride, token_stride;
+} lmf_layer;
+
+typedef struct {
+  int64_t n_layers, d, vocab;
+  lmf_layer* layers;
+  const float* embed;     /* [vocab, d]: the token embedding */
+  const float* pos_embed; /* [positions, d] learned positions (GPT-2), or NULL */
+  int32_t final_norm;
+  const float *final_w, *final_b;
+  float final_eps;
+  lmf_weight head;        /* the LM head (the embedding itself when tied) */
+  const float* inv_freq;  /* RoPE: [head_dim / 2] angular speeds (scaling included), or NULL */
+} lmf_model;
+
+typedef struct {
+  int64_t batch;
+  const int64_t* tokens;      /* the new token of each row */
+  const int64_t* slots;       /* the cache slot of each row */
+  const int64_t* lengths;     /* keys cached before this step: also the new token's position */
+  float* scratch;             /* lmf_scratch_floats(...) floats */
+  int64_t max_keys;           /* the longest row's keys after this step */
+  const int64_t* token_index; /* paged caches: [batch, max_keys] pool rows; NULL for slots */
+  int64_t* argmax;            /* out: each row's most likely next token (greedy decoding), or NULL */
+  const float *cos, *sin;     /* filled by lmf_decode: [batch, head_dim / 2], when the model has RoPE */
+} lmf_step;
+
+static inline int64_t key_at(const lmf_layer* L, const lmf_step* S, int64_t b, int64_t g, int64_t t) {
+  if (S->token_index) return S->token_index[b * S->max_keys + t] * L->token_stride + g * L->head_stride;
+  return S->slots[b] * L->slot_stride + g * L->head_stride + t * L->token_stride;
+}
+
+int64_t lmf_scratch_floats(const lmf_model* M, int64_t batch, int64_t max_keys) {
+  const lmf_layer* L = &M->layers[0];
+  return batch * (L->d + L->qkv.n + L->n_heads * L->head_dim + L->d_ff + L->n_heads * max_keys + L->head_dim);
+}
+
+static void rms_inplace(float* v, const float* w, int64_t n, float eps) {
+  const float inv = 1.0f / sqrtf(dot(v, v, n) / (float)n + eps);
+  for (int64_t i = 0; i < n; ++i) v[i] = w[i] * (v[i] * inv);
+}
+
+static void rope(float* v, const float* c, const float* s, int64_t half) { /* rotate-half layout */
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = v[i], b = v[i + half];
+    v[i] = a * c[i] - b * s[i];
+    v[i + half] = b * c[i] + a * s[i];
+  }
+}
+
+static float activation(int32_t kind, float x) {
+  if (kind == LMF_GELU_TANH) return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+  if (kind == LMF_GELU) return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
+  const float r = x > 0.f ? x : 0.f; /* relu2 */
+  return r * r;
+}
+
+typedef struct { float *x, *qkv, *attn, *act, *scores; } buffers;
+
+/* Per-thread scratch: the normalised input of the next matmul (each thread needs all of it, so each
+ * computes it: cheaper than one thread computing it while the others wait at a barrier), the group
+ * sums of that input (int4), and one query/key/value head. */
+typedef struct { float *h, *xsum, *q, *k; } private_buffers;
+
+/* the group sums of x for an int4 weight, or nothing */
+static void group_sums(const lmf_weight* W, const float* x, int64_t M, float* xsum) {
+  if (W->kind != LMF_INT4) return;
+  for (int64_t i = 0; i < M * (W->k / W->group); ++i) {
+    float s = 0.f;
+    for (int64_t j = 0; j < W->group; ++j) s += x[i * W->group + j];
+    xsum[i] = s;
+  }
+}
+
+/* one output row r of W for MT input rows (any format) */
+static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, int64_t r, const float* x,
+                                                          const float* xsum, const int mt, float* out) {
+  const int64_t k = W->k;
+  if (W->kind == LMF_F32) {
+    row_f32((const float*)W->data + r * k, x, k, mt, out);
+  } else if (W->kind == LMF_INT8) {
+    row_i8((const int8_t*)W->data + r * k, x, k, mt, out);
+    const float s = ((const float*)W->scale)[r];
+    for (int t = 0; t < mt; ++t) out[t] *= s;
+  } else {
+    const int64_t groups = k / W->group;
+    row_i4((const uint8_t*)W->data + r * (k / 2), (const uint16_t*)W->scale + r * groups * 2, x, xsum, k,
+           W->group, mt, out);
+  }
+  const float b = W->bias ? W->bias[r] : 0.f;
+  for (int t = 0; t < mt; ++t) out[t] += b;
+}
+
+/* The MLP's first projection with the activation applied as each output is produced: a thread that
+ * computes gate row r (and up row r for SwiGLU) writes act[r] at once, so no separate activation pass.
+ * For SwiGLU the weight's rows alternate gate and up (g0, u0, g1, u1, ...): one sequential stream. */
+static void up_and_activate(const lmf_layer* L, const float* h, const float* xsum, int64_t M, float* act) {
+  const lmf_weight* W = &L->up;
+  const int64_t F = L->d_ff, groups = W->kind == LMF_INT4 ? W->k / W->group : 0;
+  const int64_t chunk = row_bytes(W) >= 8192 ? 1 : 8192 / row_bytes(W);
+#pragma omp for schedule(guided, chunk)
+  for (int64_t r = 0; r < F; ++r) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_TILE) {
+      const int mt = (int)(M - m0 < MAX_TILE ? M - m0 : MAX_TILE);
+      const float* xm = h + m0 * W->k;
+      const float* sm = xsum + m0 * groups;
+      float g[MAX_TILE], u[MAX_TILE];
+#define TILE(T)                                                          \
+  case T:                                                              \
+    if (L->mlp == LMF_SWIGLU) {                                        \
+      row_any(W, 2 * r, xm, sm, T, g);                                 \
+      row_any(W, 2 * r + 1, xm, sm, T, u);                             \
+    } else {                                                           \
+      row_any(W, r, xm, sm, T, g);                                     \
+    }                                                                  \
+    break;
+      switch (mt) { TILE(1) TILE(2) TILE(3) default: TILE(4) }
+#undef TILE
+      for (int t = 0; t < mt; ++t)
+        act[(m0 + t) * F + r] = L->mlp == LMF_SWIGLU ? g[t] / (1.f + expf(-g[t])) * u[t] : activation(L->mlp, g[t]);
+    }
+  }
+}
+
+/* x[b] += attention(norm(x[b])) then x[b] += mlp(norm(x[b])), one new token per row b. Run by every
+ * thread of the step's parallel region: the `omp for` loops share out the work and end in the only
+ * barriers (five per layer: after q/k/v, attention, the output projection, up+activation, down). */
+static void layer(const lmf_layer* L, const lmf_step* S, const buffers* buf, const private_buffers* mine) {
+  const int64_t B = S->batch, d = L->d, H = L->n_heads, KV = L->n_kv, hd = L->head_dim, half = hd / 2;
+  const int64_t width = L->qkv.n, group = H / KV;
+  float *x = buf->x, *qkv = buf->qkv, *attn = buf->attn;
+
+  lmf_norm(L->norm, x, L->attn_norm_w, L->attn_norm_b, L->eps, B, d, mine->h);
+  group_sums(&L->qkv, mine->h, B, mine->xsum);
+  linear_rows(&L->qkv, mine->h, B, qkv, 0, mine->xsum);
+
+  /* Attention, one task per (row, query head). Each task applies QK-norm and RoPE to its own copy of
+   * its query and of the new key (the new key is used directly, not read back from the cache), and the
+   * first query head of each KV group stores the new key and value in the cache: no separate pass. */
+  const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, head = bh % H, g = head / group, pos = S->lengths[b];
+    const int64_t first = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0;
+    const float* row = qkv + b * width;
+    const float* v_new = row + (H + KV + g) * hd;
+    float *q = mine->q, *k = mine->k;
+    memcpy(q, row + head * hd, sizeof(float) * hd);
+    memcpy(k, row + (H + g) * hd, sizeof(float) * hd);
+    if (L->q_norm_w) {
+      rms_inplace(q, L->q_norm_w, hd, L->eps);
+      rms_inplace(k, L->k_norm_w, hd, L->eps);
+    }
+    if (S->cos) {
+      rope(q, S->cos + b * half, S->sin + b * half, half);
+      rope(k, S->cos + b * half, S->sin + b * half, half);
+    }
+    if (head % group == 0) {
+      const int64_t at = key_at(L, S, b, g, pos);
+      memcpy(L->k_cache + at, k, sizeof(float) * hd);
+      memcpy(L->v_cache + at, v_new, sizeof(float) * hd);
+    }
+    float* p = buf->scores + bh * S->max_keys;
+    float best = -INFINITY, total = 0.f;
+    for (int64_t t = first; t <= pos; ++t) {
+      p[t] = dot(q, t == pos ? k : L->k_cache + key_at(L, S, b, g, t), hd) * scale;
+      best = p[t] > best ? p[t] : best;
+    }
+    float* out = attn + b * H * hd + head * hd;
+    memset(out, 0, sizeof(float) * hd);
+    for (int64_t t = first; t <= pos; ++t) {
+      const float e = expf(p[t] - best);
+      total += e;
+      axpy(e, t == pos ? v_new : L->v_cache + key_at(L, S, b, g, t), out, hd);
+    }
+    for (int64_t i = 0; i < hd; ++i) out[i] /= total;
+  }
+  group_sums(&L->o, attn, B, mine->xsum);
+  linear_rows(&L->o, attn, B, x, 1, mine->xsum);
+
+  lmf_norm(L->norm, x, L->mlp_norm_w, L->mlp_norm_b, L->eps, B, d, mine->h);
+  group_sums(&L->up, mine->h, B, mine->xsum);
+  up_and_activate(L, mine->h, mine->xsum, B, buf->act);
+  group_sums(&L->down, buf->act, B, mine->xsum);
+  linear_rows(&L->down, buf->act, B, x, 1, mine->xsum);
+}
+
+/* One decode step for a batch of rows, one new token each: embedding, every layer, final norm and
+ * LM head -> logits [batch, vocab]. One call and one parallel region per token. */
+void lmf_decode(const lmf_model* M, lmf_step* S, float* logits) {
+  const int64_t B = S->batch, d = M->d;
+  const lmf_layer* L0 = &M->layers[0];
+  buffers buf;
+  buf.x = S->scratch;
+  buf.qkv = buf.x + B * d;
+  buf.attn = buf.qkv + B * L0->qkv.n;
+  buf.act = buf.attn + B * L0->n_heads * L0->head_dim;
+  buf.scores = buf.act + B * L0->d_ff;
+  float* angles = buf.scores + B * L0->n_heads * S->max_keys;
+  S->cos = S->sin = NULL;
+  if (M->inv_freq) { /* as RotaryEmbedding: angle = position * speed, in fp32 */
+    const int64_t half = L0->head_dim / 2;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = (float)S->lengths[b] * M->inv_freq[i];
+        angles[b * half + i] = cosf(a);
+        angles[B * half + b * half + i] = sinf(a);
+      }
+    S->cos = angles;
+    S->sin = angles + B * half;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    memcpy(buf.x + b * d, M->embed + S->tokens[b] * d, sizeof(float) * d);
+    if (M->pos_embed)
+      for (int64_t i = 0; i < d; ++i) buf.x[b * d + i] += M->pos_embed[S->lengths[b] * d + i];
+  }
+  const int64_t widest = L0->d_ff > d ? L0->d_ff : d;
+  const int parallel = M->head.n * row_bytes(&M->head) >= (1 << 22); /* tiny test models: one thread */
+#pragma omp parallel if (parallel)
+  {
+    private_buffers mine;
+    float* own = (float*)malloc(sizeof(float) * (size_t)(B * d + B * (widest / 16 + 1) + 2 * L0->head_dim));
+    mine.h = own;
+    mine.xsum = own + B * d;
+    mine.q = mine.xsum + B * (widest / 16 + 1);
+    mine.k = mine.q + L0->head_dim;
+    for (int64_t i = 0; i < M->n_layers; ++i) layer(&M->layers[i], S, &buf, &mine);
+    lmf_norm(M->final_norm, buf.x, M->final_w, M->final_b, M->final_eps, B, d, mine.h);
+    group_sums(&M->head, mine.h, B, mine.xsum);
+    linear_rows(&M->head, mine.h, B, logits, 0, mine.xsum);
+    if (S->argmax) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        const float* row = logits + b * M->vocab;
+        int64_t best = 0;
+        for (int64_t i = 1; i < M->vocab; ++i) best = row[i] > row[best] ? i : best;
+        S->argmax[b] = best;
+      }
+    }
+    free(own);
+  }
+}

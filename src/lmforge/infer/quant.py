@@ -1,0 +1,266 @@
+"""Weight-only int8 and int4 linear layers, for decoding near the memory-bandwidth limit.
+
+A decode step reads every weight once to produce one token, so its time is (weight
+bytes) / (memory bandwidth). Storing a weight in 8 bits instead of 32 reads 4x fewer
+bytes; in 4 bits, about 6x fewer once the per-group scales are counted. Activations
+stay in floating point (only weights are rounded), which keeps the error small:
+
+- **int8, per output channel** (symmetric): each row n of W gets one scale
+  s_n = max|W[n, :]| / 127 and q = round(W / s_n) in [-127, 127]. Since the scale is
+  per output, y_n = s_n * (x . q_n): the integer dot product is scaled once at the end.
+- **int4, group-wise** (asymmetric, like GGUF's Q4_1): every G consecutive inputs of a
+  row share a step d = (max - min) / 15 and an offset m = min, q = round((w - m) / d) in
+  0..15, stored two per byte (in an order that the kernel unpacks with shifts alone, see
+  `pack_int4`); d and m are fp16. Groups let outliers in one part of a row
+  spoil only their own group's resolution.
+
+On CPU, small batches (decode) go to lmforge's kernels (`infer/kernels/decode.c`),
+which read the small integers directly. Everywhere else (long prefills, CUDA, no
+compiler) the weights are dequantized and a normal matmul runs: correct, not fast.
+Full quantization tooling (calibration, GPTQ/AWQ, QAT) belongs to `lmforge.compress`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.infer import kernels
+
+QuantMode = Literal["int8", "int4"]
+KERNEL_MAX_ROWS = 16  # beyond this many rows a dequantize + BLAS matmul is faster than the kernels
+
+
+class QuantizedLinear(nn.Module):
+    """Base: y = x @ W^T + b with W kept quantized; subclasses define storage and `dequantize`."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def weight_bytes(self) -> int:
+        """Bytes a forward pass reads for the weight (values + scales)."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "bias")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS and kernels.available():
+            fp32_bias = self.bias is not None and self.bias.dtype == torch.float32
+            y = kernels.linear(self.kernel_weight(self.bias if fp32_bias else None), x2.float().contiguous())
+            if self.bias is not None and not fp32_bias:
+                y = y + self.bias.float()
+            y = y.to(x.dtype)
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype), self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def kernel_weight(self, bias: torch.Tensor | None = None) -> kernels.Weight:
+        """This layer as the CPU kernels' `Weight` (pointers into its buffers)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+
+
+class Int8Linear(QuantizedLinear):
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())  # int8 [out, in]
+        self.register_buffer("scale", scale.float().contiguous())  # fp32 [out]
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale, None if bias is None else bias.detach())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+
+    def kernel_weight(self, bias: torch.Tensor | None = None) -> kernels.Weight:
+        return kernels.weight(kernels.INT8, self.qweight, self.scale, bias)
+
+
+class Int4Linear(QuantizedLinear):
+    def __init__(self, packed: torch.Tensor, dm: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
+        self.group_size = group_size
+        self.register_buffer("packed", packed.contiguous())  # uint8 [out, in / 2]
+        self.register_buffer("dm", dm.contiguous())  # fp16 [out, in / group, 2]: step d, offset m
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   group_size: int = 32) -> Int4Linear:
+        out_features, in_features = weight.shape
+        if group_size % 32 or in_features % group_size or in_features % 64:
+            raise ValueError(f"int4 needs a group size that is a multiple of 32 and divides the inputs "
+                             f"({in_features}, itself a multiple of 64), got {group_size}")
+        w = weight.detach().float().view(out_features, in_features // group_size, group_size)
+        low, high = w.amin(-1), w.amax(-1)
+        # round d and m to fp16 first, so that q is chosen for the values actually stored
+        d = ((high - low) / 15).half().float()
+        m = low.half().float()
+        d = torch.where(d > 0, d, torch.ones_like(d))
+        q = torch.round((w - m[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)
+        return cls(pack_int4(q.view(out_features, in_features)), torch.stack([d, m], dim=-1).half(),
+                   group_size, bias)
+
+    def unpack(self) -> torch.Tensor:
+        """The 4-bit codes as uint8 [out, in]."""
+        return unpack_int4(self.packed)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = self.unpack().float().view(self.out_features, -1, self.group_size)
+        d, m = self.dm.float().unbind(-1)
+        return (q * d[..., None] + m[..., None]).view(self.out_features, self.in_features).to(dtype)
+
+    def kernel_weight(self, bias: torch.Tensor | None = None) -> kernels.Weight:
+        return kernels.weight(kernels.INT4, self.packed, self.dm, bias, self.group_size)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [out, in] (0..15) -> [out, in / 2] bytes in the kernels' order.
+
+    Each 64 inputs become 32 bytes read as eight 32-bit lanes; nibble j of lane i holds
+    input 8j + i, so that shifting all lanes right by 4j yields inputs 8j..8j+7 in order.
+    Byte b of lane i (byte 4i + b of the block) holds inputs 16b + i (low nibble) and
+    16b + 8 + i (high nibble).
+    """
+    out_features, in_features = codes.shape
+    q = codes.view(out_features, in_features // 64, 4, 2, 8)  # [block, b, low/high, lane i]
+    return (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(2, 3).reshape(out_features, in_features // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`."""
+    out_features = packed.shape[0]
+    p = packed.view(out_features, -1, 8, 4).transpose(2, 3)  # [block, b, lane i]
+    q = torch.stack([p & 15, p >> 4], dim=3)  # [block, b, low/high, lane i]
+    return q.reshape(out_features, -1)
+
+
+def quantize_linear(linear: nn.Linear | torch.Tensor, mode: QuantMode,
+                    group_size: int = 32) -> QuantizedLinear:
+    """An `nn.Linear` (or a bare [out, in] weight) as an int8 or int4 layer."""
+    weight = linear if isinstance(linear, torch.Tensor) else linear.weight
+    bias = None if isinstance(linear, torch.Tensor) else linear.bias
+    if mode == "int8":
+        layer: QuantizedLinear = Int8Linear.from_float(weight, bias)
+    elif mode == "int4":
+        layer = Int4Linear.from_float(weight, bias, group_size)
+    else:
+        raise ValueError(f"quantize must be int8 or int4, got {mode!r}")
+    return layer.to(weight.device)
+
+
+def quantize_model(model: nn.Module, mode: QuantMode, *, group_size: int = 32,
+                   head: bool | QuantMode = True) -> nn.Module:
+    """Replace, in place, every linear layer of a `Transformer` with its quantized version.
+
+    Covers attention and MLP (and MoE experts') projections; MoE routers stay in floating
+    point (tiny, and routing is sensitive). `head=True` quantizes the LM head the same way,
+    `head="int8"` (or "int4") another way (GGUF files often keep the head at 8 bits),
+    `head=False` leaves it. For tied embeddings a quantized copy of the embedding matrix
+    becomes `model.lm_head` (the model uses an `lm_head` module when it has one) and the
+    embedding itself stays, since looking up one row per token costs nothing.
+    """
+    head_mode = mode if head is True else head
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or name == "router":
+                continue
+            if name == "lm_head":
+                if head_mode:
+                    setattr(module, name, quantize_linear(child, head_mode, group_size))
+            else:
+                setattr(module, name, quantize_linear(child, mode, group_size))
+    if head_mode and getattr(model.config, "tie_embeddings", False) and "lm_head" not in model._modules:
+        model.lm_head = quantize_linear(model.embed.weight, head_mode, group_size)
+    return model
+
+
+def concat_linears(layers: Sequence[nn.Module]) -> nn.Module:
+    """One layer computing all of `layers` at once (their outputs side by side).
+
+    Fusing q/k/v (and gate/up) saves a matmul call per projection in every layer of
+    every decode step. Per-channel and group-wise formats concatenate exactly: each
+    output row keeps its own scales, so the fused layer computes the same numbers.
+    """
+    first = layers[0]
+    if not all(type(m) is type(first) for m in layers):
+        raise TypeError("can only fuse layers of one kind")
+    bias = None
+    if any(m.bias is not None for m in layers):
+        like = next(m.bias for m in layers if m.bias is not None)
+        bias = torch.cat([m.bias if m.bias is not None else like.new_zeros(m.out_features) for m in layers])
+    if isinstance(first, nn.Linear):
+        fused = nn.Linear(first.in_features, sum(m.out_features for m in layers), bias=bias is not None,
+                          device=first.weight.device, dtype=first.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([m.weight for m in layers]))
+            if bias is not None:
+                fused.bias.copy_(bias)
+        return fused.requires_grad_(False)
+    if isinstance(first, Int8Linear):
+        return Int8Linear(torch.cat([m.qweight for m in layers]), torch.cat([m.scale for m in layers]), bias)
+    if isinstance(first, Int4Linear):
+        if len({m.group_size for m in layers}) != 1:
+            raise TypeError("can only fuse int4 layers with one group size")
+        return Int4Linear(torch.cat([m.packed for m in layers]), torch.cat([m.dm for m in layers]),
+                          first.group_size, bias)
+    raise TypeError(f"cannot fuse {type(first).__name__}")
+
+
+def interleave_linears(a: nn.Module, b: nn.Module) -> nn.Module:
+    """One layer whose output rows alternate a0, b0, a1, b1, ... (a and b of equal size).
+
+    SwiGLU needs gate row r and up row r together; with the two rows adjacent in memory,
+    a decode kernel that produces silu(gate_r) * up_r reads one sequential stream of
+    weights instead of two streams far apart, which streams measurably faster.
+    """
+    fused = concat_linears([a, b])
+    n = a.out_features
+    order = torch.stack([torch.arange(n), torch.arange(n) + n], dim=1).reshape(-1)
+    for t in [*fused.parameters(recurse=False), *fused.buffers(recurse=False)]:
+        if t is not None:
+            t.data = t.data[order.to(t.device)].contiguous()
+    return fused
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matrix once; of the embedding one row.
+
+    For a tied model without a separate `lm_head`, the embedding matrix *is* the LM head
+    and is read in full.
+    """
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.weight_bytes()
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, nn.Embedding):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() == 1 or (name == "bias"):
+                total += p.numel() * p.element_size()
+    if "lm_head" not in model._modules and getattr(model.config, "tie_embeddings", False):
+        total += model.embed.weight.numel() * model.embed.weight.element_size()
+    return total
