@@ -13,6 +13,7 @@ VARIANTS = {
                       out_bias=False, mlp_bias=False),
     "alibi": dict(position="alibi", norm="rmsnorm"),
     "sliding-window": dict(position="rope", sliding_window=5, n_kv_heads=1),
+    "qknorm-relu2": dict(position="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", n_kv_heads=2),
     "moe-qknorm": dict(position="rope", n_experts=4, n_experts_per_token=2, qk_norm=True, mlp="swiglu"),
 }
 
@@ -44,7 +45,7 @@ def tiny():
 
 @pytest.fixture(params=list(VARIANTS))
 def variant(request) -> str:
-    """Runs a test once per architecture variant (GPT-2, Llama GQA, ALiBi, sliding window, MoE)."""
+    """Runs a test once per architecture variant (GPT-2, Llama GQA, ALiBi, sliding window, QK-norm, MoE)."""
     return request.param
 
 

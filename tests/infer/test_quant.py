@@ -12,6 +12,7 @@ from lmforge.infer.quant import (
     Int4Linear,
     Int8Linear,
     concat_linears,
+    interleave_linears,
     quantize_linear,
     quantize_model,
     weight_bytes,
@@ -22,6 +23,7 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C++ compi
 
 
 def test_int8_is_per_channel_symmetric():
+    torch.manual_seed(0)
     w = torch.randn(16, 64) * torch.logspace(-2, 1, 16)[:, None]  # rows of very different scales
     layer = Int8Linear.from_float(w)
     assert layer.qweight.dtype == torch.int8 and layer.qweight.abs().max() == 127
@@ -30,6 +32,7 @@ def test_int8_is_per_channel_symmetric():
 
 
 def test_int4_groups_use_their_own_range():
+    torch.manual_seed(0)
     w = torch.randn(8, 128)
     w[:, :32] *= 100  # one group with large values must not spoil the others
     layer = Int4Linear.from_float(w, group_size=32)
@@ -38,7 +41,7 @@ def test_int4_groups_use_their_own_range():
     err = (layer.dequantize() - w).abs().view(8, 4, 32).amax(-1)
     step = layer.dm[..., 0].float()
     assert (err <= step / 2 + 1e-3 * step + 1e-6).all()
-    assert err[:, 1:].max() < 0.2  # small groups keep a fine step
+    assert err[:, 1:].max() < err[:, 0].min() / 20  # the other groups keep a fine step
     # a Q4_1-style grid survives re-quantization exactly
     again = Int4Linear.from_float(layer.dequantize(), group_size=32)
     torch.testing.assert_close(again.dequantize(), layer.dequantize(), atol=1e-3, rtol=0)
@@ -129,3 +132,15 @@ def test_kernels_split_over_threads_give_the_same_numbers(mode):
         layer = q.kernel_weight()
         expected = x @ q.dequantize().t()
     torch.testing.assert_close(kernels.linear(layer, x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_interleaved_gate_and_up_rows(mode):
+    gate, up = torch.nn.Linear(64, 8), torch.nn.Linear(64, 8)
+    if mode:
+        gate, up = quantize_linear(gate, mode), quantize_linear(up, mode)
+    fused = interleave_linears(gate, up)
+    x = torch.randn(2, 64)
+    out = fused(x)
+    torch.testing.assert_close(out[:, 0::2], gate(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 1::2], up(x), atol=1e-5, rtol=1e-5)

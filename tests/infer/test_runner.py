@@ -79,3 +79,22 @@ def test_positions_past_the_context_are_an_error(tiny):
     cache = StaticKVCache.for_model(model, 1, 100)  # a cache larger than the model's 64 positions
     with pytest.raises(ValueError, match="context"):
         runner(torch.zeros(1, 65, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("layout", ["static", "paged"])
+def test_chunks_of_one_sequence_match_model_forward(tiny, variant, layout):
+    """Several new tokens of one sequence at once (speculative verification, short prompts)."""
+    model = tiny(variant)
+    runner = ModelRunner(model)
+    ids = torch.randint(0, 97, (1, 17))
+    if layout == "static":
+        cache = StaticKVCache.for_model(model, 1, 32)
+        view = lambda: cache  # noqa: E731
+    else:
+        cache = PagedKVCache.for_model(model, 24, 4)
+        cache.allocate("s")
+        view = lambda: cache.view(["s"])  # noqa: E731
+    out = [runner(ids[:, :5], view(), last_only=False), runner(ids[:, 5:6], view(), last_only=False)]
+    out += [runner(ids[:, t:t + 4], view(), last_only=False) for t in (6, 10)]
+    out.append(runner(ids[:, 14:17], view(), last_only=False))
+    torch.testing.assert_close(torch.cat(out, dim=1), model(ids).logits, atol=1e-4, rtol=1e-4)

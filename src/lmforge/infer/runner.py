@@ -162,9 +162,13 @@ class ModelRunner:
         if max(lengths) + T > self.config.max_seq_len:
             raise ValueError(f"position {max(lengths) + T - 1} exceeds the model's context "
                              f"of {self.config.max_seq_len}")
-        if self.fast and T == 1 and isinstance(cache, (_SlotRows, StaticKVCache, _PagedRows)):
-            logits = self._decode_c(ids, cache, lengths)
-            return logits if last_only else logits[:, None]
+        if self.fast and isinstance(cache, (_SlotRows, StaticKVCache, _PagedRows)):
+            if T == 1:  # one new token per row: a decode step
+                logits = self._decode_c(ids, cache, lengths)
+                return logits if last_only else logits[:, None]
+            if B == 1 and T <= MAX_C_CHUNK:  # a few tokens of one sequence: speculative verification
+                logits = self._decode_c(ids, cache, lengths)
+                return logits[-1:] if last_only else logits[None]
         return self._forward_torch(ids, cache, lengths, last_only)
 
     def _forward_torch(self, ids: torch.Tensor, cache, lengths: list[int], last_only: bool) -> torch.Tensor:
@@ -321,17 +325,21 @@ class ModelRunner:
         every weight through the caches, each PyTorch call costs tens of microseconds.
         """
         lib = kernels.library()
-        B = ids.shape[0]
-        cache.key_positions(torch.tensor(lengths)[:, None])  # capacity, growth, key-position bookkeeping
+        n, T = ids.shape
+        # a chunk (one sequence, T > 1 tokens) runs as T rows that share the sequence's slot
+        positions = torch.tensor(lengths)[:, None] + torch.arange(T)
+        cache.key_positions(positions)  # capacity, growth, key-position bookkeeping
         self._point_at_cache(cache.cache if isinstance(cache, (_SlotRows, _PagedRows)) else cache)
+        B = n * T
         rows = ctypes.c_int64 * B
+        lengths = [lengths[0] + t for t in range(T)] if T > 1 else lengths
         token_index = None
         if isinstance(cache, _PagedRows):
-            token_index = cache._read.contiguous()
+            token_index = cache._read.expand(B, -1).contiguous()
             slots = rows()  # unused by the paged addressing
         else:
             start = cache.start if isinstance(cache, _SlotRows) else 0
-            slots = rows(*range(start, start + B))
+            slots = rows(*([start] * T if T > 1 else range(start, start + B)))
         max_keys = max(lengths) + 1
         if max_keys > self._scratch_keys or self._scratch_rows < B:  # grow by doubling
             self._scratch_keys = max(max_keys, 2 * self._scratch_keys)
@@ -340,18 +348,18 @@ class ModelRunner:
             self._scratch = torch.empty(lib.lmf_scratch_floats(model, self._scratch_rows, self._scratch_keys))
         logits = torch.empty(B, self.config.vocab_size)
         self._argmax = rows()
-        tokens, lengths_c = rows(*ids[:, 0].tolist()), rows(*lengths)
+        tokens, lengths_c = rows(*ids.reshape(-1).tolist()), rows(*lengths)
         step = kernels.Step(batch=B, tokens=ctypes.addressof(tokens), slots=ctypes.addressof(slots),
                             lengths=ctypes.addressof(lengths_c), scratch=self._scratch.data_ptr(),
                             max_keys=max_keys, token_index=kernels.pointer(token_index),
-                            argmax=ctypes.addressof(self._argmax))
+                            argmax=ctypes.addressof(self._argmax), chunk=int(T > 1))
         lib.lmf_decode(ctypes.byref(self._c_model), ctypes.byref(step), logits.data_ptr())
         self._argmax_of = logits
-        cache.advance(_ONE_TOKEN)
+        cache.advance(positions)
         return logits
 
 
-_ONE_TOKEN = torch.zeros(1, 1)  # lmforge's caches' `advance` only needs the count of new tokens
+MAX_C_CHUNK = 16  # longer chunks (prefills) are matrix-matrix work: PyTorch's BLAS does it better
 
 
 def _tied_head(embed: nn.Embedding) -> nn.Linear:

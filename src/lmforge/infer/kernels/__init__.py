@@ -70,8 +70,8 @@ class Step(ctypes.Structure):
 
     _fields_ = [("batch", ctypes.c_int64), ("tokens", ctypes.c_void_p), ("slots", ctypes.c_void_p),
                 ("lengths", ctypes.c_void_p), ("scratch", ctypes.c_void_p), ("max_keys", ctypes.c_int64),
-                ("token_index", ctypes.c_void_p), ("argmax", ctypes.c_void_p), ("cos", ctypes.c_void_p),
-                ("sin", ctypes.c_void_p)]
+                ("token_index", ctypes.c_void_p), ("argmax", ctypes.c_void_p), ("chunk", ctypes.c_int32),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
 
 
 def _flags() -> list[str]:

@@ -337,6 +337,8 @@ typedef struct {
   int64_t max_keys;           /* the longest row's keys after this step */
   const int64_t* token_index; /* paged caches: [batch, max_keys] pool rows; NULL for slots */
   int64_t* argmax;            /* out: each row's most likely next token (greedy decoding), or NULL */
+  int32_t chunk;              /* rows are consecutive tokens of one sequence (same slot, positions
+                                 L, L+1, ...): every new key is stored before any attention reads */
   const float *cos, *sin;     /* filled by lmf_decode: [batch, head_dim / 2], when the model has RoPE */
 } lmf_step;
 
@@ -449,9 +451,23 @@ static void layer(const lmf_layer* L, const lmf_step* S, const buffers* buf, con
   group_sums(&L->qkv, mine->h, B, mine->xsum);
   linear_rows(&L->qkv, mine->h, B, qkv, 0, mine->xsum);
 
+  if (S->chunk) { /* later rows attend to earlier rows' keys: store them all first (one more barrier) */
+#pragma omp for schedule(static)
+    for (int64_t bg = 0; bg < B * KV; ++bg) {
+      const int64_t b = bg / KV, g = bg % KV, at = key_at(L, S, b, g, S->lengths[b]);
+      const float* row = qkv + b * width;
+      float* k = L->k_cache + at;
+      memcpy(k, row + (H + g) * hd, sizeof(float) * hd);
+      memcpy(L->v_cache + at, row + (H + KV + g) * hd, sizeof(float) * hd);
+      if (L->k_norm_w) rms_inplace(k, L->k_norm_w, hd, L->eps);
+      if (S->cos) rope(k, S->cos + b * half, S->sin + b * half, half);
+    }
+  }
+
   /* Attention, one task per (row, query head). Each task applies QK-norm and RoPE to its own copy of
    * its query and of the new key (the new key is used directly, not read back from the cache), and the
-   * first query head of each KV group stores the new key and value in the cache: no separate pass. */
+   * first query head of each KV group stores the new key and value in the cache: no separate pass.
+   * (In a chunk the keys are already stored, and all are read from the cache.) */
   const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp for schedule(dynamic, 1)
   for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -470,7 +486,7 @@ static void layer(const lmf_layer* L, const lmf_step* S, const buffers* buf, con
       rope(q, S->cos + b * half, S->sin + b * half, half);
       rope(k, S->cos + b * half, S->sin + b * half, half);
     }
-    if (head % group == 0) {
+    if (head % group == 0 && !S->chunk) {
       const int64_t at = key_at(L, S, b, g, pos);
       memcpy(L->k_cache + at, k, sizeof(float) * hd);
       memcpy(L->v_cache + at, v_new, sizeof(float) * hd);
@@ -478,7 +494,7 @@ static void layer(const lmf_layer* L, const lmf_step* S, const buffers* buf, con
     float* p = buf->scores + bh * S->max_keys;
     float best = -INFINITY, total = 0.f;
     for (int64_t t = first; t <= pos; ++t) {
-      p[t] = dot(q, t == pos ? k : L->k_cache + key_at(L, S, b, g, t), hd) * scale;
+      p[t] = dot(q, t == pos && !S->chunk ? k : L->k_cache + key_at(L, S, b, g, t), hd) * scale;
       best = p[t] > best ? p[t] : best;
     }
     float* out = attn + b * H * hd + head * hd;
@@ -486,7 +502,7 @@ static void layer(const lmf_layer* L, const lmf_step* S, const buffers* buf, con
     for (int64_t t = first; t <= pos; ++t) {
       const float e = expf(p[t] - best);
       total += e;
-      axpy(e, t == pos ? v_new : L->v_cache + key_at(L, S, b, g, t), out, hd);
+      axpy(e, t == pos && !S->chunk ? v_new : L->v_cache + key_at(L, S, b, g, t), out, hd);
     }
     for (int64_t i = 0; i < hd; ++i) out[i] /= total;
   }
