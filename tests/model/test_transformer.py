@@ -226,3 +226,25 @@ def test_packed_rows_keep_sequences_apart(name):
     second = model(ids[:, 4:]).logits
     torch.testing.assert_close(packed[:, :4], first, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, 4:], second, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["learned", "rope", "alibi", "moe"])
+def test_from_state_dict_equals_the_original_model(name):
+    """Building on the meta device and adopting the tensors gives the very same model."""
+    model = _model(**CONFIGS[name]).eval()
+    rebuilt = Transformer.from_state_dict(model.config, model.state_dict()).eval()
+    ids = _ids()
+    torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, atol=0, rtol=0)
+    half = Transformer.from_state_dict(model.config, model.state_dict(), dtype=torch.bfloat16)
+    assert half.embed.weight.dtype == torch.bfloat16
+    if name == "rope":
+        assert half.rotary.inv_freq.dtype == torch.float32 and not half.rotary.inv_freq.is_meta
+    with pytest.raises(RuntimeError, match="Missing key"):
+        Transformer.from_state_dict(model.config, {})
+
+
+def test_explicit_arange_positions_give_the_default_logits():
+    model = _model(**CONFIGS["rope"]).eval()
+    ids = _ids()
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    torch.testing.assert_close(model(ids, positions).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

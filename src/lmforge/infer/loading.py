@@ -38,9 +38,7 @@ def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         from lmforge.model.gguf import load_gguf_model
 
         config, state_dict, _metadata = load_gguf_model(path)
-        model = Transformer(config)
-        model.load_state_dict(state_dict)
-        model = model.to(device=device, dtype=dtype)
+        model = Transformer.from_state_dict(config, state_dict, dtype=dtype, device=device)
     elif path.is_dir():
         from lmforge.model.checkpoint import load_checkpoint
 

@@ -260,12 +260,8 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: could not read tensors ({err})") from err
 
     state = tensors if model_type is None else state_dict_from_hf(tensors, config, model_type)
-    if target_dtype is not None:
-        state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model = Transformer(config)
-    # assign=True keeps the stored dtype; RoPE/ALiBi tables stay fp32 (a blanket .to(bf16) would round them)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device).eval(), config
+    # dtype None keeps the stored one; the RoPE table stays fp32 (a blanket .to(bf16) would round it)
+    return Transformer.from_state_dict(config, state, dtype=target_dtype, device=device).eval(), config
 
 
 # ---------------------------------------------------------------------------------- saving
