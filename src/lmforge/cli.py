@@ -13,8 +13,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-# Exceptions that mean "bad input", not "bug": each module defines its own.
-USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, PermissionError, OSError)
+# Exceptions that mean "bad input", not "bug": each module's own errors subclass one of these.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, *, default_temperature: float) -> None:
@@ -61,20 +61,11 @@ def _load(args: argparse.Namespace):
     import torch
 
     from lmforge.infer.engine import Engine
-    from lmforge.infer.loading import load_model
-    from lmforge.infer.quant import quantize_model
 
-    dtype = getattr(torch, args.dtype)
-    loaded = load_model(args.model, dtype=dtype, device=args.device)
-    if args.quantize:
-        quantize_model(loaded.model, args.quantize)
-    draft = None
-    if args.draft_model:
-        draft = load_model(args.draft_model, dtype=dtype, device=args.device).model
-        if args.draft_quantize:
-            quantize_model(draft, args.draft_quantize)
-    return Engine(loaded.model, loaded.tokenizer, stop_ids=loaded.stop_ids(), max_batch_size=1,
-                  draft_model=draft, num_speculative=args.num_speculative), loaded
+    return Engine.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
+                                  quantize=args.quantize, draft=args.draft_model,
+                                  draft_quantize=args.draft_quantize, max_batch_size=1,
+                                  num_speculative=args.num_speculative)
 
 
 # ---------------------------------------------------------------------- generate
@@ -82,8 +73,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.infer.engine import GenerationStats
 
     params = _sampling_params(args)
-    engine, loaded = _load(args)
-    tok = loaded.tokenizer
+    engine = _load(args)
+    tok = engine.tokenizer
     prompt = args.prompt
     if args.chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -137,11 +128,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = _sampling_params(args)
     started = time.perf_counter()
-    engine, loaded = _load(args)
-    tok = loaded.tokenizer
+    engine = _load(args)
+    tok = engine.tokenizer
     interactive = sys.stdin.isatty()
-    config = loaded.model.config
-    print(f"lmforge chat: {loaded.path.name} ({config.num_parameters() / 1e6:.0f}M parameters, "
+    config = engine.model.config
+    print(f"lmforge chat: {engine.path.name} ({config.num_parameters() / 1e6:.0f}M parameters, "
           f"loaded in {time.perf_counter() - started:.1f}s). {CHAT_HELP}", file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)

