@@ -37,13 +37,14 @@ def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     if path.is_file() and path.suffix == ".gguf":
         from lmforge.model.gguf import load_gguf_model
 
-        config, state_dict, _metadata = load_gguf_model(path)
+        config, state_dict, metadata = load_gguf_model(path)
         model = Transformer.from_state_dict(config, state_dict, dtype=dtype, device=device)
+        tokenizer = Tokenizer.from_gguf_metadata(metadata)  # already parsed: don't read the file twice
     elif path.is_dir():
         from lmforge.model.checkpoint import load_checkpoint
 
         model, _config = load_checkpoint(path, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(path)
     else:
         raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a .gguf file")
-    model.eval()
-    return LoadedModel(model=model, tokenizer=load_tokenizer(path), path=path)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, path=path)

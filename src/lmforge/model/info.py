@@ -90,7 +90,7 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
     return {"path": str(path), "format": f"GGUF v{gguf.version}",
             "name": meta.get("general.name", "?")} | describe_config(config) | {
         "dtype": ", ".join(f"{t} x{n}" for t, n in types.most_common()),
-        "tokenizer": _tokenizer_summary(path),
+        "tokenizer": _tokenizer_summary(meta),
         "chat_template": "yes" if meta.get("tokenizer.chat_template") else "no",
         "size": _size(path.stat().st_size),
     }
@@ -114,11 +114,12 @@ def _describe_folder(path: Path) -> dict[str, Any]:
     }
 
 
-def _tokenizer_summary(path: Path) -> str:
-    try:
-        from lmforge.tokenizer import load_tokenizer
+def _tokenizer_summary(source: Path | dict[str, Any]) -> str:
+    """A folder's tokenizer files, or a GGUF's already-parsed metadata."""
+    from lmforge.tokenizer import Tokenizer, load_tokenizer
 
-        tok = load_tokenizer(path)
+    try:
+        tok = Tokenizer.from_gguf_metadata(source) if isinstance(source, dict) else load_tokenizer(source)
     except (ValueError, OSError) as err:
         return f"none ({err})"
     return f"byte-level BPE, {tok.vocab_size:,} tokens, {len(tok.special_tokens)} special"
