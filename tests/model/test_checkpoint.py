@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge import atomic
 from lmforge.model import checkpoint
 from lmforge.model.checkpoint import (
     CheckpointError,
@@ -215,11 +216,11 @@ def test_failed_swap_restores_the_old_folder(tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)  # the folder swap lives in lmforge.atomic
     new_model, new_config = _model(d_ff=80)
     with pytest.raises(OSError, match="rename failed"):
         save_checkpoint(folder, new_model, new_config)
-    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert _leftovers(tmp_path) == []
     loaded, _ = load_checkpoint(folder)
     _assert_same_state(old_model, loaded)

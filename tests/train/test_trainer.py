@@ -16,13 +16,14 @@ from lmforge.train import CausalLMObjective, NonFiniteError, TrainConfig, Traine
 from lmforge.train.cli import model_config, pretrain
 from lmforge.train.data import TokenWindows
 from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.trainer import measure_matmul_flops
 
 from .tiny_run import TINY_OVERRIDES, tiny_config
 
 
 def test_loss_decreases_and_logs(shards, tmp_path):
-    summary = pretrain(tiny_config(shards, tmp_path / "run", "train.steps=40", "train.eval_interval=20"),
-                       quiet=True)
+    summary = pretrain(tiny_config(shards, tmp_path / "run", "train.steps=40", "train.eval_interval=20",
+                                   "train.peak_flops=measure"), quiet=True)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
@@ -32,6 +33,13 @@ def test_loss_decreases_and_logs(shards, tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [20, 40]
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
     assert (tmp_path / "run" / "checkpoints" / "step-000040" / "trainer_state" / "state.json").exists()
+    assert summary["peak_flops_source"] == "measured" and summary["peak_flops"] > 0
+    assert all(r["mfu"] > 0 for r in records)
+
+
+def test_matmul_peak_is_measured():
+    flops = measure_matmul_flops(torch.device("cpu"), size=128, seconds=0.02)
+    assert 1e6 < flops < 1e15  # a real rate: a few MFLOP/s at worst, not a datasheet constant
 
 
 def _tiny_model(seed: int = 0) -> Transformer:

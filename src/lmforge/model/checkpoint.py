@@ -17,12 +17,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
-import shutil
 import struct
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmforge.atomic import default_file_mode
+from lmforge.atomic import atomic_folder
 from lmforge.model.config import ConfigError, ModelConfig
 from lmforge.model.hf import (
     ARCHITECTURES,
@@ -328,7 +325,7 @@ def save_checkpoint(
     }
     generation = _jsonable({k: v for k, v in ids.items() if v is not None} | dict(generation_config or {}))
 
-    with _atomic_folder(folder) as tmp:
+    with _checkpoint_folder(folder) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _write_json(tmp / CONFIG_NAME, config_json)
         _write_json(tmp / GENERATION_NAME, generation)
@@ -384,62 +381,16 @@ def _write_json(path: Path, value: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def _fsync(path: Path) -> None:
-    """Flushes a file or folder to disk; folders cannot be opened for fsync on every OS."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _looks_like_checkpoint(folder: Path) -> bool:
     markers = (CONFIG_NAME, LMFORGE_NAME, WEIGHTS_NAME, INDEX_NAME)
     return not any(folder.iterdir()) or any((folder / m).exists() for m in markers)
 
 
-@contextmanager
-def _atomic_folder(target: Path) -> Iterator[Path]:
-    """Yields a temp folder next to `target`; on success it replaces `target` whole, on failure vanishes.
-
-    Replacing renames the old folder aside, renames the new one in, then deletes the old
-    one, so at every instant `target` is either the complete old or the complete new
-    checkpoint. Only a folder that looks like a checkpoint (or is empty) is replaced.
-    """
+def _checkpoint_folder(target: Path) -> AbstractContextManager[Path]:
+    """`atomic_folder` that refuses to replace a folder holding something else than a checkpoint."""
     target = target.absolute()
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} exists and is not a folder")
     if target.exists() and not _looks_like_checkpoint(target):
         raise CheckpointError(f"refusing to replace {target}: it is not empty and holds no checkpoint")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = target.parent / f".{target.name}.tmp-{token}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                os.chmod(path, default_file_mode())  # safetensors writes owner-only files
-                _fsync(path)
-        _fsync(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{token}"
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            _fsync(target.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-            _fsync(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return atomic_folder(target)

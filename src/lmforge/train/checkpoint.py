@@ -7,16 +7,16 @@
         trainer_state/state.json              step, data position, optimizer scalars and
                                               hyperparameters, numpy/python RNG, run config
 
-Everything is written into a hidden staging folder and renamed into place last, so a
-`kill -9` at any moment leaves either a complete checkpoint or none; `latest_checkpoint`
-ignores staging folders. Resuming restores every piece of state that influences the
+Everything is written into a hidden staging folder and renamed into place last (the
+`lmforge.atomic.atomic_folder`), so a `kill -9` at any moment leaves either a
+complete checkpoint or none; `latest_checkpoint` ignores staging folders, and the next
+save deletes any that a killed run left behind. Resuming restores every piece of state that influences the
 next step, which is what makes a resumed loss curve bit-identical to an unbroken one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmforge.atomic import atomic_folder
 from lmforge.model.checkpoint import load_checkpoint, load_config, save_checkpoint
 from lmforge.model.config import ModelConfig
 
@@ -102,25 +103,21 @@ def save_training_checkpoint(
     """Write checkpoints/step-NNNNNN atomically, then delete all but the newest `keep`."""
     checkpoints = Path(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
+    for stale in checkpoints.glob(".*"):  # staging folders of a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     final = checkpoints / f"step-{step:06d}"
-    staging = checkpoints / f".step-{step:06d}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)  # left by a run killed mid-write
-    save_checkpoint(staging, model, tokenizer=tokenizer, extra={"source": "lmforge pretrain", "step": step})
-    folder = staging / STATE_DIR
-    folder.mkdir()
-    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
-    save_file(opt_tensors, str(folder / "optimizer.safetensors"))
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, str(folder / "rng.safetensors"))
-    full = {"format": "lmforge-trainer-state", "step": step, **state, "optimizer": opt_meta, "rng": rng_meta}
-    (folder / "state.json").write_text(json.dumps(full, indent=1), encoding="utf-8")
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    with atomic_folder(final) as staging:  # fsyncs every file, then renames the whole folder into place
+        extra = {"source": "lmforge pretrain", "step": step}
+        save_checkpoint(staging, model, tokenizer=tokenizer, extra=extra)  # replaces the empty staging folder
+        folder = staging / STATE_DIR
+        folder.mkdir()
+        opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
+        save_file(opt_tensors, str(folder / "optimizer.safetensors"))
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, str(folder / "rng.safetensors"))
+        full = {"format": "lmforge-trainer-state", "step": step, **state, "optimizer": opt_meta,
+                "rng": rng_meta}
+        (folder / "state.json").write_text(json.dumps(full, indent=1), encoding="utf-8")
     for old in list_checkpoints(checkpoints)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.atomic import atomic_write
 from lmforge.config import ConfigKeyError, build, load_config
 from lmforge.data.shards import load_shard_set
 from lmforge.model.config import ModelConfig, human_count, preset
@@ -110,9 +111,8 @@ def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
         trainer.resume(start)
     elif trainer.metrics_path.exists():
         trainer.metrics_path.unlink()  # a fresh run: an old log would mix two runs
-    Path(config.output).mkdir(parents=True, exist_ok=True)
-    config_text = json.dumps(trainer.run_config, indent=2)
-    (Path(config.output) / "config.json").write_text(config_text, encoding="utf-8")
+    with atomic_write(Path(config.output) / "config.json", "w") as f:
+        f.write(json.dumps(trainer.run_config, indent=2))
     if not quiet:
         print(f"pretrain: {human_count(mconfig.num_parameters())} parameters, {len(train_data):,} windows of "
               f"{cfg.seq_len} tokens, {cfg.batch_tokens:,} tokens/step ({cfg.micro_batch} x {cfg.seq_len} x "

@@ -57,9 +57,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     Every group carries `base_lr` (its peak); the trainer sets `lr = base_lr * factor`
     each step, so one schedule drives groups with different peaks (Muon's two halves).
     """
-    groups = param_groups(model, config.weight_decay)
-    if config.name == "muon":
-        groups = muon_groups(model, config)
+    groups = muon_groups(model, config) if config.name == "muon" else param_groups(model, config.weight_decay)
     for group in groups:
         group.setdefault("lr", config.lr)
         group["base_lr"] = group["lr"]
@@ -109,11 +107,10 @@ class Lamb(torch.optim.Optimizer):
                 update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
+                # the trust ratio stays a device tensor: no host sync per parameter per step
                 weight_norm, update_norm = p.norm(), update.norm()
-                trust = 1.0
-                if weight_norm > 0 and update_norm > 0:
-                    trust = float(weight_norm / update_norm)
-                p.add_(update, alpha=-group["lr"] * trust)
+                trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
+                p.add_(update * trust, alpha=-group["lr"])
         return loss
 
 

@@ -12,6 +12,12 @@ One optimizer step is:
 Precision `bf16` runs matmuls in bfloat16 under autocast while the weights, their
 gradients and the optimizer state stay fp32 ("master weights"): bf16 has fp32's range
 but only 8 bits of mantissa, too coarse to accumulate many small updates into.
+
+MFU (model FLOPs utilisation) is the model's FLOPs per second over a peak: either a
+figure the recipe states (`peak_flops: 9.89e14`, a datasheet number) or, with
+`peak_flops: measure`, the rate of one large matmul timed on this device at start-up.
+Which one was used is shown ("MFU 31% of measured peak"; `peak_flops_source` in summary.json):
+the two differ, since a measured matmul peak is reachable and a datasheet peak rarely is.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lmforge.atomic import atomic_write
 from lmforge.train.checkpoint import load_training_checkpoint, save_training_checkpoint
 from lmforge.train.data import TokenWindows
 from lmforge.train.objectives import Objective
@@ -52,7 +59,9 @@ class TrainConfig:
     checkpoint_interval: int = 500  # 0: only at the end
     keep_checkpoints: int = 3
     log_interval: int = 10
-    peak_flops: float | None = None  # the device's peak FLOP/s, for MFU (e.g. 989e12: H100 bf16 dense)
+    # peak FLOP/s for MFU: a stated figure (e.g. 9.89e14: H100 SXM bf16 dense, datasheet), "measure"
+    # (time a large matmul on this device once), or None (no MFU)
+    peak_flops: float | Literal["measure"] | None = None
     on_nonfinite: Literal["stop", "skip"] = "stop"
     device: str = "auto"  # auto: cuda when available, else cpu
 
@@ -71,6 +80,30 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, *, size: int | None = None,
+                         seconds: float = 0.25) -> float:
+    """FLOP/s of repeated square matmuls (2 n^3 FLOPs each) on `device`: a measured, reachable peak."""
+    n = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    a @ b  # warm-up: kernel selection, allocation
+    sync()
+    reps, started = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if reps % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds:
+                return 2 * n**3 * reps / elapsed
 
 
 class Trainer:
@@ -112,6 +145,13 @@ class Trainer:
         self.checkpoints = self.run_dir / "checkpoints"
         flops = getattr(getattr(model, "config", None), "flops_per_token", None)
         self.flops_per_token = flops(config.seq_len) if flops else None
+        self.peak_flops: float | None = None
+        self.peak_flops_source: str | None = None
+        if config.peak_flops == "measure":
+            dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+            self.peak_flops, self.peak_flops_source = measure_matmul_flops(self.device, dtype), "measured"
+        elif config.peak_flops:
+            self.peak_flops, self.peak_flops_source = float(config.peak_flops), "stated"
 
     # ------------------------------------------------------------------ precision
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -120,8 +160,11 @@ class Trainer:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ one step
-    def accumulate_gradients(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """Forward/backward over `accum` micro-batches; returns (mean loss, mean metrics)."""
+    def accumulate_gradients(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward/backward over `accum` micro-batches; (mean loss, mean metrics), still on the device.
+
+        Nothing here waits for the device: the one host sync of a step is in `train_step`.
+        """
         self.model.train()
         total = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
@@ -133,7 +176,7 @@ class Trainer:
             total += loss.detach() / self.accum
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0) + value.float() / self.accum
-        return total, {k: float(v) for k, v in sums.items()}
+        return total, sums
 
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; the logged record, or None when a non-finite step was skipped."""
@@ -141,7 +184,10 @@ class Trainer:
         loss, metrics = self.accumulate_gradients()
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_value, norm_value = float(loss), float(grad_norm)
+        # the step's one host sync: every logged number in a single transfer, needed before the optimizer
+        # step anyway to keep a non-finite step away from the weights
+        loss_value, norm_value, *metric_values = torch.stack(
+            [loss.float(), grad_norm.float(), *metrics.values()]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             message = (f"step {self.step + 1}: the {what} is not finite (loss {loss_value}, grad norm "
@@ -160,7 +206,8 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.config.batch_tokens
         lr = self.optimizer.param_groups[0]["lr"]
-        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value, **metrics}
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                **dict(zip(metrics, metric_values))}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -169,12 +216,13 @@ class Trainer:
         if self.val_data is None:
             return {}
         self.model.eval()
-        losses = []
+        total, count = torch.zeros((), device=self.device), 0
         for batch in self.val_data.first_batches(self.config.micro_batch, self.config.eval_batches):
             with self.autocast():
                 loss, metrics = self.objective.loss(self.forward_model, batch.to(self.device))
-            losses.append(float(metrics.get("ce", loss)))
-        val_loss = sum(losses) / len(losses)
+            total += metrics.get("ce", loss).float()
+            count += 1
+        val_loss = float(total) / count
         out = {"val_loss": val_loss}
         if self.bytes_per_token:
             out["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
@@ -183,7 +231,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         state = {"tokens_seen": self.tokens_seen, "data": self.train_data.state_dict(),
-                 "schedule": {"step": self.step}, "config": self.run_config}
+                 "config": self.run_config}
         return save_training_checkpoint(self.checkpoints, self.step, self.model, self.optimizer, state,
                                         keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
 
@@ -200,7 +248,8 @@ class Trainer:
                     record = json.loads(line)
                     if record.get("step", 0) <= self.step:
                         kept.append(record)
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        with atomic_write(self.metrics_path, "w") as f:  # a crash here must not lose the whole log
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
         self.history = kept
         self._say(f"resumed from {folder} at step {self.step}")
 
@@ -223,8 +272,8 @@ class Trainer:
                     continue
                 elapsed = time.perf_counter() - t0
                 record["tokens_per_s"] = cfg.batch_tokens / elapsed if elapsed > 0 else 0.0
-                if self.flops_per_token and cfg.peak_flops:
-                    record["mfu"] = record["tokens_per_s"] * self.flops_per_token / cfg.peak_flops
+                if self.flops_per_token and self.peak_flops:
+                    record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak_flops
                 at_end = self.step == cfg.steps
                 if self.val_data is not None and ((cfg.eval_interval and self.step % cfg.eval_interval == 0)
                                                   or at_end):
@@ -236,7 +285,6 @@ class Trainer:
                 if self.step % max(1, cfg.log_interval) == 0 or at_end or "val_loss" in record:
                     self._progress(record, start_step, started)
                 if (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or at_end:
-                    log.flush()
                     last_ckpt = self.save()
         seconds = time.perf_counter() - started
         plot = self.plot()
@@ -246,11 +294,13 @@ class Trainer:
             "seconds": round(seconds, 2),
             "tokens_per_s": round(steps_run * cfg.batch_tokens / seconds, 1) if seconds > 0 else None,
             "final_loss": self.history[-1]["loss"] if self.history else None,
-            **{k: v for k, v in eval_record.items()},
+            **eval_record,
+            "peak_flops": self.peak_flops, "peak_flops_source": self.peak_flops_source,
             "checkpoint": str(last_ckpt or (self.checkpoints if self.checkpoints.exists() else "")),
             "metrics": str(self.metrics_path), "plot": str(plot) if plot else None,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        with atomic_write(self.run_dir / "summary.json", "w") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
         return summary
 
     # ------------------------------------------------------------------ reporting
@@ -266,7 +316,7 @@ class Trainer:
                  f"lr {record['lr']:.2e}", f"|g| {record['grad_norm']:.2f}",
                  f"{record['tokens_per_s']:,.0f} tok/s"]
         if "mfu" in record:
-            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+            parts.append(f"MFU {100 * record['mfu']:.1f}% of {self.peak_flops_source} peak")
         if "val_loss" in record:
             parts.append(f"val {record['val_loss']:.4f}")
         if "val_bpb" in record:
