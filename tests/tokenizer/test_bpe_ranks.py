@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,6 @@ from lmforge.tokenizer import Tokenizer, TokenizerError
 from lmforge.tokenizer.bytelevel import BYTE_TO_CHAR
 from lmforge.tokenizer.ranks import merges_from_ranks, read_tiktoken_file, tiktoken_ranks
 
-tokenizers = pytest.importorskip("tokenizers")
 SETTINGS = settings(
     max_examples=100,
     deadline=None,

@@ -26,7 +26,8 @@ CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def hf_chat(smollm2_hf_folder):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_hf_folder))
 
 
@@ -85,7 +86,8 @@ def test_chatml_is_the_default(gpt2):
 
 
 def test_generation_tag_marks_replies_like_transformers(smollm2_tok):
-    chat_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    from transformers.utils import chat_template_utils as chat_utils
+
     template = (
         "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n"
         "{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}\n"

@@ -63,7 +63,8 @@ def test_train_summary_table(tmp_path, capsys):
 
 
 def test_trained_tokenizer_matches_hf_tokenizers(trained):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
+
     folder, _ = trained
     hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
     text = HELD_OUT.read_text()[:20_000] + MIXED

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
+import tokenizers
 
-from lmforge.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from lmforge.atomic import default_file_mode
+from lmforge.model.gguf import write_gguf
+from lmforge.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train
 from lmforge.tokenizer.pretokenize import ByteLevel, PreTokenizer, Split
+from lmforge.tokenizer.ranks import read_tiktoken_file
 
 HARD_CASES: list[str] = json.loads(Path(__file__).with_name("hard_cases.json").read_text())
-tokenizers = pytest.importorskip("tokenizers")
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +61,17 @@ def test_save_rewrites_a_stale_chat_template_file(smollm2_tok, tmp_path):
     smollm2_tok.save(tmp_path)
     assert (tmp_path / "chat_template.jinja").read_text() == smollm2_tok.chat_template
     assert load_tokenizer(tmp_path).chat_template == smollm2_tok.chat_template
+    # Written through lmforge.atomic: readable as a plain open() would leave them, no temp files left.
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == default_file_mode(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"
+    ]
 
 
 def test_transformers_loads_a_saved_tokenizer(smollm2_tok, tmp_path, samples):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     smollm2_tok.save(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello 123"}]
@@ -111,17 +122,16 @@ def test_smollm2_gguf_metadata_is_what_the_file_holds(smollm2_tok, smollm2_metad
 
 
 def test_written_gguf_file_loads_back(smollm2_tok, tmp_path):
-    gguf_module = pytest.importorskip("lmforge.model.gguf")
-    path = gguf_module.write_gguf(
+    path = write_gguf(
         tmp_path / "tok.gguf", {"general.architecture": "llama", **smollm2_tok.gguf_metadata()}, []
     )
     again = load_tokenizer(path).without_fast_path()
     assert again.encode("Hello 123 <|im_end|>") == smollm2_tok.encode("Hello 123 <|im_end|>")
 
 
-def test_load_tokenizer_paths(smollm2_gguf_file, smollm2_tok, gpt2_files, gpt2, tmp_path):
+def test_load_tokenizer_paths(smollm2_gguf, smollm2_tok, gpt2_files, gpt2, tmp_path):
     # (The reference encoder spares each fresh tokenizer the fast-path check.)
-    from_file = load_tokenizer(smollm2_gguf_file)
+    from_file = load_tokenizer(smollm2_gguf)
     assert from_file.spec.vocab == smollm2_tok.spec.vocab and from_file.spec.merges == smollm2_tok.spec.merges
     assert from_file.without_fast_path().encode("a  1") == smollm2_tok.encode("a  1")
     vocab, merges = gpt2_files
@@ -133,7 +143,6 @@ def test_load_tokenizer_paths(smollm2_gguf_file, smollm2_tok, gpt2_files, gpt2, 
 
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
 def test_a_trained_tokenizer_runs_saves_and_exports(pattern, tmp_path, prose_text):
-    train = pytest.importorskip("lmforge.tokenizer.train")
     model = train.train_bpe(
         [prose_text[:60000]],
         700,
@@ -170,14 +179,29 @@ def test_gguf_needs_a_named_pre_tokenizer(gpt2):
 
 
 def test_save_tiktoken_round_trips_a_trained_tokenizer(tmp_path):
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.tokenizer.train import GPT2_PATTERN, train_bpe
-
     text = Path("/usr/share/common-licenses/GPL-3").read_text(encoding="utf-8")
-    model = train_bpe([text], 400, pattern=GPT2_PATTERN, special_tokens=["<|endoftext|>"])
+    model = train.train_bpe([text], 400, pattern=train.GPT2_PATTERN, special_tokens=["<|endoftext|>"])
     tok = Tokenizer.from_tiktoken(model.mergeable_ranks, model.pattern, model.special_tokens)
     tok.save_tiktoken(tmp_path / "ranks.tiktoken")
     again = Tokenizer.from_tiktoken_file(tmp_path / "ranks.tiktoken", model.pattern, model.special_tokens)
     sample = text[:3000] + "<|endoftext|>"
     assert again.encode(sample) == tok.encode(sample)
     assert (tmp_path / "ranks.tiktoken").read_text().splitlines()[0] == "AA== 0"  # byte 0x00 has rank 0
+
+
+def test_save_tiktoken_reuses_the_fast_path_ranks(gpt2, tiktoken_encodings, tmp_path, monkeypatch):
+    """GPT-2 loaded from its merges: the ranks the fast-path check made are written, not made again."""
+    assert gpt2.backend == "tiktoken"
+
+    def no_second_check(*args, **kwargs):
+        raise AssertionError("save_tiktoken re-ran the rank check")
+
+    monkeypatch.setattr("lmforge.tokenizer.tokenizer.rank_table", no_second_check)
+    gpt2.save_tiktoken(tmp_path / "gpt2.tiktoken")
+    assert read_tiktoken_file(tmp_path / "gpt2.tiktoken") == tiktoken_encodings["gpt2"][0]
+
+
+def test_repr_does_not_run_the_fast_path_check(gpt2):
+    fresh = Tokenizer(gpt2.spec)
+    assert "not chosen yet" in repr(fresh) and fresh._fast is None and fresh.fast_path_reason is None
+    assert fresh.backend == "tiktoken" and "backend='tiktoken'" in repr(fresh)

@@ -204,7 +204,8 @@ def test_smollm2_special_tokens_can_be_plain_text(smollm2_tok, smollm2_hf):
 def test_transformers_gguf_conversion_misses_smollm2_digit_split(smollm2_tok, smollm2_hf_folder):
     """Why the oracle's pre-tokenizer is patched: transformers converts llama.cpp's "smollm"
     pre type to plain GPT-2 splitting, which differs from SmolLM2 before a digit."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
+
     converted = tokenizers.Tokenizer.from_file(str(smollm2_hf_folder / "tokenizer.converted.json"))
     text = "a  1"
     assert converted.encode(text).ids != smollm2_tok.encode(text)

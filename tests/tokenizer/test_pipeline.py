@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmforge.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
-tokenizers = pytest.importorskip("tokenizers")
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PIECES = [
     "zq",
@@ -45,10 +45,11 @@ def smollm2_json(smollm2_hf_folder) -> dict:
 
 
 def variant(base: dict, folder: Path, **changes) -> tuple[Tokenizer, object]:
-    """A changed copy of SmolLM2's tokenizer.json, loaded by lmforge and by HF."""
+    """A changed copy of SmolLM2's tokenizer.json, loaded by lmforge and by HF; `added_tokens`
+    (made by `added`) get the ids after the vocabulary, in order."""
     obj = copy.deepcopy(base)
-    added = changes.pop("added_tokens", [])
-    obj["added_tokens"] += added
+    n = len(obj["model"]["vocab"])
+    obj["added_tokens"] += [t | {"id": n + k} for k, t in enumerate(changes.pop("added_tokens", []))]
     obj.update(changes)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.json").write_text(json.dumps(obj))
@@ -58,9 +59,8 @@ def variant(base: dict, folder: Path, **changes) -> tuple[Tokenizer, object]:
     )
 
 
-def added(token_id: int, content: str, **flags) -> dict:
+def added(content: str, **flags) -> dict:
     return {
-        "id": token_id,
         "content": content,
         "single_word": False,
         "lstrip": False,
@@ -73,16 +73,15 @@ def added(token_id: int, content: str, **flags) -> dict:
 @pytest.fixture(scope="module")
 def flagged(smollm2_json, tmp_path_factory):
     """SmolLM2 plus added tokens with each of HF's matching flags."""
-    n = len(smollm2_json["model"]["vocab"])
     return variant(
         smollm2_json,
         tmp_path_factory.mktemp("flags"),
         added_tokens=[
-            added(n, "zq", single_word=True),
-            added(n + 1, "<S>", single_word=True, lstrip=True, rstrip=True, special=True),
-            added(n + 2, "<L>", lstrip=True, special=True),
-            added(n + 3, "<R>", rstrip=True, special=True),
-            added(n + 4, "dog", normalized=True),
+            added("zq", single_word=True),
+            added("<S>", single_word=True, lstrip=True, rstrip=True, special=True),
+            added("<L>", lstrip=True, special=True),
+            added("<R>", rstrip=True, special=True),
+            added("dog", normalized=True),
         ],
     )
 
@@ -99,11 +98,10 @@ def test_added_token_flags_match_hf(flagged, text):
 
 @pytest.fixture(scope="module")
 def normalized(smollm2_json, tmp_path_factory):
-    n = len(smollm2_json["model"]["vocab"])
     return variant(
         smollm2_json,
         tmp_path_factory.mktemp("nfc"),
-        added_tokens=[added(n, "dog", normalized=True)],
+        added_tokens=[added("dog", normalized=True)],
         normalizer={"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "NFC"}]},
     )
 

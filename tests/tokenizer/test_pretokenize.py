@@ -7,6 +7,7 @@ import json
 
 import pytest
 import regex
+import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +31,6 @@ from lmforge.tokenizer.pretokenize import (
     Split,
 )
 
-tokenizers = pytest.importorskip("tokenizers")
 pre_tokenizers = tokenizers.pre_tokenizers
 
 ODD = " \t\n\r\x0b\x85\u00a0\u3000'sdtmlvreSLT0123456789²½aAéß中🦙ſ.,!-_<|>"

@@ -443,6 +443,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for spec in args.tokenizers:
         tok = open_tokenizer(spec)
+        _ = tok.backend  # the one-time fast-path check (seconds) is loading, not encoding: not timed
         started = time.perf_counter()
         # Plain text: special-token spellings in it count as text, so no tokenizer gains
         # from happening to reserve an id for them.

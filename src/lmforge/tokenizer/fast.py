@@ -25,7 +25,7 @@ import tiktoken
 from lmforge.tokenizer.bpe import BPE
 from lmforge.tokenizer.bytelevel import chars_to_bytes
 from lmforge.tokenizer.pretokenize import PreTokenizer
-from lmforge.tokenizer.ranks import RankTable, tiktoken_ranks
+from lmforge.tokenizer.ranks import RankTable, rank_table
 
 #: Matches any whole piece: with it, tiktoken merges a piece we cut ourselves as one.
 _WHOLE_PIECE = r"(?s:.+)"
@@ -38,6 +38,7 @@ class FastEncoder:
         self, bpe: BPE, table: RankTable, pretokenizer: PreTokenizer, cache_size: int = 100_000
     ) -> None:
         self.bpe = bpe
+        self.table = table
         self.pretokenizer = pretokenizer
         self.pattern = pretokenizer.fused_pattern
         self.kind = "tiktoken" if self.pattern is not None else "tiktoken+python-split"
@@ -63,8 +64,7 @@ class FastEncoder:
 
         `known_ranks`: the tiktoken ranks `bpe` was made from, which need no check.
         """
-        table = RankTable.from_ranks(known_ranks) if known_ranks is not None else tiktoken_ranks(bpe)
-        return cls(bpe, table, pretokenizer)
+        return cls(bpe, rank_table(bpe, known_ranks), pretokenizer)
 
     def can_encode(self, text: str) -> bool:
         """False when `text` holds a character some byte of which has no token."""

@@ -195,8 +195,7 @@ def gguf_metadata(spec: TokenizerSpec, bpe: BPE) -> dict[str, Any]:
 
 def _has_unreachable_tokens(spec: TokenizerSpec, bpe: BPE) -> bool:
     """True when some merged token cannot be built from its own bytes (so ignore_merges matters)."""
-    for (left, right), merged in bpe.pair_merged.items():
-        text = spec.merges[bpe.pair_ranks[left, right]][0] + spec.merges[bpe.pair_ranks[left, right]][1]
-        if bpe.merge(bpe.symbols(text)) != [merged]:
+    for left, right in spec.merges:
+        if bpe.merge(bpe.symbols(left + right)) != [bpe.vocab[left + right]]:
             return True
     return False

@@ -17,11 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lmforge.atomic import atomic_write
 from lmforge.tokenizer.added import AddedToken
 from lmforge.tokenizer.errors import TokenizerError
 from lmforge.tokenizer.normalize import Normalizer
@@ -282,10 +281,8 @@ def read_vocab_merges(vocab_path: str | Path, merges_path: str | Path) -> Tokeni
 
 def tokenizer_json(spec: TokenizerSpec) -> dict[str, Any]:
     """The spec as a tokenizer.json object that HF `tokenizers` loads."""
-    name = {t.id: t.content for t in spec.added_tokens}
-
     def token(token_id: int) -> dict[str, Any]:
-        return {"id": name.get(token_id, spec.token_string(token_id)), "type_id": 0}
+        return {"id": spec.token_string(token_id), "type_id": 0}
 
     before = [spec.bos_token_id] if spec.add_bos and spec.bos_token_id is not None else []
     after = [spec.eos_token_id] if spec.add_eos and spec.eos_token_id is not None else []
@@ -354,16 +351,10 @@ def tokenizer_config(spec: TokenizerSpec) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON to `path` atomically (`lmforge.atomic.atomic_write`)."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
 
 
 def save(spec: TokenizerSpec, folder: str | Path) -> None:
@@ -381,7 +372,5 @@ def save(spec: TokenizerSpec, folder: str | Path) -> None:
         if spec.chat_template is None:
             template_file.unlink()
         else:
-            fd, tmp = tempfile.mkstemp(prefix=f".{TEMPLATE_FILE}.", suffix=".tmp", dir=folder)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with atomic_write(template_file, "w") as f:
                 f.write(spec.chat_template)
-            os.replace(tmp, template_file)

@@ -118,6 +118,12 @@ class RankTable:
         return cls(mergeable_ranks, None, frozenset(range(256)) - present)
 
 
+def rank_table(bpe: BPE, known_ranks: dict[bytes, int] | None = None) -> RankTable:
+    """`RankTable.from_ranks(known_ranks)` for a model made from tiktoken ranks (they need
+    no check), else `tiktoken_ranks(bpe)`."""
+    return RankTable.from_ranks(known_ranks) if known_ranks is not None else tiktoken_ranks(bpe)
+
+
 def tiktoken_ranks(bpe: BPE) -> RankTable:
     """Ranks under which tiktoken encodes exactly like `bpe`, or TokenizerError saying why not.
 

@@ -14,6 +14,7 @@ could not be used.
 
 from __future__ import annotations
 
+import base64
 import bisect
 import copy
 import logging
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmforge.atomic import atomic_write
 from lmforge.tokenizer import gguf_meta, hf_json
 from lmforge.tokenizer.added import AddedToken, AddedTokenSplitter
 from lmforge.tokenizer.bpe import BPE
@@ -29,7 +31,7 @@ from lmforge.tokenizer.chat import CHATML_TEMPLATE, ChatTemplate
 from lmforge.tokenizer.errors import TokenizerError
 from lmforge.tokenizer.fast import FastEncoder
 from lmforge.tokenizer.pretokenize import ByteLevel, PreTokenizer, Split
-from lmforge.tokenizer.ranks import RankTable, merges_from_ranks, read_tiktoken_file, tiktoken_ranks
+from lmforge.tokenizer.ranks import RankTable, merges_from_ranks, rank_table, read_tiktoken_file
 from lmforge.tokenizer.spec import TokenizerSpec
 
 logger = logging.getLogger(__name__)
@@ -74,9 +76,11 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         pre = self.spec.gguf_pre or self.pretokenizer.describe()
+        # `backend` would run the fast-path check (seconds on a large vocabulary) just to print.
+        decided = self._fast is not None or self.fast_path_reason is not None
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, pre={pre!r}, special={len(self.special_tokens)}, "
-            f"backend={self.backend!r})"
+            f"backend={self.backend if decided else 'not chosen yet'!r})"
         )
 
     # ------------------------------------------------------------------ encoding
@@ -354,12 +358,7 @@ class Tokenizer:
         code), and its ranks are the ids, so only a vocabulary whose ids are in merge
         order (GPT-2's, cl100k's, any lmforge-trained one) can be saved this way.
         """
-        import base64
-
-        from lmforge.atomic import atomic_write
-
-        table = RankTable.from_ranks(self.spec.tiktoken_ranks) if self.spec.tiktoken_ranks \
-            else tiktoken_ranks(self.bpe)
+        table = self._rank_table()
         if table.rank_to_id is not None:
             raise TokenizerError("this vocabulary's ids are not in merge order, so a .tiktoken file "
                                  "would renumber it; save tokenizer.json instead")
@@ -367,6 +366,16 @@ class Tokenizer:
                  for token, rank in sorted(table.mergeable_ranks.items(), key=lambda item: item[1]))
         with atomic_write(path, "w") as f:
             f.writelines(lines)
+
+    def _rank_table(self) -> RankTable:
+        """The vocabulary as tiktoken ranks: the fast path's table when it was built, so the
+        check behind it (seconds on a large vocabulary) runs once per tokenizer."""
+        fast = self._fast_encoder()
+        if fast is not None:
+            return fast.table
+        if self._use_fast:  # the check ran and failed: its reason is the answer
+            raise TokenizerError(f"cannot write the vocabulary as tiktoken ranks: {self.fast_path_reason}")
+        return rank_table(self.bpe, self.spec.tiktoken_ranks)
 
     def gguf_metadata(self) -> dict[str, Any]:
         """The `tokenizer.ggml.*` and `tokenizer.chat_template` keys for a GGUF export."""
