@@ -1,17 +1,23 @@
-"""The first generation path, on the real SmolLM2 and against transformers' generate."""
+"""Single-request generation through `Engine.generate`, on the real SmolLM2 and against transformers."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 
-from lmforge.infer.generate import GenerationError, GenerationStats, generate
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.engine import Engine, GenerationError, GenerationStats
+from lmforge.infer.sampling import SamplingError, SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 
 
+def _engine(loaded) -> Engine:
+    return Engine(loaded.model, loaded.tokenizer, stop_ids=loaded.stop_ids(), max_batch_size=1)
+
+
 def _complete(loaded, prompt: str, n: int, params=GREEDY) -> tuple[list[int], str]:
-    events = list(generate(loaded.model, loaded.tokenizer.encode(prompt), max_new_tokens=n, params=params,
-                           stop_ids=loaded.stop_ids(), token_bytes=loaded.tokenizer.token_bytes))
+    params = replace(params, max_tokens=n)
+    events = list(_engine(loaded).generate(prompt, params))
     return [e.token_id for e in events], "".join(e.text for e in events)
 
 
@@ -34,9 +40,9 @@ def test_chat_template_reply_stops_at_end_of_turn(smollm2):
     tok = smollm2.tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True)
     stats = GenerationStats()
-    events = list(generate(smollm2.model, tok.encode(prompt), max_new_tokens=64, params=GREEDY,
-                           stop_ids=smollm2.stop_ids(), token_bytes=tok.token_bytes, stats=stats))
-    assert events[-1].finish_reason == "stop"
+    params = SamplingParams(temperature=0, max_tokens=64)
+    events = list(_engine(smollm2).generate(tok.encode(prompt), params, stats=stats))
+    assert events[-1].finish_reason == "stop" and stats.finish_reason == "stop"
     assert stats.completion_tokens == len(events)
     assert "<|im_end|>" not in "".join(e.text for e in events)
 
@@ -48,22 +54,35 @@ def test_seeded_sampling_is_reproducible(smollm2):
 
 
 def test_streaming_text_is_valid_utf8_split_across_tokens(smollm2):
+    """The engine's own streaming path: characters split across tokens come out whole, once."""
     tok = smollm2.tokenizer
-    ids = tok.encode("naïve café 東京 🙂")
-    events_text = []
-    from codecs import getincrementaldecoder
-
-    decoder = getincrementaldecoder("utf-8")(errors="replace")
-    for i in ids:
-        events_text.append(decoder.decode(tok.token_bytes(i)))
-    assert "".join(events_text) == "naïve café 東京 🙂"
+    text = "naïve café 東京 🙂"
+    ids = tok.encode(text)
+    assert any(len(tok.token_bytes(i).decode("utf-8", errors="ignore")) == 0 for i in ids)  # a split char
+    engine = _engine(smollm2)
+    seq = engine.sequences[engine.add_request([1], SamplingParams(temperature=0, max_tokens=len(ids)))]
+    seq.admitted = seq.first_token_at = 0.0
+    pieces = [engine._emit(seq, token, None).text for token in ids]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert "" in pieces  # an incomplete character is held back, not printed as a replacement
 
 
 def test_bad_requests_are_clear_errors(smollm2):
-    model = smollm2.model
+    engine = _engine(smollm2)
     with pytest.raises(GenerationError, match="empty"):
-        list(generate(model, [], max_new_tokens=1, params=GREEDY))
+        list(engine.generate([], GREEDY))
     with pytest.raises(GenerationError, match="context is 8192"):
-        list(generate(model, [1] * 8192, max_new_tokens=1, params=GREEDY))
-    with pytest.raises(GenerationError, match="max_new_tokens"):
-        list(generate(model, [1, 2], max_new_tokens=0, params=GREEDY))
+        list(engine.generate([1] * 8192, SamplingParams(temperature=0, max_tokens=1)))
+    with pytest.raises(GenerationError, match="context is 8192"):  # prompt + max_tokens past the context
+        list(engine.generate([1] * 8000, SamplingParams(temperature=0, max_tokens=256)))
+    with pytest.raises(SamplingError, match="max_tokens"):
+        SamplingParams(temperature=0, max_tokens=0)
+
+
+def test_truncate_keeps_the_end_of_a_long_prompt(tiny):
+    model = tiny()  # a context of 64 tokens
+    engine = Engine(model, max_batch_size=1)
+    stats = GenerationStats()
+    events = list(engine.generate(list(range(1, 61)), SamplingParams(temperature=0, max_tokens=8),
+                                  truncate=True, stats=stats))
+    assert stats.prompt_tokens == 56 and len(events) == 8 and events[-1].finish_reason == "length"

@@ -154,6 +154,11 @@ class _Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    @property
+    def length(self) -> int:
+        """len(all_ids), without building the list (asked after every token)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
 
 class Engine:
     """Continuous-batching generation over one model.
@@ -197,6 +202,7 @@ class Engine:
             self.cache = PagedKVCache.for_model(model, blocks, block_size)
         else:
             raise ValueError(f"cache must be 'static' or 'paged', got {cache!r}")
+        self.path = None  # what `from_pretrained` loaded
         self.draft = None
         if draft_model is not None:
             from lmforge.infer.speculative import Drafter
@@ -214,16 +220,28 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, spec, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        quantize: str | None = None, **kwargs) -> Engine:
-        """An engine for a checkpoint folder, `.gguf` file or sample name (`smollm2`)."""
+                        quantize: str | None = None, draft=None, draft_quantize: str | None = None,
+                        **kwargs) -> Engine:
+        """An engine for a checkpoint folder, `.gguf` file or sample name (`smollm2`).
+
+        `quantize` ("int8", "int4") quantizes the model's linear layers; `draft` names a draft
+        model for speculative decoding (loaded the same way, quantized with `draft_quantize`).
+        Other keywords go to `Engine(...)`. `engine.path` is the file or folder loaded."""
         from lmforge.infer.loading import load_model
+        from lmforge.infer.quant import quantize_model
 
-        loaded = load_model(spec, dtype=dtype, device=device)
-        if quantize:
-            from lmforge.infer.quant import quantize_model
+        def load(spec, mode):
+            loaded = load_model(spec, dtype=dtype, device=device)
+            if mode:
+                quantize_model(loaded.model, mode)
+            return loaded
 
-            quantize_model(loaded.model, quantize)
-        return cls(loaded.model, loaded.tokenizer, stop_ids=loaded.stop_ids(), **kwargs)
+        loaded = load(spec, quantize)
+        draft_model = load(draft, draft_quantize).model if draft is not None else None
+        engine = cls(loaded.model, loaded.tokenizer, stop_ids=loaded.stop_ids(), draft_model=draft_model,
+                     **kwargs)
+        engine.path = loaded.path
+        return engine
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
@@ -324,7 +342,7 @@ class Engine:
 
     def _fits(self, seq: _Sequence) -> bool:
         if isinstance(self.cache, PagedKVCache):  # its prompt, plus one block to grow into
-            return self.cache.free_tokens() >= len(seq.all_ids) + self.cache.block_size
+            return self.cache.free_tokens() >= seq.length + self.cache.block_size
         return True
 
     def _make_room(self) -> None:
@@ -397,7 +415,7 @@ class Engine:
             event.text, hit = seq.stopper.feed(piece)
             if hit:
                 event.finish_reason = "stop"
-            elif n >= seq.max_tokens or len(seq.all_ids) >= self._capacity():
+            elif n >= seq.max_tokens or seq.length >= self._capacity():
                 event.text += seq.stopper.feed(seq.decoder.decode(b"", final=True))[0] + seq.stopper.flush()
                 event.finish_reason = "length"
         if event.finish_reason:
@@ -418,7 +436,7 @@ class Engine:
         from lmforge.infer.speculative import speculative_step
 
         remaining = seq.max_tokens - len(seq.output_ids)
-        room = self._capacity() - len(seq.all_ids)
+        room = self._capacity() - seq.length
         k = min(self.num_speculative, remaining - 1, room - 1)
         if k < 1:
             return self._decode()

@@ -22,6 +22,7 @@ Full quantization tooling (calibration, GPTQ/AWQ, QAT) belongs to `lmforge.compr
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Literal
 
@@ -35,8 +36,9 @@ QuantMode = Literal["int8", "int4"]
 KERNEL_MAX_ROWS = 16  # beyond this many rows a dequantize + BLAS matmul is faster than the kernels
 
 
-class QuantizedLinear(nn.Module):
-    """Base: y = x @ W^T + b with W kept quantized; subclasses define storage and `dequantize`."""
+class QuantizedLinear(nn.Module, abc.ABC):
+    """Base: y = x @ W^T + b with W kept quantized; subclasses define the storage, `dequantize`
+    and `kernel_weight`."""
 
     in_features: int
     out_features: int
@@ -46,8 +48,9 @@ class QuantizedLinear(nn.Module):
         """Bytes a forward pass reads for the weight (values + scales)."""
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "bias")
 
+    @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raise NotImplementedError
+        """The weight [out, in] in floating point."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -61,9 +64,9 @@ class QuantizedLinear(nn.Module):
             y = F.linear(x2, self.dequantize(x.dtype), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
+    @abc.abstractmethod
     def kernel_weight(self, bias: torch.Tensor | None = None) -> kernels.Weight:
         """This layer as the CPU kernels' `Weight` (pointers into its buffers)."""
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         bias = self.bias is not None

@@ -20,10 +20,13 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from lmforge.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +93,14 @@ def _compile(target: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two processes building at once: the second waits, then reuses
         if target.exists():
             return
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        result = subprocess.run([compiler, str(SOURCE), "-o", str(partial), *_flags()],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
-        os.replace(partial, target)
+        with tempfile.TemporaryDirectory() as tmp:  # a crash mid-build must not leave a broken library
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, str(SOURCE), "-o", str(built), *_flags()],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            with atomic_write(target) as f:
+                f.write(built.read_bytes())
 
 
 @cache

@@ -114,63 +114,44 @@ static void axpy(float a, const float* x, float* y, int64_t n) {
 #define PREFETCH8 1024
 #endif
 
-static inline __attribute__((always_inline)) void row_f32(const float* w, const float* x, int64_t k, const int mt,
-                                                          float* out) {
+/* f32 and int8 rows differ only in how 8 weights become floats and how far ahead to prefetch: one
+ * function, always inlined with a constant `i8` (`row_any`), so each format gets its own branch-free
+ * copy. The prefetches touch every 64-byte line of the weights the next 32 inputs will read. */
+static inline __attribute__((always_inline)) void row_dense(const void* w, const int i8, const float* x, int64_t k,
+                                                            const int mt, float* out) {
+  const float* wf = (const float*)w;
+  const int8_t* wq = (const int8_t*)w;
   int64_t i = 0;
   for (int t = 0; t < mt; ++t) out[t] = 0.f;
 #if LMF_AVX2
+#define LOAD8(j) (i8 ? load_i8(wq + (j)) : _mm256_loadu_ps(wf + (j)))
+  const int64_t size = i8 ? 1 : 4, ahead = i8 ? PREFETCH8 : PREFETCH;
   if (mt == 1) { /* four independent accumulators keep both FMA units busy */
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; i + 32 <= k; i += 32) {
-      _mm_prefetch((const char*)(w + i) + PREFETCH, _MM_HINT_T0);
-      _mm_prefetch((const char*)(w + i) + PREFETCH + 64, _MM_HINT_T0);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+      for (int64_t line = 0; line < 32 * size; line += 64)
+        _mm_prefetch((const char*)w + i * size + line + ahead, _MM_HINT_T0);
+      a0 = _mm256_fmadd_ps(LOAD8(i), _mm256_loadu_ps(x + i), a0);
+      a1 = _mm256_fmadd_ps(LOAD8(i + 8), _mm256_loadu_ps(x + i + 8), a1);
+      a2 = _mm256_fmadd_ps(LOAD8(i + 16), _mm256_loadu_ps(x + i + 16), a2);
+      a3 = _mm256_fmadd_ps(LOAD8(i + 24), _mm256_loadu_ps(x + i + 24), a3);
     }
     out[0] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   } else {
     __m256 acc[MAX_TILE];
     for (int t = 0; t < mt; ++t) acc[t] = _mm256_setzero_ps();
     for (; i + 8 <= k; i += 8) {
-      __m256 wv = _mm256_loadu_ps(w + i);
+      __m256 wv = LOAD8(i);
       for (int t = 0; t < mt; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * k + i), acc[t]);
     }
     for (int t = 0; t < mt; ++t) out[t] = hsum(acc[t]);
   }
+#undef LOAD8
 #endif
-  for (; i < k; ++i)
-    for (int t = 0; t < mt; ++t) out[t] += w[i] * x[t * k + i];
-}
-
-static inline __attribute__((always_inline)) void row_i8(const int8_t* w, const float* x, int64_t k, const int mt,
-                                                         float* out) {
-  int64_t i = 0;
-  for (int t = 0; t < mt; ++t) out[t] = 0.f;
-#if LMF_AVX2
-  if (mt == 1) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 32 <= k; i += 32) {
-      _mm_prefetch((const char*)(w + i) + PREFETCH8, _MM_HINT_T0);
-      a0 = _mm256_fmadd_ps(load_i8(w + i), _mm256_loadu_ps(x + i), a0);
-      a1 = _mm256_fmadd_ps(load_i8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-      a2 = _mm256_fmadd_ps(load_i8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-      a3 = _mm256_fmadd_ps(load_i8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    out[0] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  } else {
-    __m256 acc[MAX_TILE];
-    for (int t = 0; t < mt; ++t) acc[t] = _mm256_setzero_ps();
-    for (; i + 8 <= k; i += 8) {
-      __m256 wv = load_i8(w + i);
-      for (int t = 0; t < mt; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * k + i), acc[t]);
-    }
-    for (int t = 0; t < mt; ++t) out[t] = hsum(acc[t]);
+  for (; i < k; ++i) {
+    const float wi = i8 ? (float)wq[i] : wf[i];
+    for (int t = 0; t < mt; ++t) out[t] += wi * x[t * k + i];
   }
-#endif
-  for (; i < k; ++i)
-    for (int t = 0; t < mt; ++t) out[t] += (float)w[i] * x[t * k + i];
 }
 
 /* With w = d*q + m per group: dot(x, w) = sum_g d_g * dot(x_g, q_g) + m_g * sum(x_g). The group sums
@@ -394,9 +375,9 @@ static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, i
                                                           const float* xsum, const int mt, float* out) {
   const int64_t k = W->k;
   if (W->kind == LMF_F32) {
-    row_f32((const float*)W->data + r * k, x, k, mt, out);
+    row_dense((const float*)W->data + r * k, 0, x, k, mt, out);
   } else if (W->kind == LMF_INT8) {
-    row_i8((const int8_t*)W->data + r * k, x, k, mt, out);
+    row_dense((const int8_t*)W->data + r * k, 1, x, k, mt, out);
     const float s = ((const float*)W->scale)[r];
     for (int t = 0; t < mt; ++t) out[t] *= s;
   } else {
