@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import load_config
-from lmforge.train.cli import PretrainConfig, model_config
+from lmforge.train.pretrain import PretrainConfig, model_config
 
 RECIPES = sorted((Path(__file__).parents[2] / "configs" / "pretrain").glob("*.yaml"))
 

@@ -24,9 +24,9 @@ from lmforge.train.checkpoint import (
     latest_checkpoint,
     unflatten_optimizer_state,
 )
-from lmforge.train.cli import model_config, pretrain
 from lmforge.train.data import TokenWindows
 from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.pretrain import model_config, pretrain
 
 from .tiny_run import tiny_args, tiny_config
 

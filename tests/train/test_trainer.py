@@ -12,11 +12,11 @@ from lmforge.cli import main
 from lmforge.data.shards import load_shard_set
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
-from lmforge.train import CausalLMObjective, NonFiniteError, TrainConfig, Trainer
-from lmforge.train.cli import model_config, pretrain
 from lmforge.train.data import TokenWindows
+from lmforge.train.objectives import CausalLMObjective
 from lmforge.train.optim import OptimConfig, build_optimizer
-from lmforge.train.trainer import measure_matmul_flops
+from lmforge.train.pretrain import model_config, pretrain
+from lmforge.train.trainer import NonFiniteError, TrainConfig, Trainer, measure_matmul_flops
 
 from .tiny_run import TINY_OVERRIDES, tiny_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.config import load_config
-from lmforge.train.cli import PretrainConfig
+from lmforge.train.pretrain import PretrainConfig
 
 TINY_OVERRIDES = [
     "model.preset=llama-tiny", "model.vocab_size=384", "model.d_model=64", "model.n_layers=2",

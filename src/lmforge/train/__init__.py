@@ -1,6 +1,3 @@
-"""Training: the one loop (`Trainer`), its objectives, optimizers, schedules, data and checkpoints."""
-
-from lmforge.train.objectives import CausalLMObjective, Objective
-from lmforge.train.trainer import NonFiniteError, TrainConfig, Trainer
-
-__all__ = ["CausalLMObjective", "NonFiniteError", "Objective", "TrainConfig", "Trainer"]
+"""Training: the one loop (`Trainer`, in trainer.py), its objectives, optimizers, schedules,
+data and checkpoints. Import from the modules themselves; this package file stays empty so
+that `lmforge --help` does not load torch."""

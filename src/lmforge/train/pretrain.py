@@ -1,0 +1,137 @@
+"""Pretraining as one call: a typed `PretrainConfig` in, a trained checkpoint and a summary out.
+
+The recipe is checked key by key before any work starts: an unknown key or a value of
+the wrong type is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.atomic import atomic_write
+from lmforge.config import ConfigKeyError, build
+from lmforge.data.shards import load_shard_set
+from lmforge.model.config import ModelConfig, human_count, preset
+from lmforge.model.transformer import Transformer
+from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.train.data import TokenWindows
+from lmforge.train.objectives import CausalLMObjective
+from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.schedule import ScheduleConfig, lr_at
+from lmforge.train.trainer import TrainConfig, Trainer, resolve_device
+
+
+@dataclass
+class DataConfig:
+    folder: str = ""  # token shards written by `lmforge tokenize` (meta.json + *.safetensors)
+    bos_align: bool = False  # start every training window at a document start
+    tokenizer: str | None = None  # tokenizer folder to store with checkpoints (optional)
+
+
+@dataclass
+class PretrainConfig:
+    # `preset: llama-tiny` and/or any ModelConfig field (d_model: 128, ...) overriding it
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "llama-tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: str = "runs/pretrain"
+    seed: int = 1337
+    resume: str = "auto"  # auto: the newest checkpoint in output/checkpoints if any; never; or a folder
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact reruns and resumes
+
+
+def model_config(values: dict[str, Any]) -> ModelConfig:
+    """`model:` section -> ModelConfig: a preset's fields, overridden by the fields given."""
+    values = dict(values)
+    name = values.pop("preset", None)
+    base = preset(name).to_dict() if name else {}
+    return build(ModelConfig, base | values, prefix="model.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Build everything the config names, resume if asked, train, and return the summary."""
+    if not config.data.folder:
+        raise ConfigKeyError("data.folder is required: a folder of token shards (`lmforge tokenize` output)")
+    config.schedule.validate()
+    cfg = config.train
+    cfg.accumulation()
+    mconfig = model_config(config.model)
+    if cfg.seq_len > mconfig.max_seq_len:
+        raise ConfigKeyError(f"train.seq_len ({cfg.seq_len}) exceeds model.max_seq_len "
+                             f"({mconfig.max_seq_len})")
+    meta, train_shards = load_shard_set(config.data.folder, "train")
+    if meta.get("vocab_size", 0) > mconfig.vocab_size:
+        raise ConfigKeyError(f"model.vocab_size ({mconfig.vocab_size}) is smaller than the shards' tokenizer "
+                             f"vocabulary ({meta['vocab_size']}); set model.vocab_size: {meta['vocab_size']}")
+    val_shards = []
+    if meta["splits"].get("val", {}).get("tokens"):
+        _, val_shards = load_shard_set(config.data.folder, "val")
+
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(config.seed)
+    device = resolve_device(cfg.device)
+    model = Transformer(mconfig).to(device)
+    optimizer = build_optimizer(model, config.optim)
+    train_data = TokenWindows(train_shards, cfg.seq_len, config.seed, bos_align=config.data.bos_align)
+    val_data = TokenWindows(val_shards, cfg.seq_len, config.seed, shuffle=False) if val_shards else None
+    bytes_per_token = meta["splits"].get("val", {}).get("bytes_per_token") or None
+    tokenizer = None
+    if config.data.tokenizer:
+        from lmforge.tokenizer.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.data.tokenizer)
+
+    def lr_factor(step: int) -> float:
+        return lr_at(step, cfg.steps, 1.0, config.schedule)
+
+    trainer = Trainer(model, CausalLMObjective(), optimizer, lr_factor, train_data, cfg, config.output,
+                      val_data=val_data, bytes_per_token=bytes_per_token,
+                      run_config=_jsonable(dataclasses.asdict(config)), tokenizer=tokenizer, quiet=quiet)
+    start = _resume_point(config)
+    if start is not None:
+        trainer.resume(start)
+    elif trainer.metrics_path.exists():
+        trainer.metrics_path.unlink()  # a fresh run: an old log would mix two runs
+    with atomic_write(Path(config.output) / "config.json", "w") as f:
+        f.write(json.dumps(trainer.run_config, indent=2))
+    if not quiet:
+        print(f"pretrain: {human_count(mconfig.num_parameters())} parameters, {len(train_data):,} windows of "
+              f"{cfg.seq_len} tokens, {cfg.batch_tokens:,} tokens/step ({cfg.micro_batch} x {cfg.seq_len} x "
+              f"{trainer.accum} accumulation), {config.optim.name}, {cfg.precision}, {device}",
+              file=sys.stderr, flush=True)
+    summary = trainer.fit()
+    summary["parameters"] = mconfig.num_parameters()
+    return summary
+
+
+def _resume_point(config: PretrainConfig) -> Path | None:
+    if config.resume == "never":
+        return None
+    if config.resume == "auto":
+        return latest_checkpoint(Path(config.output) / "checkpoints")
+    folder = Path(config.resume)
+    if not folder.is_dir():
+        raise ConfigKeyError(f"resume: {folder} is not a checkpoint folder")
+    return folder
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
