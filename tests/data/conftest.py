@@ -1,7 +1,5 @@
-"""Real pages for the data tests, fetched once through `lmforge.data.samples` and cached.
-
-The samples come from Debian packages (debian-handbook, python3.11-doc) and a PyPI
-sdist (pywb's WARCs). Tests copy small subsets into their own folders so each run
+"""Helpers for the data tests. The real pages (fixtures `handbook`, `python_docs`, `warcs`)
+come from tests/conftest.py; tests copy small subsets into their own folders so each run
 processes a few dozen pages, not thousands.
 """
 
@@ -14,29 +12,6 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.pipeline import PrepareConfig
-from lmforge.data.samples import SampleError, debian_handbook_dir, python_docs_dir, pywb_warcs_dir
-
-
-def _sample(fetch) -> Path:
-    try:
-        return fetch(quiet=True)
-    except SampleError as err:  # only when the registries themselves are unreachable
-        pytest.skip(f"sample unavailable: {err}")
-
-
-@pytest.fixture(scope="session")
-def handbook() -> Path:
-    return _sample(debian_handbook_dir)
-
-
-@pytest.fixture(scope="session")
-def python_docs() -> Path:
-    return _sample(python_docs_dir)
-
-
-@pytest.fixture(scope="session")
-def warcs() -> Path:
-    return _sample(pywb_warcs_dir)
 
 
 def copy_into(folder: Path, files: Iterable[tuple[Path, str]]) -> Path:

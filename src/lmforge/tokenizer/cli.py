@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from lmforge.tokenizer.chat import CHATML_TEMPLATE
 from lmforge.tokenizer.errors import TokenizerError
 from lmforge.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
@@ -262,10 +261,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  min_frequency=args.min_frequency, progress=not args.quiet,
                                  workers=args.workers)
     seconds = time.perf_counter() - started
-    chatml = "<|im_start|>" in model.special_tokens and "<|im_end|>" in model.special_tokens
-    tok = Tokenizer.from_tiktoken(model.mergeable_ranks, model.pattern, model.special_tokens,
-                                  chat_template=CHATML_TEMPLATE if chatml else None)
+    tok = model.to_tokenizer()
     tok.save(output)
+    chatml = tok.chat_template is not None
 
     sample = _sample_text(paths, MEASURE_BYTES)
     sample_bytes = len(sample.encode("utf-8"))

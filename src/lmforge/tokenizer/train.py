@@ -55,8 +55,10 @@ import regex
 
 from lmforge.tokenizer.pretokenize import CL100K_POSSESSIVE_PATTERN, GPT2_PATTERN
 
-if TYPE_CHECKING:  # tiktoken is only needed by BPEModel.to_tiktoken
+if TYPE_CHECKING:  # only needed by BPEModel.to_tiktoken / to_tokenizer
     import tiktoken
+
+    from lmforge.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["GPT2_PATTERN", "GPT4_PATTERN", "BPEModel", "TrainingError", "train_bpe", "train_bpe_from_files"]
 
@@ -118,6 +120,16 @@ class BPEModel:
     def stopped_early(self) -> bool:
         """True when training ended before reaching the requested vocabulary size."""
         return self.vocab_size < self.requested_vocab_size
+
+    def to_tokenizer(self) -> Tokenizer:
+        """The trained ranks as a lmforge `Tokenizer`; with ChatML's two special tokens it
+        also gets the ChatML chat template, so the model it tokenizes for can be chatted with."""
+        from lmforge.tokenizer.chat import CHATML_TEMPLATE
+        from lmforge.tokenizer.tokenizer import Tokenizer
+
+        chatml = "<|im_start|>" in self.special_tokens and "<|im_end|>" in self.special_tokens
+        return Tokenizer.from_tiktoken(self.mergeable_ranks, self.pattern, self.special_tokens,
+                                       chat_template=CHATML_TEMPLATE if chatml else None)
 
     def to_tiktoken(self, name: str = "lmforge-bpe") -> tiktoken.Encoding:
         """A tiktoken ``Encoding`` over these ranks (tiktoken does the fast encoding)."""

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lmforge.atomic import atomic_write
-from lmforge.train.checkpoint import load_training_checkpoint, save_training_checkpoint
+from lmforge.train.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from lmforge.train.data import TokenWindows
 from lmforge.train.objectives import Objective
 
@@ -296,7 +296,7 @@ class Trainer:
             "final_loss": self.history[-1]["loss"] if self.history else None,
             **eval_record,
             "peak_flops": self.peak_flops, "peak_flops_source": self.peak_flops_source,
-            "checkpoint": str(last_ckpt or (self.checkpoints if self.checkpoints.exists() else "")),
+            "checkpoint": str(last_ckpt or latest_checkpoint(self.checkpoints) or ""),
             "metrics": str(self.metrics_path), "plot": str(plot) if plot else None,
         }
         with atomic_write(self.run_dir / "summary.json", "w") as f:
