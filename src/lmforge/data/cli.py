@@ -16,7 +16,6 @@ from typing import TextIO
 
 from lmforge.data.pipeline import PrepareConfig, ProgressEvent, prepare
 from lmforge.data.report import render_table
-from lmforge.data.samples import SampleError
 
 DEFAULT_RECIPE = "configs/data/fineweb.yaml"
 
@@ -71,7 +70,7 @@ def load_prepare_config(path: str | None, overrides: list[str]) -> PrepareConfig
     return load_config(PrepareConfig, path, overrides)
 
 
-def _resolve_inputs(inputs: list[str], err: TextIO) -> list[str]:
+def resolve_inputs(inputs: list[str], err: TextIO) -> list[str]:
     """Paths stay paths; a name that is no path but a data sample is fetched and used."""
     from lmforge.data.samples import DATA_SAMPLES, fetch_data_sample
 
@@ -124,10 +123,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         config.workers = args.workers
     if args.format:
         config.output_format = args.format
-    try:
-        inputs = _resolve_inputs(list(args.inputs), sys.stderr)
-    except SampleError as err:  # a RuntimeError; the CLI prints OSErrors as one line
-        raise OSError(str(err)) from err
+    inputs = resolve_inputs(list(args.inputs), sys.stderr)
     from lmforge.data.readers import discover_inputs
 
     total = sum(f.size for f in discover_inputs(inputs, config.input_format, exclude=args.output))
@@ -143,10 +139,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_samples(args: argparse.Namespace) -> int:
     from lmforge.data.samples import data_sample_listing
 
-    try:
-        rows = data_sample_listing()
-    except SampleError as err:
-        raise OSError(str(err)) from err
+    rows = data_sample_listing()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -168,11 +161,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     if args.shard_tokens is not None:
         config.shard_tokens = args.shard_tokens
     config.validate()
-    try:
-        tokenizer_path = resolve_model_path(args.tokenizer)
-        inputs = _resolve_inputs(list(args.inputs), sys.stderr)
-    except SampleError as err:
-        raise OSError(str(err)) from err
+    tokenizer_path = resolve_model_path(args.tokenizer)  # a SampleError is an OSError: one line
+    inputs = resolve_inputs(list(args.inputs), sys.stderr)
     tokenizer = load_tokenizer(tokenizer_path)
 
     def progress(docs: int, tokens: int, elapsed: float) -> None:

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lmforge.atomic import atomic_write
 from lmforge.data.dedup import DedupConfig, MinHasher, exact_key, find_duplicates
 from lmforge.data.document import Document, Stage, StageStats, run_stages
 from lmforge.data.errors import DataInputError, RunStateError
@@ -67,7 +68,7 @@ from lmforge.data.filters import (
 from lmforge.data.pii import PiiConfig, PiiRedactor
 from lmforge.data.readers import InputFile, discover_inputs, read_input
 from lmforge.data.report import RunReport, merge_stats, render_table
-from lmforge.data.writers import DocumentWriter, atomic_write_text
+from lmforge.data.writers import DocumentWriter
 
 PLAN_VERSION = 1
 STAGE_ORDER = ["read", "url_filter", "extract", "language", "gopher_repetition", "gopher_quality", "c4",
@@ -186,12 +187,17 @@ class Fingerprinter:
         band_keys = np.stack(self.bands) if self.bands else np.zeros((0, bands), dtype=np.uint64)
         buffer = io.BytesIO()
         np.savez(buffer, exact=exact, bands=band_keys)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            f.write(buffer.getvalue())
 
 
 _STAGE_CACHE: dict[str, list[Stage]] = {}
+
+
+def _write_text(path: Path, text: str) -> None:
+    """A marker or report, never seen half-written."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
 
 
 def _cached_filter_stages(config: PrepareConfig) -> list[Stage]:
@@ -246,7 +252,7 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
 
 def _write_marker(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=1))
+    _write_text(path, json.dumps(data, indent=1))
 
 
 # ---------------------------------------------------------------------------- shard work
@@ -318,7 +324,7 @@ def dedup_run(folder: RunFolder, plan: list[Shard], config: PrepareConfig) -> di
     for shard in plan:
         drops = folder.drops(shard)
         drops.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(drops, json.dumps(per_shard[shard.index]))
+        _write_text(drops, json.dumps(per_shard[shard.index]))
     stats.seconds = time.perf_counter() - started
     stats.counters["clusters_with_duplicates"] = len({root for root, _ in duplicates.values()})
     result = {"seconds": stats.seconds, "stats": stats.to_dict()}
@@ -355,15 +361,21 @@ def finish_shard(job: ShardJob) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- workers
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Worker initializer: on Linux, ask the kernel to kill this worker when the main
-    process dies, so a killed run leaves no orphan writing files."""
+    process dies, so a killed run leaves no orphan writing files.
+
+    A spawned worker gets here only after its imports; if the main process died in the
+    meantime the request comes too late (the worker already has a new parent), so the
+    worker checks and exits by itself."""
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
 
 
@@ -407,7 +419,7 @@ def _run_jobs(phase: str, work: Callable[[ShardJob], dict[str, Any]], jobs: list
 
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
-                                 initializer=_die_with_parent) as pool:
+                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(work, job) for job in jobs]
             for future in as_completed(futures):
                 record(future.result())
@@ -542,8 +554,8 @@ def _execute(folder: RunFolder, files: list[InputFile], plan: list[Shard], confi
     report = _build_report(folder, files, plan, config, filter_markers, dedup_marker, final_markers, resumed)
     report.wall_seconds = time.perf_counter() - started
     report.phase_seconds = phase_seconds
-    atomic_write_text(folder.output / "report.json", json.dumps(report.to_dict(), indent=2))
-    atomic_write_text(folder.output / "report.txt", render_table(report) + "\n")
+    _write_text(folder.output / "report.json", json.dumps(report.to_dict(), indent=2))
+    _write_text(folder.output / "report.txt", render_table(report) + "\n")
     if not config.keep_intermediate:
         for shard in plan:
             folder.filtered(shard).unlink(missing_ok=True)

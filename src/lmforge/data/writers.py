@@ -24,16 +24,6 @@ OUTPUT_FORMATS = ("parquet", "jsonl")
 _FLAT_KEYS = ("date", "language", "language_score")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file (a marker, a report) so it is never seen half-written."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 class DocumentWriter:
     """Context manager writing documents to one file; the file appears only on success.
 
