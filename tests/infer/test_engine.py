@@ -72,6 +72,17 @@ def test_cancel_frees_the_cache_at_once(tiny, cache):
     assert [e.request_id for e in events] == [b]
 
 
+def test_a_cache_grown_mid_decode_still_serves_the_next_requests(tiny):
+    """The lazy cache starts at 256 positions and doubles inside the (inference-mode) forward;
+    freeing and allocating slots afterwards must still work (a server keeps going)."""
+    engine = Engine(tiny(max_seq_len=1024), max_batch_size=2)
+    params = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+    first = engine.complete([[1, 2, 3]], params)[0]
+    assert len(first.token_ids) == 300 and engine.cache.key_pos.shape[1] >= 303
+    again = engine.complete([[1, 2, 3], [4, 5]], [params, SamplingParams(temperature=0, max_tokens=5)])
+    assert again[0].token_ids == first.token_ids
+
+
 def test_paged_pool_too_small_preempts_and_still_answers_exactly(tiny):
     model = tiny()
     engine = Engine(model, max_batch_size=4, cache="paged", block_size=2, num_blocks=16)  # 30 tokens for 4

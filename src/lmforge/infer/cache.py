@@ -72,6 +72,7 @@ class StaticKVCache:
     def _shape(self, slots: int, length: int) -> tuple[int, ...]:
         return (self.n_layers, slots, self.kv_heads, length, self.head_dim)
 
+    @torch.inference_mode(False)  # growing happens mid-forward; the cache must stay writable after it
     def _grow(self, slots: int, length: int) -> None:
         """Reallocate to at least `slots` x `length` (doubling), keeping what is cached."""
         old_slots, old_len = self.key_pos.shape
