@@ -53,7 +53,7 @@ def test_every_stage_runs_and_a_rerun_reuses_them(inputs, tmp_path):
 
 def test_cli_json_summary_and_bad_steps(inputs, tmp_path, capsys):
     pages, text = inputs
-    args = ["demo", "-o", str(tmp_path / "d"), "--pages", str(pages), "--text", str(text)]
+    args = ["demo", "-o", str(tmp_path / "d"), "--pages", str(pages), "--text", str(text), "--no-serve"]
     assert main([*args, "--steps", "0"]) == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
     code = main([*args, "--steps", "1", "--vocab-size", "300", "--quiet", "--json"])

@@ -227,14 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lmforge.data.cli import register as register_data
     from lmforge.data.crawl import register as register_crawl
-    from lmforge.tokenizer.cli import register as register_tokenizer
     from lmforge.demo import register as register_demo
+    from lmforge.serve.cli import register as register_serve
+    from lmforge.tokenizer.cli import register as register_tokenizer
     from lmforge.train.cli import register as register_pretrain
 
     register_crawl(sub)
     register_data(sub)
     register_tokenizer(sub)
     register_pretrain(sub)
+    register_serve(sub)
     register_demo(sub)
     return parser
 

@@ -10,7 +10,10 @@ The demo is the curriculum in one command, on data that ships with lmforge's sam
 3. **tokenizer** — a byte-level BPE vocabulary learned from both;
 4. **tokenize** — documents to token shards, with a held-out validation split;
 5. **pretrain** — a small llama-style transformer, next-token prediction;
-6. **sample** — text from the trained model, through the inference engine.
+6. **sample** — text from the trained model, through the inference engine;
+
+and then serves the new model next to SmolLM2 (`lmforge serve`), so the playground page
+can put the two side by side on one prompt.
 
 Every stage writes into one folder (`runs/demo`) and a rerun reuses what is finished,
 so an interrupted demo continues where it stopped.
@@ -224,8 +227,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError("--steps must be at least 1")
     summary = run_demo(config, quiet=args.quiet, out=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps(summary, indent=2))
-    return 0
+        print(json.dumps(summary, indent=2), flush=True)
+    if args.no_serve:
+        return 0
+    return serve_next_to_smollm2(summary["pretrain"]["checkpoint"], host=args.host, port=args.port)
+
+
+def serve_next_to_smollm2(checkpoint: str, *, host: str, port: int) -> int:
+    """Serve the trained model as `demo` beside SmolLM2 (until Ctrl-C): the playground shows
+    both answering one prompt, token by token, with their probabilities."""
+    from lmforge.serve.cli import add_arguments, cmd_serve
+
+    parser = argparse.ArgumentParser(prog="lmforge demo")
+    add_arguments(parser)
+    args = parser.parse_args(["--model", f"demo={checkpoint}", "--model", "smollm2", "--host", host,
+                              "--port", str(port), "--log-level", "warning"])
+    print(f"\nserving: open http://{host}:{port}/ and press Compare to put 'demo' next to 'smollm2' "
+          "(Ctrl-C stops)", file=sys.stderr, flush=True)
+    return cmd_serve(args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -233,7 +252,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="raw pages and text -> a trained model, every stage explained",
                        description="Prepare the sample web pages and text, train a tokenizer, tokenize, "
                                    "pretrain a small model and sample from it (about 15 minutes on a 2-core "
-                                   "CPU). Rerunning reuses the finished stages.")
+                                   "CPU), then serve it next to SmolLM2 with the playground. Rerunning "
+                                   "reuses the finished stages.")
     p.add_argument("--output", "-o", default="runs/demo", help="folder for every stage's output")
     p.add_argument("--steps", type=int, default=DemoConfig.steps,
                    help="pretraining steps (4,096 tokens each)")
@@ -242,4 +262,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", nargs="+", metavar="INPUT", help="text instead of the Python docs' reST sources")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars on stderr")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (stages go to stderr)")
+    p.add_argument("--no-serve", action="store_true",
+                   help="stop after sampling instead of serving the model next to SmolLM2")
+    p.add_argument("--host", default="127.0.0.1", help="where to serve at the end")
+    p.add_argument("--port", type=int, default=8000, help="where to serve at the end")
     p.set_defaults(func=cmd_demo)

@@ -1,0 +1,254 @@
+"""lmforge's OpenAI-compatible HTTP API: the routes, and `create_app` that puts them together.
+
+```
+GET  /                      the playground page (web/index.html); /web/* its static files
+GET  /health                200 while serving (open even with an API key)
+GET  /v1/models             OpenAI's model list, each with max_model_len; /v1/models/{id} one of them
+POST /v1/chat/completions   chat, streamed (SSE) or not, with logprobs, n, seed, stop, penalties
+POST /v1/completions        legacy text completions (prompt: text, ids, or a batch of either)
+POST /tokenize              text or a conversation -> token ids and their strings
+POST /detokenize            token ids -> text
+GET  /metrics               Prometheus text format
+```
+
+Requests are validated by the pydantic models in `schemas.py` and by `translate.py`,
+reach the model's engine thread through `scheduler.py`, and come back as OpenAI bodies
+or SSE chunks built by `responses.py`. Every error is OpenAI-shaped (`errors.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.staticfiles import StaticFiles
+
+from lmforge.infer.engine import Engine
+from lmforge.serve.auth import check_api_key, require_api_key
+from lmforge.serve.catalog import Catalog
+from lmforge.serve.errors import APIError, install_error_handlers
+from lmforge.serve.generation import start
+from lmforge.serve.limits import DEFAULT_MAX_BODY_BYTES, MAX_N, BodySizeLimit
+from lmforge.serve.metrics import HTTPMetrics, ServerMetrics
+from lmforge.serve.responses import (
+    Reply,
+    chat_completion,
+    collect,
+    completion,
+    stream_chat,
+    stream_completion,
+    token_text,
+)
+from lmforge.serve.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from lmforge.serve.sse import EventStreamResponse
+from lmforge.serve.translate import (
+    chat_max_tokens,
+    chat_prompt_ids,
+    check_context,
+    completion_max_tokens,
+    completion_prompt_ids,
+    refuse_unsupported,
+    sampling_params,
+    text_prompt_ids,
+)
+from lmforge.tokenizer import TokenizerError
+
+WEB_DIR = Path(__file__).parent / "web"
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
+_STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                   "description": "the response, or with stream: true a stream of server-sent events"}}
+
+
+class _OptionalStaticFiles(StaticFiles):
+    """Static files from a folder that may not exist yet: 404s until it does, instead of failing."""
+
+    async def check_config(self) -> None:
+        if self.directory is not None and Path(self.directory).is_dir():
+            await super().check_config()
+
+
+def _disconnect_probe(request: Request, every: float = 0.25) -> Callable[[], Awaitable[bool]]:
+    """`request.is_disconnected`, asked at most every `every` seconds."""
+    last = 0.0
+
+    async def gone() -> bool:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < every:
+            return False
+        last = now
+        return await request.is_disconnected()
+
+    return gone
+
+
+def create_app(models: Mapping[str, Engine], *, api_key: str | None = None, max_queue: int = 256,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, web_dir: Path | None = WEB_DIR,
+               shutdown_timeout: float | None = 60.0) -> FastAPI:
+    """An app serving `models` ({id: Engine}); each model gets an engine thread.
+
+    `api_key`: required as `Authorization: Bearer KEY` on every API route. `max_queue`:
+    engine requests per model that may wait for a batch slot (beyond `max_batch_size`
+    running) before new ones get a 429. `max_body_bytes`: larger request bodies get a
+    413. `web_dir`: the playground's folder (served at `/` and `/web`). `shutdown_timeout`:
+    how long shutdown waits for the engines to finish what they were given.
+    """
+    if api_key is not None:
+        check_api_key(api_key)
+    catalog = Catalog(models, max_queue=max_queue)
+    metrics = ServerMetrics(catalog.workers)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for model in catalog:
+            model.worker.start()
+        yield
+        # The server has stopped accepting connections and waited for open requests;
+        # the engines finish anything still queued, then their threads end.
+        for model in catalog:
+            await run_in_threadpool(model.worker.stop, shutdown_timeout)
+
+    app = FastAPI(title="lmforge", version="1", lifespan=lifespan,
+                  description="An OpenAI-compatible API over lmforge's inference engine.")
+    app.state.catalog = catalog
+    app.state.metrics = metrics
+    install_error_handlers(app)
+
+    # ------------------------------------------------------------------ open routes
+    @app.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}}, tags=["server"])
+    async def health() -> Health:
+        if not all(m.worker.alive() for m in catalog):
+            raise APIError(503, "the server is shutting down or an engine has stopped", code="unavailable")
+        return Health(status="ok", models=list(catalog.models))
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        index = (web_dir / "index.html") if web_dir is not None else None
+        if index is None or not index.is_file():
+            raise APIError(404, "the playground is not installed (no web/index.html); the API is under /v1")
+        return FileResponse(index)
+
+    if web_dir is not None:
+        app.mount("/web", _OptionalStaticFiles(directory=web_dir, check_dir=False), name="web")
+
+    # ------------------------------------------------------------------ API routes
+    api = APIRouter(dependencies=[Depends(require_api_key(api_key))], responses=_ERRORS)
+
+    def card(model_id: str) -> ModelCard:
+        served = catalog.get(model_id)
+        path = served.engine.path
+        return ModelCard(id=served.id, created=int(served.worker.started_at),
+                         max_model_len=served.max_model_len, root=str(path) if path is not None else None)
+
+    @api.get("/v1/models", response_model=ModelList, tags=["openai"])
+    async def list_models() -> ModelList:
+        return ModelList(data=[card(m.id) for m in catalog])
+
+    @api.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"])
+    async def get_model(model_id: str) -> ModelCard:
+        return card(model_id)
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletion, responses=_STREAMED, tags=["openai"])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        arrived = time.perf_counter()
+        served = catalog.get(body.model)
+        refuse_unsupported(body)
+        tokenizer = served.tokenizer
+        prompt = await run_in_threadpool(chat_prompt_ids, tokenizer, body.messages)
+        max_tokens = chat_max_tokens(body)
+        check_context(len(prompt), max_tokens, served.max_model_len, param="messages")
+        top = body.top_logprobs or 0
+        params = [sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top,
+                                  choice=i) for i in range(body.n)]
+        gen = await start(served, [prompt] * body.n, params, metrics, arrived)
+        reply = Reply.new("chatcmpl", served.id, tokenizer, logprobs=body.logprobs,
+                          prompt_of_choice=[0] * body.n)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventStreamResponse(stream_chat(reply, gen, include_usage=include_usage))
+        texts, events = await collect(gen, until_disconnected=_disconnect_probe(request))
+        return chat_completion(reply, gen, texts, events)
+
+    @api.post("/v1/completions", response_model=Completion, responses=_STREAMED, tags=["openai"])
+    async def completions(body: CompletionRequest, request: Request):
+        arrived = time.perf_counter()
+        served = catalog.get(body.model)
+        refuse_unsupported(body)
+        n_prompts = len(body.prompts())
+        if n_prompts * body.n > MAX_N:
+            raise APIError(400, f"{n_prompts} prompts x n={body.n} is {n_prompts * body.n} replies; "
+                                f"at most {MAX_N} per request", param="n")
+        tokenizer = served.engine.tokenizer
+        if tokenizer is None and any(isinstance(p, str) for p in body.prompts()):
+            raise APIError(400, f"model {served.id!r} has no tokenizer: send token ids", param="prompt")
+        prompts = await run_in_threadpool(completion_prompt_ids, tokenizer, body, served.vocab_size)
+        max_tokens = completion_max_tokens(body)
+        for i, ids in enumerate(prompts):
+            check_context(len(ids), max_tokens, served.max_model_len,
+                          param="prompt" if n_prompts == 1 else f"prompt[{i}]")
+        logprobs = body.logprobs is not None
+        jobs = [(p, sampling_params(body, max_tokens=max_tokens, logprobs=logprobs,
+                                    top_logprobs=body.logprobs or 0, choice=j))
+                for p in prompts for j in range(body.n)]
+        gen = await start(served, [p for p, _ in jobs], [s for _, s in jobs], metrics, arrived)
+        reply = Reply.new("cmpl", served.id, tokenizer, logprobs=logprobs,
+                          prompt_of_choice=[i // body.n for i in range(len(jobs))])
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventStreamResponse(stream_completion(reply, gen, include_usage=include_usage))
+        texts, events = await collect(gen, until_disconnected=_disconnect_probe(request))
+        return completion(reply, gen, texts, events)
+
+    @api.post("/tokenize", response_model=TokenizeResponse, tags=["lmforge"])
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        served = catalog.get(body.model)
+        tokenizer = served.tokenizer
+        if body.messages is not None:
+            ids = await run_in_threadpool(chat_prompt_ids, tokenizer, body.messages,
+                                          add_generation_prompt=body.add_generation_prompt)
+        else:
+            ids = await run_in_threadpool(text_prompt_ids, tokenizer, body.prompt or "",
+                                          add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens=ids, token_strs=[token_text(tokenizer, i) for i in ids],
+                                count=len(ids), max_model_len=served.max_model_len)
+
+    @api.post("/detokenize", response_model=DetokenizeResponse, tags=["lmforge"])
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        served = catalog.get(body.model)
+        try:
+            return DetokenizeResponse(prompt=served.tokenizer.decode(body.tokens))
+        except TokenizerError as err:
+            raise APIError(400, str(err), param="tokens") from err
+
+    @api.get("/metrics", response_class=Response, tags=["server"],
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition"}})
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.include_router(api)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    routes = frozenset({"/", "/health", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize",
+                        "/detokenize", "/metrics"})
+    app.add_middleware(HTTPMetrics, metrics=metrics, routes=routes)
+    return app

@@ -1,0 +1,93 @@
+"""`lmforge serve`: load one or more models and serve them over OpenAI's HTTP API.
+
+    lmforge serve --model smollm2
+    lmforge serve --model chat=runs/sft/final --model base=runs/pretrain/final --api-key secret --port 8080
+
+`register(sub)` adds the verb to the `lmforge` command; this module imports nothing
+heavy (torch, FastAPI, uvicorn load when the verb runs). `python -m lmforge serve` runs
+the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
+                   help="checkpoint folder, .gguf file or sample name (smollm2); repeat to serve several. "
+                        "The model id is NAME, else the sample name or the folder/file name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on the API (default: $LMFORGE_API_KEY; none)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together per model")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a batch slot before new ones get 429")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="cap prompt + reply tokens (default: the model's context)")
+    p.add_argument("--cache", choices=["static", "paged"], default="static", help="KV cache layout")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the engines (default: torch's choice)")
+    p.add_argument("--shutdown-timeout", type=float, default=60.0,
+                   help="seconds to let in-flight requests finish on Ctrl-C / SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `serve` to the `lmforge` subcommands."""
+    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API, with a playground",
+                       description="An OpenAI-compatible server (/v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /tokenize, /detokenize, /health, /metrics) and the "
+                                   "playground at /. See docs/serving.md.")
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from lmforge.infer.engine import Engine
+    from lmforge.serve.app import create_app
+    from lmforge.serve.catalog import model_id_for
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_body_mb <= 0:
+        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    specs = [model_id_for(spec) for spec in args.model]
+    names = [name for name, _ in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"two --model flags give the id {duplicates[0]!r}: name them with --model NAME=PATH")
+    engines = {}
+    for name, path in specs:
+        print(f"lmforge serve: loading {name} from {path}", file=sys.stderr)
+        engines[name] = Engine.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
+                                               quantize=args.quantize, max_batch_size=args.max_batch_size,
+                                               max_seq_len=args.max_seq_len, cache=args.cache)
+    app = create_app(engines, api_key=args.api_key or None, max_queue=args.max_queue,
+                     max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout)
+    print(f"lmforge serve: {', '.join(engines)} at http://{args.host}:{args.port}/v1 "
+          f"(playground: http://{args.host}:{args.port}/){' with an API key' if args.api_key else ''}",
+          file=sys.stderr)
+    # uvicorn shuts down gracefully on Ctrl-C, then replays the signal; with asyncio's own
+    # handler that replay cancels the app's lifespan mid-exit and prints a traceback. A
+    # handler of ours takes the replay instead, so Ctrl-C ends with a clean exit.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=int(args.shutdown_timeout))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
