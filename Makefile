@@ -1,12 +1,12 @@
-# Two entry points for a fresh clone (see README): `make chat` and `make test`.
+# Two entry points for a fresh clone (see README): `make demo` and `make test`.
 # TORCH pins the CPU build that lies on this project's machines; elsewhere any
-# torch >= 2.4 works: `make chat TORCH=torch`.
+# torch >= 2.4 works: `make demo TORCH=torch`.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup dev chat test lint llamacpp
+.PHONY: setup dev demo chat test lint llamacpp
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ LLAMACPP_CMAKE ?= -DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGM
 llamacpp: | $(BIN)/python
 	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMACPP_CMAKE)" \
 		$(BIN)/pip install --quiet --no-binary llama-cpp-python llama-cpp-python==0.3.36
+
+demo: setup
+	$(BIN)/lmforge demo
 
 chat: setup
 	$(BIN)/lmforge chat --model smollm2

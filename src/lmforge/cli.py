@@ -231,11 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.serve.cli import register as register_serve
     from lmforge.tokenizer.cli import register as register_tokenizer
     from lmforge.train.cli import register as register_pretrain
+    from lmforge.train.scaling_cli import register as register_scaling
 
     register_crawl(sub)
     register_data(sub)
     register_tokenizer(sub)
     register_pretrain(sub)
+    register_scaling(sub)
     register_serve(sub)
     register_demo(sub)
     return parser

@@ -74,8 +74,8 @@ def test_a_real_server_process_serves_and_shuts_down_gracefully(engine_factory, 
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "lmforge", "serve", "--model", str(folder), "--port", str(port),
-         "--threads", "1", "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        cwd=Path(__file__).parent)
+         "--threads", "1", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

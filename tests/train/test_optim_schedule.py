@@ -8,7 +8,7 @@ from torch import nn
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
-from lmforge.train.optim import OptimConfig, build_optimizer, newton_schulz, param_groups
+from lmforge.train.optim import OptimConfig, build_optimizer, can_fuse, newton_schulz, param_groups
 from lmforge.train.schedule import ScheduleConfig, lr_at
 
 LRS = {"adamw": 1e-2, "sgd": 5e-2, "lamb": 1e-2, "muon": 2e-2}
@@ -51,6 +51,39 @@ def test_newton_schulz_is_roughly_orthogonal():
     singular = torch.linalg.svdvals(newton_schulz(g, steps=5))
     assert singular.min() > 0.5 and singular.max() < 1.3
     assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 50
+
+
+def test_newton_schulz_folded_into_addmm_is_the_polynomial():
+    """The addmm form computes a X + (b G + c G^2) X, G = X X^T, written out here plainly."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for shape in ((24, 40), (40, 24)):
+        g = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        x = g.t() if shape[0] > shape[1] else g
+        x = x / x.norm()
+        for _ in range(5):
+            gram = x @ x.t()
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        expected = x.t() if shape[0] > shape[1] else x
+        torch.testing.assert_close(newton_schulz(g, steps=5), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_adamw_is_fused_on_plain_cpu_tensors_and_steps_like_the_loop():
+    torch.manual_seed(0)
+    fused_model, loop_model = _ToyNet(), _ToyNet()
+    loop_model.load_state_dict(fused_model.state_dict())
+    config = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(fused_model, config)
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(param_groups(loop_model, 0.1), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    x, target = torch.arange(16), torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), target).backward()
+            optimizer.step()
+    for (name, p), q in zip(fused_model.named_parameters(), loop_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not can_fuse([{"params": [torch.zeros(2, dtype=torch.int64)]}])
 
 
 def test_muon_update_on_a_matrix_is_orthogonal_ish():

@@ -16,6 +16,7 @@ from torch import nn
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers.alibi import alibi_bias, alibi_slopes
 from lmforge.model.layers.attention import Attention, KVCache, attention_mask, packed_causal_mask
+from lmforge.model.layers.linear import Linear, linear
 from lmforge.model.layers.mlp import MLP
 from lmforge.model.layers.moe import MixtureOfExperts
 from lmforge.model.layers.norms import make_norm
@@ -62,7 +63,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = make_norm(config)
         if not config.tie_embeddings:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -134,7 +135,7 @@ class Transformer(nn.Module):
         # an `lm_head` module wins even when embeddings are tied: inference may install a
         # quantized copy of the tied matrix there (lmforge.infer.quant.quantize_model)
         head = self._modules.get("lm_head")
-        logits = head(x) if head is not None else x @ self.embed.weight.t()
+        logits = head(x) if head is not None else linear(x, self.embed.weight)
         if aux_total is not None:
             aux_total = self.config.moe_aux_loss_coef * aux_total / self.config.n_layers
         return ModelOutput(logits=logits, aux_loss=aux_total)

@@ -20,6 +20,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +94,19 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 def save_training_checkpoint(
     checkpoints: str | Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     state: dict[str, Any],
     *,
     keep: int = 3,
     tokenizer: Any = None,
+    config: ModelConfig | None = None,
 ) -> Path:
-    """Write checkpoints/step-NNNNNN atomically, then delete all but the newest `keep`."""
+    """Write checkpoints/step-NNNNNN atomically, then delete all but the newest `keep`.
+
+    `model` and `optimizer` may be their state dicts (with `config`): distributed training
+    gathers the full state first (lmforge.train.distributed) and writes it in this same layout.
+    """
     checkpoints = Path(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
     for stale in checkpoints.glob(".*"):  # staging folders of a run killed mid-write
@@ -108,10 +114,12 @@ def save_training_checkpoint(
     final = checkpoints / f"step-{step:06d}"
     with atomic_folder(final) as staging:  # fsyncs every file, then renames the whole folder into place
         extra = {"source": "lmforge pretrain", "step": step}
-        save_checkpoint(staging, model, tokenizer=tokenizer, extra=extra)  # replaces the empty staging folder
+        # replaces the empty staging folder
+        save_checkpoint(staging, model, config, tokenizer=tokenizer, extra=extra)
         folder = staging / STATE_DIR
         folder.mkdir()
-        opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
+        opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        opt_tensors, opt_meta = flatten_optimizer_state(opt_state)
         save_file(opt_tensors, str(folder / "optimizer.safetensors"))
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(folder / "rng.safetensors"))
@@ -147,19 +155,26 @@ def check_same_architecture(folder: Path, config: ModelConfig) -> None:
         raise ResumeError(f"cannot resume from {folder}: it holds another architecture ({'; '.join(differ)})")
 
 
-def load_training_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model weights, optimizer and RNG in place; return state.json (step, data position, ...)."""
+def read_training_checkpoint(folder: str | Path, config: ModelConfig
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(model state dict, optimizer state dict, state.json) of a checkpoint for `config`; restores the RNG."""
     folder = Path(folder)
     state_dir = folder / STATE_DIR
     if not (state_dir / "state.json").is_file():
         raise ResumeError(f"{folder} has no {STATE_DIR}/state.json: "
                           "it is a model, not a resumable checkpoint")
-    check_same_architecture(folder, model.config)
+    check_same_architecture(folder, config)
     loaded, _ = load_checkpoint(folder, dtype=torch.float32)
-    with torch.no_grad():
-        model.load_state_dict(loaded.state_dict())
     state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
     opt_tensors = load_file(str(state_dir / "optimizer.safetensors"))
-    optimizer.load_state_dict(unflatten_optimizer_state(opt_tensors, state["optimizer"]))
     set_rng_state(load_file(str(state_dir / "rng.safetensors")), state["rng"])
+    return loaded.state_dict(), unflatten_optimizer_state(opt_tensors, state["optimizer"]), state
+
+
+def load_training_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model weights, optimizer and RNG in place; return state.json (step, data position, ...)."""
+    model_state, optimizer_state, state = read_training_checkpoint(folder, model.config)
+    with torch.no_grad():
+        model.load_state_dict(model_state)
+    optimizer.load_state_dict(optimizer_state)
     return state

@@ -17,6 +17,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     config = load_config(PretrainConfig, args.config, args.overrides)
     summary = pretrain(config, quiet=args.quiet)
+    if summary.get("rank"):  # under torchrun, rank 0 alone reports
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -6,6 +6,10 @@ epoch visits all of them in a permutation drawn from (seed, epoch). The order is
 therefore a pure function of the seed, and the reader's position in it, (epoch, index),
 is all a checkpoint needs to continue with exactly the batches an uninterrupted run
 would have seen.
+
+With a curriculum (`use_curriculum`, see train/curriculum.py) the first draws come from
+the easiest windows instead, chosen by a function of (seed, draw number); the count of
+windows drawn so far, `drawn`, is then part of the position too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 
 from lmforge.data.shards import TokenShard
+from lmforge.train.curriculum import Curriculum
 
 
 class DataError(ValueError):
@@ -49,11 +54,22 @@ class TokenWindows:
             raise DataError(f"the shards hold {total:,} tokens: not one window of {width} tokens "
                             f"(seq_len + 1){' starting at a document start' if bos_align else ''} fits")
         self.epoch, self.index = 0, 0
+        self.drawn = 0  # windows handed out so far, over all epochs
+        self.curriculum: Curriculum | None = None
         self._order = self._order_for(0)
 
     def __len__(self) -> int:
         """Windows per epoch."""
         return len(self.starts)
+
+    def use_curriculum(self, curriculum: Curriculum) -> None:
+        """Draw the first `curriculum.ramp_draws` windows easiest-first, then ordinary epochs."""
+        if len(curriculum) != len(self.starts):
+            raise DataError(f"the curriculum orders {len(curriculum)} windows, but this data has "
+                            f"{len(self.starts)}")
+        if self.drawn:
+            raise DataError("a curriculum must be set before the first batch is drawn")
+        self.curriculum = curriculum
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -68,11 +84,15 @@ class TokenWindows:
     def next_batch(self, batch_size: int) -> torch.Tensor:
         rows = []
         for _ in range(batch_size):
-            if self.index == len(self._order):
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._order_for(self.epoch)
-            rows.append(self._window(int(self._order[self.index])))
-            self.index += 1
+            if self.curriculum is not None and self.drawn < self.curriculum.ramp_draws:
+                rows.append(self._window(self.curriculum.window(self.drawn)))
+            else:
+                if self.index == len(self._order):
+                    self.epoch, self.index = self.epoch + 1, 0
+                    self._order = self._order_for(self.epoch)
+                rows.append(self._window(int(self._order[self.index])))
+                self.index += 1
+            self.drawn += 1
         return torch.from_numpy(np.stack(rows))
 
     def first_batches(self, batch_size: int, max_batches: int) -> Iterator[torch.Tensor]:
@@ -85,7 +105,8 @@ class TokenWindows:
 
     # ------------------------------------------------------------------ resumable position
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "windows": len(self.starts)}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "windows": len(self.starts),
+                "drawn": self.drawn, "curriculum": self.curriculum.fingerprint if self.curriculum else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("windows") != len(self.starts) or state.get("seed") != self.seed:
@@ -93,5 +114,13 @@ class TokenWindows:
                             f"seed {state.get('seed')}, but this data has {len(self.starts)} with seed "
                             f"{self.seed}: "
                             "the shards, seq_len, bos_align or seed changed")
+        ours = self.curriculum.fingerprint if self.curriculum else None
+        if state.get("curriculum") != ours:
+            saved = f"curriculum {state['curriculum']}" if state.get("curriculum") else "no curriculum"
+            now = f"curriculum {ours}" if ours else "none"
+            raise DataError(f"the checkpoint's data position was drawn with {saved}, but this run has {now}: "
+                            "the data.curriculum settings (score, scorer) or the data changed")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        # checkpoints from before `drawn` existed had no curriculum: every draw was an epoch draw
+        self.drawn = int(state.get("drawn", self.epoch * len(self.starts) + self.index))
         self._order = self._order_for(self.epoch)

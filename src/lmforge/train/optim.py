@@ -51,6 +51,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def can_fuse(groups: list[dict[str, Any]]) -> bool:
+    """Can torch's fused AdamW (one kernel over all tensors) take these parameters?
+
+    On CPU, torch otherwise updates tensor by tensor with about ten kernels each, which
+    took 4x longer for a 14M-parameter model. Fused needs plain floating-point tensors on
+    CPU or CUDA; sharded (DTensor) parameters keep torch's default.
+    """
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(type(p.data) is torch.Tensor and p.is_floating_point()
+                                and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer `config.name` over `model`'s trainable parameters, with decay groups.
 
@@ -63,7 +75,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
         group["base_lr"] = group["lr"]
     betas = (config.beta1, config.beta2)
     if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps, fused=can_fuse(groups))
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     if config.name == "lamb":
@@ -121,6 +133,8 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     values (X <- a X + b (X X^T) X + c (X X^T)^2 X). The coefficients (from Keller
     Jordan's Muon) make p steep near 0 so small singular values grow fast; the result
     is only roughly orthogonal (values land in about [0.7, 1.2]), which is enough.
+    Each sum is folded into a matmul (`addmm`: beta * C + alpha * A @ B), which saves
+    four elementwise passes per iteration (a fifth of the time for a 192 x 512 matrix).
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
@@ -130,7 +144,8 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     x = x / (x.norm() + 1e-7)  # the spectral norm is <= the Frobenius norm, so now <= 1
     for _ in range(steps):
         gram = x @ x.t()
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2
+        x = torch.addmm(x, polynomial, x, beta=a)  # a X + (b G + c G^2) X
     return (x.t() if transposed else x).to(g.dtype)
 
 

@@ -23,7 +23,9 @@ from lmforge.data.shards import load_shard_set
 from lmforge.model.config import ModelConfig, human_count, preset
 from lmforge.model.transformer import Transformer
 from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.train.curriculum import CurriculumConfig, attach_curriculum
 from lmforge.train.data import TokenWindows
+from lmforge.train.distributed import ParallelConfig, init_parallel
 from lmforge.train.objectives import CausalLMObjective
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.schedule import ScheduleConfig, lr_at
@@ -35,6 +37,7 @@ class DataConfig:
     folder: str = ""  # token shards written by `lmforge tokenize` (meta.json + *.safetensors)
     bos_align: bool = False  # start every training window at a document start
     tokenizer: str | None = None  # tokenizer folder to store with checkpoints (optional)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # easy windows first (optional)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun: ddp/fsdp, tensor, pipeline
     output: str = "runs/pretrain"
     seed: int = 1337
     resume: str = "auto"  # auto: the newest checkpoint in output/checkpoints if any; never; or a folder
@@ -87,10 +91,16 @@ def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(config.seed)
-    device = resolve_device(cfg.device)
-    model = Transformer(mconfig).to(device)
+    parallel = init_parallel(config.parallel, resolve_device(cfg.device))
+    device, quiet = parallel.device, quiet or not parallel.is_main  # under torchrun, rank 0 alone reports
+    model = parallel.prepare(Transformer(mconfig).to(device))  # sharded, split or as it is
     optimizer = build_optimizer(model, config.optim)
     train_data = TokenWindows(train_shards, cfg.seq_len, config.seed, bos_align=config.data.bos_align)
+    curriculum = attach_curriculum(train_data, config.data.curriculum, device=device,
+                                   total_draws=cfg.steps * (cfg.batch_tokens // cfg.seq_len),
+                                   cache=Path(config.output) / "curriculum-scores.safetensors")
+    if curriculum is not None and not quiet:
+        print(f"curriculum: {curriculum.describe()}", file=sys.stderr, flush=True)
     val_data = TokenWindows(val_shards, cfg.seq_len, config.seed, shuffle=False) if val_shards else None
     bytes_per_token = meta["splits"].get("val", {}).get("bytes_per_token") or None
     tokenizer = None
@@ -104,21 +114,25 @@ def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
 
     trainer = Trainer(model, CausalLMObjective(), optimizer, lr_factor, train_data, cfg, config.output,
                       val_data=val_data, bytes_per_token=bytes_per_token,
-                      run_config=_jsonable(dataclasses.asdict(config)), tokenizer=tokenizer, quiet=quiet)
+                      run_config=_jsonable(dataclasses.asdict(config)), tokenizer=tokenizer, quiet=quiet,
+                      parallel=parallel)
     start = _resume_point(config)
     if start is not None:
         trainer.resume(start)
-    elif trainer.metrics_path.exists():
+    elif trainer.metrics_path.exists() and parallel.is_main:
         trainer.metrics_path.unlink()  # a fresh run: an old log would mix two runs
-    with atomic_write(Path(config.output) / "config.json", "w") as f:
-        f.write(json.dumps(trainer.run_config, indent=2))
+    if parallel.is_main:
+        with atomic_write(Path(config.output) / "config.json", "w") as f:
+            f.write(json.dumps(trainer.run_config, indent=2))
     if not quiet:
         print(f"pretrain: {human_count(mconfig.num_parameters())} parameters, {len(train_data):,} windows of "
-              f"{cfg.seq_len} tokens, {cfg.batch_tokens:,} tokens/step ({cfg.micro_batch} x {cfg.seq_len} x "
-              f"{trainer.accum} accumulation), {config.optim.name}, {cfg.precision}, {device}",
+              f"{cfg.seq_len} tokens, {cfg.batch_tokens:,} tokens/step ({trainer.micro_batch} x "
+              f"{cfg.seq_len} x {trainer.accum} accumulation), {config.optim.name}, {cfg.precision}, {device}"
+              + (f", {parallel.name} over {parallel.world} processes" if parallel.world > 1 else ""),
               file=sys.stderr, flush=True)
     summary = trainer.fit()
-    summary["parameters"] = mconfig.num_parameters()
+    parallel.close()
+    summary.update(parameters=mconfig.num_parameters(), rank=parallel.rank, world=parallel.world)
     return summary
 
 

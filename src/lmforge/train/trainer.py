@@ -18,6 +18,10 @@ figure the recipe states (`peak_flops: 9.89e14`, a datasheet number) or, with
 `peak_flops: measure`, the rate of one large matmul timed on this device at start-up.
 Which one was used is shown ("MFU 31% of measured peak"; `peak_flops_source` in summary.json):
 the two differ, since a measured matmul peak is reachable and a datasheet peak rarely is.
+
+Under `torchrun` the same loop runs on every rank; a `Parallel` strategy
+(lmforge.train.distributed) decides which rows each rank computes and how gradients,
+losses and checkpoints are combined. Only rank 0 prints, logs, plots and writes.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import torch
 from torch import nn
 
 from lmforge.atomic import atomic_write
-from lmforge.train.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.data import TokenWindows
+from lmforge.train.distributed import Parallel
 from lmforge.train.objectives import Objective
 
 
@@ -129,15 +134,20 @@ class Trainer:
         run_config: dict[str, Any] | None = None,
         tokenizer: Any = None,
         quiet: bool = False,
+        parallel: Parallel | None = None,
     ) -> None:
         self.model, self.objective, self.optimizer = model, objective, optimizer
         self.lr_factor, self.train_data, self.val_data = lr_factor, train_data, val_data
         self.config, self.run_dir = config, Path(run_dir)
         self.bytes_per_token, self.run_config = bytes_per_token, run_config or {}
         self.tokenizer, self.quiet = tokenizer, quiet
-        self.accum = config.accumulation()
         self.device = next(model.parameters()).device
-        self.forward_model: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
+        self.parallel = parallel or Parallel(self.device)
+        # this rank's share of each step: `accum` forwards of `micro_batch` sequences
+        self.micro_batch, self.accum = self.parallel.local_plan(config.micro_batch, config.accumulation())
+        self.batches = self.parallel.rank_batches(train_data)
+        wrapped = self.parallel.wrap(model)
+        self.forward_model: nn.Module = torch.compile(wrapped) if config.compile else wrapped  # type: ignore[assignment]
         self.step = 0
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []
@@ -168,12 +178,12 @@ class Trainer:
         self.model.train()
         total = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
-        for _ in range(self.accum):
-            batch = self.train_data.next_batch(self.config.micro_batch).to(self.device, non_blocking=True)
-            with self.autocast():
-                loss, metrics = self.objective.loss(self.forward_model, batch)
-            (loss / self.accum).backward()
-            total += loss.detach() / self.accum
+        for i in range(self.accum):
+            batch = self.batches.next_batch(self.micro_batch).to(self.device, non_blocking=True)
+            last = i == self.accum - 1
+            loss, metrics = self.parallel.forward_backward(self.objective, self.forward_model, batch,
+                                                           self.accum, self.autocast, last)
+            total += loss / self.accum
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0) + value.float() / self.accum
         return total, sums
@@ -182,12 +192,14 @@ class Trainer:
         """One optimizer step; the logged record, or None when a non-finite step was skipped."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = self.accumulate_gradients()
+        # this rank's means -> the whole batch's (identical on every rank, so all take the same branch below)
+        loss, *metric_means = self.parallel.global_mean(torch.stack([loss.float(), *metrics.values()]))
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = self.parallel.clip_grad_norm(self.model, max_norm)
         # the step's one host sync: every logged number in a single transfer, needed before the optimizer
         # step anyway to keep a non-finite step away from the weights
         loss_value, norm_value, *metric_values = torch.stack(
-            [loss.float(), grad_norm.float(), *metrics.values()]).tolist()
+            [loss, grad_norm.float(), *metric_means]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             message = (f"step {self.step + 1}: the {what} is not finite (loss {loss_value}, grad norm "
@@ -218,26 +230,26 @@ class Trainer:
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
         for batch in self.val_data.first_batches(self.config.micro_batch, self.config.eval_batches):
-            with self.autocast():
-                loss, metrics = self.objective.loss(self.forward_model, batch.to(self.device))
-            total += metrics.get("ce", loss).float()
+            total += self.parallel.eval_loss(self.objective, self.forward_model, batch.to(self.device),
+                                             self.autocast)
             count += 1
-        val_loss = float(total) / count
+        val_loss = float(self.parallel.global_mean(total)) / count
         out = {"val_loss": val_loss}
         if self.bytes_per_token:
             out["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint (every rank takes part; rank 0 writes); its folder, None on other ranks."""
         state = {"tokens_seen": self.tokens_seen, "data": self.train_data.state_dict(),
                  "config": self.run_config}
-        return save_training_checkpoint(self.checkpoints, self.step, self.model, self.optimizer, state,
-                                        keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
+        return self.parallel.save_checkpoint(self.checkpoints, self.step, self.model, self.optimizer, state,
+                                             keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
 
     def resume(self, folder: str | Path) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG, data position, step and the metrics log."""
-        state = load_training_checkpoint(folder, self.model, self.optimizer)
+        state = self.parallel.load_checkpoint(Path(folder), self.model, self.optimizer)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.train_data.load_state_dict(state["data"])
         # the log may hold steps past the checkpoint (the run died after it): drop them
@@ -248,8 +260,9 @@ class Trainer:
                     record = json.loads(line)
                     if record.get("step", 0) <= self.step:
                         kept.append(record)
-        with atomic_write(self.metrics_path, "w") as f:  # a crash here must not lose the whole log
-            f.write("".join(json.dumps(r) + "\n" for r in kept))
+        if self.parallel.is_main:
+            with atomic_write(self.metrics_path, "w") as f:  # a crash here must not lose the whole log
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
         self.history = kept
         self._say(f"resumed from {folder} at step {self.step}")
 
@@ -262,7 +275,8 @@ class Trainer:
         last_ckpt: Path | None = None
         record: dict[str, Any] | None = None
         eval_record: dict[str, float] = {}
-        with open(self.metrics_path, "a", encoding="utf-8") as log:
+        main = self.parallel.is_main
+        with open(self.metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as log:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 record = self.train_step()
@@ -272,22 +286,24 @@ class Trainer:
                     continue
                 elapsed = time.perf_counter() - t0
                 record["tokens_per_s"] = cfg.batch_tokens / elapsed if elapsed > 0 else 0.0
-                if self.flops_per_token and self.peak_flops:
-                    record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak_flops
+                if self.flops_per_token and self.peak_flops:  # the peak is one device's; there are `world`
+                    record["mfu"] = (record["tokens_per_s"] * self.flops_per_token
+                                     / (self.peak_flops * self.parallel.world))
                 at_end = self.step == cfg.steps
                 if self.val_data is not None and ((cfg.eval_interval and self.step % cfg.eval_interval == 0)
                                                   or at_end):
                     eval_record = self.evaluate()
                     record.update(eval_record)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
                 self.history.append(record)
                 if self.step % max(1, cfg.log_interval) == 0 or at_end or "val_loss" in record:
                     self._progress(record, start_step, started)
                 if (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or at_end:
                     last_ckpt = self.save()
         seconds = time.perf_counter() - started
-        plot = self.plot()
+        plot = self.plot() if main else None
         steps_run = self.step - start_step
         summary = {
             "steps": self.step, "steps_this_run": steps_run, "tokens_seen": self.tokens_seen,
@@ -299,13 +315,14 @@ class Trainer:
             "checkpoint": str(last_ckpt or latest_checkpoint(self.checkpoints) or ""),
             "metrics": str(self.metrics_path), "plot": str(plot) if plot else None,
         }
-        with atomic_write(self.run_dir / "summary.json", "w") as f:
-            f.write(json.dumps(summary, indent=2) + "\n")
+        if main:
+            with atomic_write(self.run_dir / "summary.json", "w") as f:
+                f.write(json.dumps(summary, indent=2) + "\n")
         return summary
 
     # ------------------------------------------------------------------ reporting
     def _say(self, text: str) -> None:
-        if not self.quiet:
+        if not self.quiet and self.parallel.is_main:
             print(text, file=sys.stderr, flush=True)
 
     def _progress(self, record: dict[str, Any], start_step: int, started: float) -> None:

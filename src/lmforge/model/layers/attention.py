@@ -89,20 +89,22 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, d]; mask None means plain causal over exactly these T tokens."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # head counts come from the projections' widths, not the config: under tensor parallelism
+        # each rank holds a slice of the heads (lmforge.train.tensor_parallel)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        if self.n_kv_heads != self.n_heads:  # GQA: each KV head serves a group of query heads
-            group = self.n_heads // self.n_kv_heads
+        if k.shape[1] != q.shape[1]:  # GQA: each KV head serves a group of query heads
+            group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

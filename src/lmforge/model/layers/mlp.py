@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.layers.linear import Linear
 
 
 class MLP(nn.Module):
@@ -20,9 +21,9 @@ class MLP(nn.Module):
         d, hidden, bias = config.d_model, config.d_ff, config.mlp_bias
         self.kind = config.mlp
         if self.kind == "swiglu":
-            self.gate_proj = nn.Linear(d, hidden, bias=bias)
-        self.up_proj = nn.Linear(d, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, d, bias=bias)
+            self.gate_proj = Linear(d, hidden, bias=bias)
+        self.up_proj = Linear(d, hidden, bias=bias)
+        self.down_proj = Linear(hidden, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.up_proj(x)
