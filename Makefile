@@ -23,12 +23,30 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.runtime
 
 # llama.cpp (through llama-cpp-python, built from its sdist for this CPU) is the
-# reference for GGUF export and inference speed. pip caches the built wheel, so only
-# the first build takes minutes. AMX is off: GCC 12 miscompiles its tile set-up.
-LLAMACPP_CMAKE ?= -DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# reference for GGUF export and inference speed. GGML_NATIVE builds for the CPU at hand,
+# but -march=native also turns AMX on where a Xeon has it, whatever GGML_AMX_* say, and
+# that code dies with SIGILL here: the -mno-amx-* flags win over -march in either order.
+# The wheel is cached under a key of the version, the flags and this CPU's feature list,
+# so a wheel built for another CPU or with other flags is never reused (pip's own cache
+# keys wheels by version only).
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_CMAKE ?= -DGGML_NATIVE=ON
+LLAMACPP_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMACPP_KEY = $(shell (echo "$(LLAMACPP_VERSION) $(LLAMACPP_CMAKE) $(LLAMACPP_CFLAGS)"; \
+	grep -m1 '^flags' /proc/cpuinfo) | sha256sum | cut -c1-16)
+LLAMACPP_WHEELS = $(HOME)/.cache/lmforge/wheels/llama-cpp-python-$(LLAMACPP_KEY)
 llamacpp: | $(BIN)/python
-	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMACPP_CMAKE)" \
-		$(BIN)/pip install --quiet --no-binary llama-cpp-python llama-cpp-python==0.3.36
+	@if ! ls $(LLAMACPP_WHEELS)/*.whl >/dev/null 2>&1; then \
+		echo "building llama-cpp-python $(LLAMACPP_VERSION) for this CPU (minutes, once)"; \
+		rm -rf $(LLAMACPP_WHEELS).tmp && \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMACPP_CMAKE)" \
+		CFLAGS="$(LLAMACPP_CFLAGS)" CXXFLAGS="$(LLAMACPP_CFLAGS)" \
+		$(BIN)/pip wheel --quiet --no-cache-dir --no-deps --no-binary llama-cpp-python \
+			-w $(LLAMACPP_WHEELS).tmp llama-cpp-python==$(LLAMACPP_VERSION) && \
+		mv $(LLAMACPP_WHEELS).tmp $(LLAMACPP_WHEELS); \
+	fi
+	$(BIN)/pip install --quiet --force-reinstall --only-binary llama-cpp-python \
+		--find-links $(LLAMACPP_WHEELS) llama-cpp-python==$(LLAMACPP_VERSION)
 
 demo: setup
 	$(BIN)/lmforge demo

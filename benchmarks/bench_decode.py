@@ -44,11 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.formats.gguf import GGUFFile
 from lmforge.infer.engine import Engine
 from lmforge.infer.loading import load_model
 from lmforge.infer.quant import quantize_model, weight_bytes
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model.gguf import GGUFFile, export_gguf, load_gguf_model
+from lmforge.model.gguf import export_gguf, load_gguf_model
 
 PROMPT = "The history of the printing press begins"
 CHAT_PROMPT = "Explain in a few sentences why the sky is blue."

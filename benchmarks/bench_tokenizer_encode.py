@@ -44,7 +44,7 @@ from pathlib import Path
 from bench_tokenizer_train import CACHE as TEXT_CACHE
 from bench_tokenizer_train import corpus, kjv_text, shakespeare_text
 
-from lmforge.data.samples import cache_dir
+from lmforge.hub import cache_dir
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 from lmforge.tokenizer.train import GPT2_PATTERN, GPT4_PATTERN, train_bpe
 
@@ -117,7 +117,7 @@ def gpt2_hf():
 def smollm2_files() -> tuple[Path, Path] | None:
     """SmolLM2's GGUF and the tests' HF tokenizer.json conversion of it, if both are cached."""
     try:
-        from lmforge.data.samples import smollm2_gguf_path
+        from lmforge.hub import smollm2_gguf_path
 
         gguf = smollm2_gguf_path()
     except Exception as err:  # noqa: BLE001 (any failure only drops the optional rows)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from lmforge.atomic import atomic_write
-from lmforge.data.samples import cache_dir
+from lmforge.hub import cache_dir
 from lmforge.tokenizer.bytelevel import CHAR_TO_BYTE
 from lmforge.tokenizer.train import GPT2_PATTERN, BPEModel, train_bpe_from_files
 

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.data.samples import cache_dir, python_docs_dir
+from lmforge.data.samples import python_docs_dir
 from lmforge.data.shards import (
     TokenizeConfig,
     TokenShard,
@@ -62,6 +62,7 @@ from lmforge.data.shards import (
     read_documents_from,
     tokenize_documents,
 )
+from lmforge.hub import cache_dir
 from lmforge.model.config import ModelConfig, human_count, preset
 from lmforge.model.hf import config_to_hf, state_dict_to_hf
 from lmforge.model.transformer import Transformer
@@ -150,7 +151,7 @@ class HFStep:
     def __call__(self) -> float:
         self.model.train()
         batch = self.data.next_batch(self.micro_batch)
-        inputs, targets = batch[:, :-1], batch[:, 1:].contiguous()
+        inputs, targets = batch.input_ids, batch.labels.contiguous()
         with autocast(self.precision):
             loss = self.model(input_ids=inputs, labels=targets, shift_labels=targets).loss
         loss.backward()
@@ -167,8 +168,8 @@ class HFStep:
         losses = []
         for batch in val.first_batches(self.micro_batch, batches):
             with autocast(self.precision):
-                logits = self.model(input_ids=batch[:, :-1]).logits.float()
-            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)))
+                logits = self.model(input_ids=batch.input_ids).logits.float()
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1)))
         return float(torch.stack(losses).mean())
 
 

@@ -19,7 +19,7 @@ from lmforge.infer.quant import (
 )
 from lmforge.infer.runner import ModelRunner
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler for the CPU kernels")
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"CPU kernels: {kernels.status()}")
 
 
 def test_int8_is_per_channel_symmetric():

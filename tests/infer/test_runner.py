@@ -29,7 +29,7 @@ def _run(runner, model, ids, layout, prefill):
 @pytest.mark.parametrize("fast", [True, False], ids=["c-decode", "pytorch"])
 def test_runner_matches_model_forward(tiny, variant, layout, fast):
     if fast and not kernels.available():
-        pytest.skip("no C compiler for the CPU kernels")
+        pytest.skip(f"CPU kernels: {kernels.status()}")
     model = tiny(variant)
     runner = ModelRunner(model, fast_decode=fast)
     assert runner.fast == (fast and variant not in ("alibi", "moe-qknorm"))  # those two: PyTorch only

@@ -1,7 +1,7 @@
 """Fixtures for the GGUF tests: the real SmolLM2 file, read once per session.
 
 `smollm2_gguf` (the path) comes from tests/conftest.py, which fetches the file through
-`lmforge.data.samples.smollm2_gguf_path()`.
+`lmforge.hub.smollm2_gguf_path()`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from lmforge.model.gguf import GGUFFile, load_gguf_model
+from lmforge.formats.gguf import GGUFFile
+from lmforge.model.gguf import load_gguf_model
 from lmforge.model.transformer import Transformer
 
 

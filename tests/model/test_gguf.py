@@ -15,20 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.formats.ggml import GGMLType, dequantize, quantize_q8_0
+from lmforge.formats.gguf import GGUFError, GGUFFile, TensorData, ValueType, write_gguf
 from lmforge.model.config import ModelConfig, preset
-from lmforge.model.gguf import (
-    GGMLType,
-    GGUFError,
-    GGUFFile,
-    TensorData,
-    ValueType,
-    dequantize,
-    export_gguf,
-    load_gguf_model,
-    quantize_q8_0,
-    tensor_names,
-    write_gguf,
-)
+from lmforge.model.gguf import export_gguf, load_gguf_model, tensor_names
 from lmforge.model.layers.rope import RotaryEmbedding, apply_rope
 from lmforge.model.transformer import Transformer
 

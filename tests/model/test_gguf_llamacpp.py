@@ -3,7 +3,7 @@
 SmolLM2 is read from its Q4_1 GGUF, exported by lmforge as F32 and Q8_0, and run by
 llama.cpp (through llama-cpp-python) next to lmforge's own `Transformer`; small random
 models cover the options a llama GGUF can carry (biases, untied head, head_dim, linear
-RoPE scaling, experts). Skipped where llama-cpp-python is not installed.
+RoPE scaling, experts). Skipped where llama-cpp-python is not installed (failed in CI).
 """
 
 from __future__ import annotations
@@ -20,6 +20,19 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 PROMPT = b"The capital of France is a city where"
 GREEDY_STEPS = 6
+
+
+def test_llama_cpp_was_built_for_this_cpu_without_amx():
+    """`make llamacpp` builds natively but without AMX (whose code dies with SIGILL on the Xeons
+    here); AVX2 and friends must still be on wherever this CPU has them."""
+    info = llama_cpp.llama_print_system_info().decode()
+    features = dict(part.strip().split(" = ") for part in info.split("|") if " = " in part)
+    features = {k.split(":")[-1].strip(): v for k, v in features.items()}
+    assert not [k for k, v in features.items() if k.startswith("AMX") and v == "1"], info
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpu = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    for flag, name in (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX512")):
+        assert (features.get(name) == "1") == (flag in cpu), (name, info)
 
 
 def llama_cpp_model(path, *, f32_cache: bool = False) -> llama_cpp.Llama:

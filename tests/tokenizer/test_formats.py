@@ -10,7 +10,7 @@ import pytest
 import tokenizers
 
 from lmforge.atomic import default_file_mode
-from lmforge.model.gguf import write_gguf
+from lmforge.formats.gguf import write_gguf
 from lmforge.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train
 from lmforge.tokenizer.pretokenize import ByteLevel, PreTokenizer, Split
 from lmforge.tokenizer.ranks import read_tiktoken_file

@@ -22,7 +22,7 @@ from lmforge.train.pretrain import pretrain
 
 from .tiny_run import tiny_config
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = ["train.device=cuda", "train.steps=60", "train.eval_interval=20", "train.eval_batches=2",
         "train.checkpoint_interval=0", "deterministic=false"]

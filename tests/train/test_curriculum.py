@@ -13,6 +13,7 @@ import torch
 from lmforge.config import ConfigKeyError
 from lmforge.data.shards import TokenShard, load_shard_set
 from lmforge.model.checkpoint import load_checkpoint
+from lmforge.train.batch import Batch
 from lmforge.train.curriculum import (
     Curriculum,
     CurriculumConfig,
@@ -132,8 +133,8 @@ def _numbered_windows(n_windows: int, seq_len: int = 4, seed: int = 0) -> TokenW
     return TokenWindows([_shard(tokens, [0])], seq_len=seq_len, seed=seed)
 
 
-def _drawn(batch: torch.Tensor, seq_len: int = 4) -> list[int]:
-    return (batch[:, 0] // seq_len).tolist()
+def _drawn(batch: Batch, seq_len: int = 4) -> list[int]:
+    return (batch.input_ids[:, 0] // seq_len).tolist()
 
 
 @pytest.mark.parametrize("pacing", ["linear", "root", "step", "geometric"])
@@ -175,11 +176,11 @@ def test_curriculum_draws_are_seeded_and_resume_exactly():
     position = a.state_dict()
     after = [a.next_batch(8) for _ in range(40)]  # crosses the end of the ramp (100) and an epoch (150)
     b = make()
-    assert all(torch.equal(x, b.next_batch(8)) for x in before)
+    assert all(torch.equal(x.input_ids, b.next_batch(8).input_ids) for x in before)
     c = make()
     c.load_state_dict(json.loads(json.dumps(position)))
-    assert all(torch.equal(x, c.next_batch(8)) for x in after)
-    assert not all(torch.equal(x, make(seed=4).next_batch(8)) for x in before)
+    assert all(torch.equal(x.input_ids, c.next_batch(8).input_ids) for x in after)
+    assert not all(torch.equal(x.input_ids, make(seed=4).next_batch(8).input_ids) for x in before)
 
     plain = _numbered_windows(150, seed=3)
     with pytest.raises(DataError, match="drawn with curriculum .* but this run has none"):

@@ -30,20 +30,14 @@ from safetensors.torch import load_file
 
 from lmforge.model.checkpoint import load_checkpoint
 from lmforge.model.transformer import Transformer
-from lmforge.train.distributed import (
-    DataParallel,
-    ParallelConfig,
-    ParallelError,
-    RankShare,
-    by_index,
-    by_name,
-    init_parallel,
-    optimizer_param_names,
-)
 from lmforge.train.optim import OptimConfig, build_optimizer
-from lmforge.train.pipeline_parallel import PipelineParallel, stage_layers
+from lmforge.train.parallel.base import ParallelConfig, ParallelError
+from lmforge.train.parallel.data import DataParallel, RankShare
+from lmforge.train.parallel.launch import init_parallel
+from lmforge.train.parallel.pipeline import PipelineParallel, stage_layers
+from lmforge.train.parallel.sharding import by_index, by_name, optimizer_param_names
+from lmforge.train.parallel.tensor import check_splittable
 from lmforge.train.pretrain import model_config, pretrain
-from lmforge.train.tensor_parallel import check_splittable
 
 from .tiny_run import tiny_args, tiny_config
 
@@ -183,7 +177,8 @@ def test_rank_shares_tile_the_global_batch(shards):
     _, train = load_shard_set(shards, "train")
     whole = TokenWindows(train, 64, 7).next_batch(8)
     parts = [RankShare(TokenWindows(train, 64, 7), rank, 2).next_batch(4) for rank in range(2)]
-    assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(torch.cat([p.input_ids for p in parts]), whole.input_ids)
+    assert torch.equal(torch.cat([p.labels for p in parts]), whole.labels)
 
 
 def test_local_plan_splits_the_batch_not_the_step():

@@ -114,11 +114,11 @@ def test_data_order_is_seeded_and_resumable(shards):
     position = a.state_dict()
     following = a.next_batch(4)
     b = TokenWindows(train, 32, seed=5)
-    assert all(torch.equal(x, b.next_batch(4)) for x in first)
+    assert all(torch.equal(x.input_ids, b.next_batch(4).input_ids) for x in first)
     c = TokenWindows(train, 32, seed=5)
     c.load_state_dict(position)
-    assert torch.equal(c.next_batch(4), following)
-    assert not torch.equal(TokenWindows(train, 32, seed=6).next_batch(4), first[0])
+    assert torch.equal(c.next_batch(4).input_ids, following.input_ids)
+    assert not torch.equal(TokenWindows(train, 32, seed=6).next_batch(4).input_ids, first[0].input_ids)
     with pytest.raises(ValueError, match="seq_len, bos_align or seed changed"):
         TokenWindows(train, 16, seed=5).load_state_dict(position)
 
@@ -129,7 +129,8 @@ def test_bos_aligned_windows_start_at_documents(shards, tiny_tokenizer):
     starts = set(np.asarray(train[0].doc_starts).tolist())
     assert set(windows.starts.tolist()) <= starts
     batch = windows.next_batch(8)
-    assert batch.shape == (8, 33)
+    assert batch.input_ids.shape == batch.labels.shape == (8, 32)
+    assert torch.equal(batch.input_ids[:, 1:], batch.labels[:, :-1])  # labels are the inputs shifted by one
     previous = [int(train[0].tokens[s - 1]) for s in windows.starts[:20] if s > 0]
     assert set(previous) == {tiny_tokenizer.eos_token_id}  # each window follows a document's end
 

@@ -12,6 +12,7 @@ from lmforge.cli import main
 from lmforge.data.shards import load_shard_set
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
+from lmforge.train.batch import Batch
 from lmforge.train.data import TokenWindows
 from lmforge.train.objectives import CausalLMObjective
 from lmforge.train.optim import OptimConfig, build_optimizer
@@ -113,7 +114,7 @@ def test_moe_aux_loss_is_added(shards):
     config = ModelConfig(vocab_size=384, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64,
                          n_experts=4, n_experts_per_token=2)
     model = Transformer(config)
-    batch = torch.randint(0, 384, (2, 17))
+    batch = Batch.from_windows(torch.randint(0, 384, (2, 17)))
     loss, metrics = CausalLMObjective().loss(model, batch)
     assert "aux" in metrics and float(metrics["aux"]) > 0
     assert float(loss.detach()) == pytest.approx(float(metrics["ce"] + metrics["aux"]), rel=1e-6)

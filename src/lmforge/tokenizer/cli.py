@@ -143,7 +143,7 @@ def open_tokenizer(spec: str) -> Tokenizer:
     """
     path = Path(spec).expanduser()
     if not path.exists():
-        from lmforge.data.samples import MODEL_ALIASES, SampleError, resolve_model_path
+        from lmforge.hub import MODEL_ALIASES, SampleError, resolve_model_path
 
         if spec not in MODEL_ALIASES:
             known = ", ".join(sorted(MODEL_ALIASES))

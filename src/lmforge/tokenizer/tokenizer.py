@@ -414,7 +414,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def _gguf_metadata(path: Path) -> Mapping[str, Any]:
     """A GGUF file's metadata, read by lmforge's own GGUF reader."""
-    from lmforge.model.gguf import GGUFFile
+    from lmforge.formats.gguf import GGUFFile
 
     try:
         return GGUFFile(path).metadata

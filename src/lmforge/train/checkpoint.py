@@ -105,7 +105,7 @@ def save_training_checkpoint(
     """Write checkpoints/step-NNNNNN atomically, then delete all but the newest `keep`.
 
     `model` and `optimizer` may be their state dicts (with `config`): distributed training
-    gathers the full state first (lmforge.train.distributed) and writes it in this same layout.
+    gathers the full state first (lmforge.train.parallel) and writes it in this same layout.
     """
     checkpoints = Path(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,10 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from lmforge.atomic import atomic_write
+from lmforge.train.data import TokenWindows
 
 if TYPE_CHECKING:
     import torch
-
-    from lmforge.train.data import TokenWindows
 
 Score = Literal["none", "length", "rarity", "perplexity"]
 Pacing = Literal["linear", "root", "step", "geometric"]

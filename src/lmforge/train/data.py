@@ -15,21 +15,34 @@ windows drawn so far, `drawn`, is then part of the position too.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from lmforge.data.shards import TokenShard
-from lmforge.train.curriculum import Curriculum
+from lmforge.train.batch import Batch
 
 
 class DataError(ValueError):
     """Shards that cannot feed training (too short for one window, no documents)."""
 
 
+class DrawOrder(Protocol):
+    """An order for the first draws (train/curriculum.py's `Curriculum` is one)."""
+
+    ramp_draws: int  # how many draws follow this order before ordinary epochs resume
+    fingerprint: str  # what a checkpoint records, to refuse resuming under another order
+
+    def __len__(self) -> int: ...
+
+    def window(self, draw: int) -> int:
+        """The window index of draw number `draw` (< ramp_draws)."""
+        ...
+
+
 class TokenWindows:
-    """Windows of `seq_len + 1` tokens from `shards`; `next_batch(b)` -> int64 [b, seq_len + 1]."""
+    """Windows of `seq_len + 1` tokens from `shards`; `next_batch(b)` -> a `Batch` of b rows of seq_len."""
 
     def __init__(self, shards: Sequence[TokenShard], seq_len: int, seed: int, *, bos_align: bool = False,
                  shuffle: bool = True) -> None:
@@ -55,14 +68,14 @@ class TokenWindows:
                             f"(seq_len + 1){' starting at a document start' if bos_align else ''} fits")
         self.epoch, self.index = 0, 0
         self.drawn = 0  # windows handed out so far, over all epochs
-        self.curriculum: Curriculum | None = None
+        self.curriculum: DrawOrder | None = None
         self._order = self._order_for(0)
 
     def __len__(self) -> int:
         """Windows per epoch."""
         return len(self.starts)
 
-    def use_curriculum(self, curriculum: Curriculum) -> None:
+    def use_curriculum(self, curriculum: DrawOrder) -> None:
         """Draw the first `curriculum.ramp_draws` windows easiest-first, then ordinary epochs."""
         if len(curriculum) != len(self.starts):
             raise DataError(f"the curriculum orders {len(curriculum)} windows, but this data has "
@@ -81,7 +94,7 @@ class TokenWindows:
         start = int(self.starts[k])
         return np.asarray(shard.tokens[start:start + self.seq_len + 1], dtype=np.int64)
 
-    def next_batch(self, batch_size: int) -> torch.Tensor:
+    def next_batch(self, batch_size: int) -> Batch:
         rows = []
         for _ in range(batch_size):
             if self.curriculum is not None and self.drawn < self.curriculum.ramp_draws:
@@ -93,15 +106,15 @@ class TokenWindows:
                 rows.append(self._window(int(self._order[self.index])))
                 self.index += 1
             self.drawn += 1
-        return torch.from_numpy(np.stack(rows))
+        return Batch.from_windows(torch.from_numpy(np.stack(rows)))
 
-    def first_batches(self, batch_size: int, max_batches: int) -> Iterator[torch.Tensor]:
+    def first_batches(self, batch_size: int, max_batches: int) -> Iterator[Batch]:
         """The same fixed batches every time (for evaluation), without moving the position."""
         count = min(len(self.starts), batch_size * max_batches)
         order = self._order_for(0)[:count]
         for begin in range(0, count, batch_size):
             rows = [self._window(int(k)) for k in order[begin:begin + batch_size]]
-            yield torch.from_numpy(np.stack(rows))
+            yield Batch.from_windows(torch.from_numpy(np.stack(rows)))
 
     # ------------------------------------------------------------------ resumable position
     def state_dict(self) -> dict[str, Any]:

@@ -25,9 +25,10 @@ from lmforge.model.transformer import Transformer
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.curriculum import CurriculumConfig, attach_curriculum
 from lmforge.train.data import TokenWindows
-from lmforge.train.distributed import ParallelConfig, init_parallel
 from lmforge.train.objectives import CausalLMObjective
 from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.parallel.base import ParallelConfig
+from lmforge.train.parallel.launch import init_parallel
 from lmforge.train.schedule import ScheduleConfig, lr_at
 from lmforge.train.trainer import TrainConfig, Trainer, resolve_device
 

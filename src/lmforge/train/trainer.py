@@ -20,7 +20,7 @@ Which one was used is shown ("MFU 31% of measured peak"; `peak_flops_source` in 
 the two differ, since a measured matmul peak is reachable and a datasheet peak rarely is.
 
 Under `torchrun` the same loop runs on every rank; a `Parallel` strategy
-(lmforge.train.distributed) decides which rows each rank computes and how gradients,
+(lmforge.train.parallel) decides which rows each rank computes and how gradients,
 losses and checkpoints are combined. Only rank 0 prints, logs, plots and writes.
 """
 
@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from lmforge.atomic import atomic_write
+from lmforge.train.batch import BatchSource
 from lmforge.train.checkpoint import latest_checkpoint
-from lmforge.train.data import TokenWindows
-from lmforge.train.distributed import Parallel
 from lmforge.train.objectives import Objective
+from lmforge.train.parallel.base import Parallel
 
 
 class NonFiniteError(RuntimeError):
@@ -132,11 +132,11 @@ class Trainer:
         objective: Objective,
         optimizer: torch.optim.Optimizer,
         lr_factor: Callable[[int], float],
-        train_data: TokenWindows,
+        train_data: BatchSource,
         config: TrainConfig,
         run_dir: str | Path,
         *,
-        val_data: TokenWindows | None = None,
+        val_data: BatchSource | None = None,
         bytes_per_token: float | None = None,
         run_config: dict[str, Any] | None = None,
         tokenizer: Any = None,

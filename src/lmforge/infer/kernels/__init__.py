@@ -5,9 +5,17 @@ cached under `~/.cache/lmforge/kernels/<hash>/`, and loaded with ctypes. It need
 PyTorch headers; it links the same OpenMP runtime (libgomp) that PyTorch has already
 loaded, so both share one thread pool and `torch.set_num_threads` applies to both.
 
+The instruction set is chosen from what this CPU reports (/proc/cpuinfo), never
+assumed: the AVX2 + FMA + F16C path where all three exist, portable C elsewhere
+(`LMFORGE_KERNEL_ISA=portable` forces it, so both paths can be tested on one machine).
+The cached library is loaded only if its sha256 matches the one recorded when it was
+built; anything else in that folder is rebuilt, not run.
+
 Everything that uses these kernels has a plain PyTorch path, taken when they are
-unavailable (no compiler, not Linux x86-64, `LMFORGE_KERNELS=0`) and on every device but
-the CPU; nothing depends on them but speed. The structures below mirror `decode.c`.
+unavailable and on every device but the CPU; nothing depends on them but speed. Why they
+are unavailable is never hidden: `status()` says (disabled, another platform, or the
+compiler's error), and a failed build logs a warning.
+The structures below mirror `decode.c`.
 """
 
 from __future__ import annotations
@@ -77,51 +85,116 @@ class Step(ctypes.Structure):
                 ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
 
 
-def _flags() -> list[str]:
-    flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-    return flags + ["-lm"]
+ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "portable": []}
+ISA_CODES = {"portable": 0, "avx2": 1}  # what the built library's lmf_isa() returns
 
 
-def _compile(target: Path) -> None:
+def cpu_features() -> set[str]:
+    """The CPU's feature flags as the kernel reports them (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa() -> str:
+    """The instruction set to build for: forced by `LMFORGE_KERNEL_ISA`, else the best this CPU has."""
+    forced = os.environ.get("LMFORGE_KERNEL_ISA")
+    if forced:
+        if forced not in ISA_FLAGS:
+            raise ValueError(f"LMFORGE_KERNEL_ISA={forced!r}: choose one of {', '.join(ISA_FLAGS)}")
+        return forced
+    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_features() else "portable"
+
+
+def _flags(target_isa: str) -> list[str]:
+    return ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", *ISA_FLAGS[target_isa], "-lm"]
+
+
+class KernelBuildError(RuntimeError):
+    """The kernels could not be built (no compiler, or it failed); the message says why."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _trusted(target: Path) -> bool:
+    """The library exists and is byte for byte the one this process's build recorded."""
+    digest = target.with_name(target.name + ".sha256")
+    return target.exists() and digest.exists() and digest.read_text().strip() == _sha256(target)
+
+
+def _compile(target: Path, target_isa: str) -> None:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        raise RuntimeError("no C compiler found (set CC)")
+        raise KernelBuildError("no C compiler found (install gcc, or set CC)")
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two processes building at once: the second waits, then reuses
-        if target.exists():
+        if _trusted(target):
             return
         with tempfile.TemporaryDirectory() as tmp:  # a crash mid-build must not leave a broken library
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, str(SOURCE), "-o", str(built), *_flags()],
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            try:
+                result = subprocess.run([compiler, str(SOURCE), "-o", str(built), *_flags(target_isa)],
+                                        capture_output=True, text=True)
+            except OSError as err:
+                raise KernelBuildError(f"cannot run the C compiler {compiler!r}: {err}") from err
+            if result.returncode != 0 or not built.exists():
+                detail = (result.stderr or result.stdout).strip()[-2000:] or f"exit {result.returncode}"
+                raise KernelBuildError(f"{compiler} could not compile {SOURCE.name}: {detail}")
             with atomic_write(target) as f:
                 f.write(built.read_bytes())
+            with atomic_write(target.with_name(target.name + ".sha256"), "w") as f:
+                f.write(_sha256(target) + "\n")
+
+
+_status = "not loaded yet"
+
+
+def status() -> str:
+    """Why the kernels are or are not in use, in a phrase (shown by `lmforge info` and the tests)."""
+    library()
+    return _status
 
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it first if needed; None when unavailable."""
+    """The loaded kernel library, building it first if needed; None when unavailable (see `status`)."""
+    global _status
     if os.environ.get("LMFORGE_KERNELS", "1") == "0":
+        _status = "disabled by LMFORGE_KERNELS=0"
         return None
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        _status = f"not built for {platform.system()} {platform.machine()} (Linux x86-64 only)"
         return None
-    try:
-        from lmforge.data.samples import cache_dir
+    from lmforge.hub import cache_dir
 
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:16]
-        target = cache_dir() / "kernels" / key / "lmforge_decode.so"
-        if not target.exists():
-            log.info("building lmforge's CPU kernels (once)")
-            _compile(target)
+    target_isa = isa()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags(target_isa)).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / key / "lmforge_decode.so"
+    try:
+        if not _trusted(target):
+            if target.exists():
+                log.warning("%s does not match the sha256 recorded when it was built; rebuilding", target)
+            else:
+                log.info("building lmforge's CPU kernels for %s (once)", target_isa)
+            _compile(target, target_isa)
         lib = ctypes.CDLL(str(target))
-    except Exception as err:  # a missing compiler must never break inference, only slow it
-        log.warning("lmforge CPU kernels unavailable, using plain PyTorch: %s", err)
+    except (KernelBuildError, OSError) as err:  # a missing compiler must never break inference, only slow it
+        _status = f"unavailable, using plain PyTorch: {err}"
+        log.warning("lmforge CPU kernels %s", _status)
         return None
+    lib.lmf_isa.restype = ctypes.c_int
+    if lib.lmf_isa() != ISA_CODES[target_isa]:
+        _status = f"unavailable: the library built for {target_isa} reports another instruction set"
+        return None
+    _status = f"built for {target_isa}"
     lib.lmf_linear.argtypes = [ctypes.POINTER(Weight), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                ctypes.c_int]
     lib.lmf_norm.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,

@@ -33,6 +33,9 @@
 #endif
 
 enum { LMF_F32 = 0, LMF_INT8 = 1, LMF_INT4 = 2 };
+
+/* Which code path this build holds: 1 = AVX2 + FMA + F16C, 0 = portable C. */
+int lmf_isa(void) { return LMF_AVX2; }
 enum { LMF_RMSNORM = 0, LMF_LAYERNORM = 1 };
 enum { LMF_SWIGLU = 0, LMF_GELU_TANH = 1, LMF_GELU = 2, LMF_RELU2 = 3 };
 

@@ -90,7 +90,7 @@ class Attention(nn.Module):
         """x [B, T, d]; mask None means plain causal over exactly these T tokens."""
         B, T, _ = x.shape
         # head counts come from the projections' widths, not the config: under tensor parallelism
-        # each rank holds a slice of the heads (lmforge.train.tensor_parallel)
+        # each rank holds a slice of the heads (lmforge.train.parallel.tensor)
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)

@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.train.distributed import (
-    Parallel,
-    ParallelError,
+from lmforge.train.parallel.base import Parallel, ParallelError
+from lmforge.train.parallel.sharding import (
     clip_grad_norm_across_ranks,
     gather_dtensor_state,
     scatter_dtensor_state,

@@ -25,21 +25,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.layers.linear import linear
 from lmforge.model.transformer import Transformer
-from lmforge.train.distributed import (
-    Autocast,
-    Parallel,
-    ParallelError,
+from lmforge.train.batch import Batch
+from lmforge.train.objectives import CausalLMObjective, Objective, next_token_loss
+from lmforge.train.parallel.base import Autocast, Parallel, ParallelError
+from lmforge.train.parallel.sharding import (
     by_index,
     by_name,
     clip_grad_norm_across_ranks,
     optimizer_param_names,
 )
-from lmforge.train.objectives import CausalLMObjective, Objective
 
 
 def stage_layers(n_layers: int, stage: int, stages: int) -> range:
@@ -97,11 +95,6 @@ class StageModule(nn.Module):
         return linear(x, self.embed.weight) if self.config.tie_embeddings else self.lm_head(x)
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of one micro-batch (as `CausalLMObjective`), the softmax in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 class PipelineParallel(Parallel):
     """Each rank one stage; every step's batch goes through the pipeline in micro-batches."""
 
@@ -155,13 +148,14 @@ class PipelineParallel(Parallel):
         return kind(stage, self.chunks, loss_fn=next_token_loss, scale_grads=True)
 
     # ------------------------------------------------------------------ one step
-    def forward_backward(self, objective: Objective, model: nn.Module, batch: torch.Tensor, accum: int,
+    def forward_backward(self, objective: Objective, model: nn.Module, batch: Batch, accum: int,
                          autocast: Autocast, last: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not isinstance(objective, CausalLMObjective):
             raise ParallelError("pipeline parallelism trains the next-token objective only")
+        _check_unpacked(batch)
         if self.schedule is None:
             self.schedule = self._build_schedule()
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        inputs, targets = batch.input_ids, batch.labels
         losses: list[torch.Tensor] = []
         with autocast():
             if self.is_first:
@@ -191,10 +185,11 @@ class PipelineParallel(Parallel):
                                            lambda p: "copy" if p is tied_copy else "own", self.device)
 
     @torch.no_grad()
-    def eval_loss(self, objective: Objective, model: nn.Module, batch: torch.Tensor,
+    def eval_loss(self, objective: Objective, model: nn.Module, batch: Batch,
                   autocast: Autocast) -> torch.Tensor:
         """The stages one after another (a handful of evaluation batches need no pipelining)."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        _check_unpacked(batch)
+        inputs, targets = batch.input_ids, batch.labels
         if self.is_first:
             x = inputs
         else:
@@ -254,6 +249,12 @@ class PipelineParallel(Parallel):
             for label, names in groups:
                 merged.setdefault(label, set()).update(names)
         return [(label, sorted(names, key=self.canonical.__getitem__)) for label, names in merged.items()]
+
+
+def _check_unpacked(batch: Batch) -> None:
+    if batch.positions is not None:
+        raise ParallelError("pipeline parallelism passes only hidden states between stages, not the "
+                            "document positions of packed rows: use data or tensor parallelism here")
 
 
 def _label(group: dict[str, Any], position: int) -> Any:

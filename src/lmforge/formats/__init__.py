@@ -1,0 +1,1 @@
+"""File containers shared by models and tokenizers (GGUF and ggml's block formats)."""
