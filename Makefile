@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup dev demo chat test lint llamacpp
+.PHONY: setup dev demo chat test llamacpp
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,7 +57,3 @@ chat: setup
 test: dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
-
-lint: dev
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks

@@ -45,7 +45,7 @@ def test_info_on_gguf_and_preset(smollm2_gguf, capsys):
     [
         (["generate", "--model", "/no/such/model", "--prompt", "x"], "neither an existing path"),
         (["generate", "--model", "smollm2", "--prompt", "x", "--temperature", "-1"], "temperature"),
-        (["generate", "--model", "smollm2", "--prompt", "x", "--top-p", "0"], "top_p"),
+        (["generate", "--model", "smollm2", "--prompt", "x", "--top-p", "0"], "--top-p"),
         (["info", "--preset", "gpt5"], "unknown model preset"),
     ],
 )

@@ -8,17 +8,22 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+
+from lmforge.cli_parser import Parser, add_threads_flag, apply_threads
 
 # Exceptions that mean "bad input", not "bug": each module's own errors subclass one of these.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, *, default_temperature: float) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="tokens to generate at most (fewer when the model's context runs out)")
     parser.add_argument("--temperature", type=float, default=default_temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
@@ -43,17 +48,35 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, *, default_temperature:
     parser.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
                         help="quantize the draft model (e.g. --draft-model smollm2 --draft-quantize int4)")
     parser.add_argument("--num-speculative", type=int, default=4, help="draft tokens proposed per round")
+    add_threads_flag(parser)
+
+
+# SamplingParams' field names -> the flags that set them, so an error names what the user typed
+_SAMPLING_FLAGS = {"max_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p",
+                   "min_p": "--min-p", "repetition_penalty": "--repetition-penalty",
+                   "frequency_penalty": "--frequency-penalty",
+                   "presence_penalty": "--presence-penalty", "temperature": "--temperature", "seed": "--seed",
+                   "top_logprobs": "--logprobs", "stop": "--stop"}
+
+
+def _flag_names(message: str) -> str:
+    pattern = r"\b(" + "|".join(sorted(_SAMPLING_FLAGS, key=len, reverse=True)) + r")\b"
+    return re.sub(pattern, lambda m: _SAMPLING_FLAGS[m.group(1)], message)
 
 
 def _sampling_params(args: argparse.Namespace):
     from lmforge.infer.sampling import SamplingParams
 
-    return SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-        presence_penalty=args.presence_penalty, max_tokens=args.max_new_tokens, stop=tuple(args.stop),
-        logprobs=bool(getattr(args, "logprobs", 0)), top_logprobs=getattr(args, "logprobs", 0) or 0,
-    )
+    try:
+        return SamplingParams(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+            presence_penalty=args.presence_penalty, max_tokens=args.max_new_tokens, stop=tuple(args.stop),
+            logprobs=bool(getattr(args, "logprobs", 0)), top_logprobs=getattr(args, "logprobs", 0) or 0,
+        )
+    except ValueError as err:
+        raise ValueError(_flag_names(str(err))) from None
 
 
 def _load(args: argparse.Namespace):
@@ -62,10 +85,28 @@ def _load(args: argparse.Namespace):
 
     from lmforge.infer.engine import Engine
 
+    apply_threads(args.threads)
     return Engine.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
                                   quantize=args.quantize, draft=args.draft_model,
                                   draft_quantize=args.draft_quantize, max_batch_size=1,
                                   num_speculative=args.num_speculative)
+
+
+def _fit_reply(params, prompt_tokens: int, context: int, *, say) -> object:
+    """The sampling params with max_tokens cut to what the model's context leaves after the prompt.
+
+    `--max-new-tokens` is an upper bound: a small model (the demo's has 256 positions)
+    simply writes a shorter reply, and `say` tells the user where the limit came from.
+    """
+    room = context - prompt_tokens
+    if room < 1:
+        raise ValueError(f"the prompt has {prompt_tokens} tokens and fills the model's context of {context} "
+                         "tokens: shorten it (or use --truncate)")
+    if params.max_tokens is not None and params.max_tokens > room:
+        say(f"(replies are limited to {room} tokens here: the model's context is {context} tokens and the "
+            f"prompt takes {prompt_tokens})")
+        return dataclasses.replace(params, max_tokens=room)
+    return params
 
 
 # ---------------------------------------------------------------------- generate
@@ -79,6 +120,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     prompt_ids = tok.encode(prompt)
+    if not args.truncate:
+        params = _fit_reply(params, len(prompt_ids), engine.context,
+                            say=lambda text: args.quiet or print(text, file=sys.stderr))
     if args.beam:  # not streamed: the best reply is known only at the end (all beams with --json)
         hyps = engine.beam_search(prompt_ids, width=args.beam, max_tokens=args.max_new_tokens,
                                   length_penalty=args.length_penalty)
@@ -132,8 +176,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tok = engine.tokenizer
     interactive = sys.stdin.isatty()
     config = engine.model.config
-    print(f"lmforge chat: {engine.path.name} ({config.num_parameters() / 1e6:.0f}M parameters, "
-          f"loaded in {time.perf_counter() - started:.1f}s). {CHAT_HELP}", file=sys.stderr)
+    print(f"lmforge chat: {engine.path.name} ({config.num_parameters() / 1e6:.1f}M parameters, context "
+          f"{engine.context} tokens, loaded in {time.perf_counter() - started:.1f}s). {CHAT_HELP}",
+          file=sys.stderr)
+    if tok.chat_template is None:
+        print("(this model has no chat template of its own: conversations are laid out in ChatML)",
+              file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     while True:
@@ -154,10 +202,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
         stats = GenerationStats()
         reply: list[str] = []
+        try:
+            turn_params = params if args.truncate else _fit_reply(
+                params, len(prompt_ids), engine.context, say=lambda text: print(text, file=sys.stderr))
+        except ValueError as err:
+            print(f"(error: {err}; /reset to start over)", file=sys.stderr)
+            messages.pop()
+            continue
         if interactive:
             sys.stdout.write("assistant> ")
         try:
-            for event in engine.generate(prompt_ids, params, truncate=args.truncate, stats=stats):
+            for event in engine.generate(prompt_ids, turn_params, truncate=args.truncate, stats=stats):
                 reply.append(event.text)
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
@@ -178,9 +233,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from lmforge.model.info import describe
 
-    if not args.path and not args.preset:
-        raise ValueError("give a PATH (checkpoint folder, .gguf, or sample name) or --preset NAME")
-    info = describe(f"preset:{args.preset}" if args.preset else args.path)
+    model = args.model or args.path
+    if not model and not args.preset:
+        raise ValueError("give --model (checkpoint or run folder, .gguf, or sample name) or --preset NAME")
+    if model and args.preset:
+        raise ValueError("give --model or --preset, not both")
+    info = describe(f"preset:{args.preset}" if args.preset else model)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -192,19 +250,41 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmforge.export import export_model
+
+    apply_threads(args.threads)
+    result = export_model(args.model, args.to, args.output, dtype=args.dtype)
+    print(json.dumps(vars(result), indent=2) if args.json else result.describe())
+    return 0
+
+
 # ---------------------------------------------------------------------- main
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lmforge")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
+    parser = Parser(prog="lmforge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lmforge {_version()}")
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         return p
 
+    model_help = ("checkpoint folder, run folder (its newest checkpoint), .gguf file, or a sample name "
+                  "(smollm2)")
     p = command("generate", cmd_generate, "continue a prompt and print only the completion")
-    p.add_argument("--model", required=True, help="checkpoint folder, .gguf file, or a sample name (smollm2)")
+    p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print the completion and timings as JSON")
@@ -213,17 +293,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=0, metavar="WIDTH", help="beam search with this many beams")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam score = log-probability / length ** this (> 1 favours longer replies)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no notes on stderr, only the completion")
     _add_sampling_flags(p, default_temperature=0.0)
 
     p = command("chat", cmd_chat, "a streaming terminal chat using the model's chat template")
-    p.add_argument("--model", default="smollm2", help="checkpoint folder, .gguf file, or a sample name")
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--model", default="smollm2", help=model_help)
+    p.add_argument("--system", default=None, help="system prompt (default: none)")
     _add_sampling_flags(p, default_temperature=0.7)
 
     p = command("info", cmd_info, "architecture, parameters, dtype, context length, tokenizer and size")
-    p.add_argument("path", nargs="?", help="checkpoint folder, .gguf file, or a sample name")
+    p.add_argument("path", nargs="?", metavar="MODEL", help="the same as --model")
+    p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--preset", help="describe a built-in architecture instead (gpt2, llama-tiny, ...)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+
+    p = command("export", cmd_export, "write a model as a Hugging Face folder (transformers, vLLM) or a GGUF "
+                                      "file (llama.cpp), with its tokenizer")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--to", required=True, choices=["hf", "gguf"], help="the format to write")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                   help="number format of the weights (default: f32 for hf, f16 for gguf; q8_0: gguf only)")
+    p.add_argument("--output", "-o", required=True, help="a folder (hf) or a file ending in .gguf (gguf)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    add_threads_flag(p)
 
     from lmforge.data.cli import register as register_data
     from lmforge.data.crawl import register as register_crawl
@@ -246,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `lmforge`: what there is to do
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -256,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.traceback:
             raise
-        print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
+        message = _flag_names(str(err)) if args.command in ("generate", "chat") else str(err)
+        print(f"lmforge {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from lmforge.cli_parser import add_threads_flag, apply_threads
+
 #: The model and training recipe: the tiny-cpu recipe (configs/pretrain/tiny-cpu.yaml),
 #: which learns visibly on a 2-core laptop CPU in minutes.
 DEMO_RECIPE: dict[str, Any] = {
@@ -225,6 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config.text = list(args.text)
     if config.steps < 1:
         raise ValueError("--steps must be at least 1")
+    apply_threads(args.threads)
     summary = run_demo(config, quiet=args.quiet, out=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(summary, indent=2), flush=True)
@@ -258,12 +261,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=DemoConfig.steps,
                    help="pretraining steps (4,096 tokens each)")
     p.add_argument("--vocab-size", type=int, default=DemoConfig.vocab_size, help="tokenizer vocabulary size")
-    p.add_argument("--pages", nargs="+", metavar="INPUT", help="raw pages instead of the 'web' sample")
-    p.add_argument("--text", nargs="+", metavar="INPUT", help="text instead of the Python docs' reST sources")
+    p.add_argument("--pages", nargs="+", metavar="INPUT",
+                   help="raw pages to prepare (default: the 'web' sample)")
+    p.add_argument("--text", nargs="+", metavar="INPUT",
+                   help="text to add (default: the Python docs' reST sources)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars on stderr")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (stages go to stderr)")
     p.add_argument("--no-serve", action="store_true",
                    help="stop after sampling instead of serving the model next to SmolLM2")
     p.add_argument("--host", default="127.0.0.1", help="where to serve at the end")
     p.add_argument("--port", type=int, default=8000, help="where to serve at the end")
+    add_threads_flag(p)
     p.set_defaults(func=cmd_demo)

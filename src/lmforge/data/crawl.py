@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
+from lmforge.cli_parser import add_config_command
 from lmforge.data.robots import MAX_ROBOTS_BYTES, RobotsCache
 
 if TYPE_CHECKING:  # httpx is imported where it is used, so that `lmforge --help` stays fast
@@ -1125,7 +1126,7 @@ class _ProgressLine:
 def _cmd_crawl(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
 
-    config = load_config(CrawlConfig, args.config, args.set or [])
+    config = load_config(CrawlConfig, args.config, args.overrides)
     flags = {"seeds": args.seeds or None, "max_pages": args.max_pages, "max_depth": args.max_depth,
              "max_bytes": args.max_bytes, "allowed_domains": args.allow_domain, "per_host_delay": args.delay,
              "concurrency": args.concurrency}
@@ -1141,19 +1142,21 @@ def _cmd_crawl(args: argparse.Namespace) -> int:
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add ``lmforge crawl`` to the `add_subparsers()` object of the main parser."""
     help_text = "crawl websites politely into WARC files (resumable: run again to continue)"
-    p = sub.add_parser("crawl", help=help_text, description=help_text)
+    p = add_config_command(sub, "crawl", config_help="YAML file with CrawlConfig fields (default: none)",
+                           help=help_text, description=help_text)
     p.add_argument("seeds", nargs="*", metavar="SEED", help="start URLs (optional when resuming --output)")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="WARC files and crawl state go here")
-    p.add_argument("--config", metavar="FILE", help="YAML file with CrawlConfig fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    p.add_argument("--max-pages", type=int, metavar="N", help="stop after N pages in total")
-    p.add_argument("--max-depth", type=int, metavar="N", help="follow links at most N steps from a seed")
-    p.add_argument("--max-bytes", type=int, metavar="N", help="start no request after N body bytes in total")
+    p.add_argument("--max-pages", type=int, metavar="N", help="stop after N pages in total (default: 1000)")
+    p.add_argument("--max-depth", type=int, metavar="N",
+                   help="follow links at most N steps from a seed (default: no limit)")
+    p.add_argument("--max-bytes", type=int, metavar="N",
+                   help="start no request after N body bytes in total (default: no limit)")
     p.add_argument("--allow-domain", action="append", metavar="DOMAIN",
                    help="crawl this domain and its subdomains (repeatable; default: the seeds' hosts)")
-    p.add_argument("--delay", type=float, metavar="S", help="seconds between request starts to one host")
-    p.add_argument("--concurrency", type=int, metavar="N", help="requests in flight in total")
+    p.add_argument("--delay", type=float, metavar="S",
+                   help="seconds between request starts to one host (default: 1.0)")
+    p.add_argument("--concurrency", type=int, metavar="N", help="requests in flight in total (default: 16)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_cmd_crawl)
     return p

@@ -8,6 +8,7 @@ every type, even the ones lmforge cannot decode, so a file's layout can be check
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -75,7 +76,7 @@ BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
 def tensor_nbytes(ggml_type: GGMLType, shape: Sequence[int]) -> int:
     """Bytes a tensor of this type and shape occupies (its innermost dim must fill whole blocks)."""
     block, block_bytes = BLOCK_LAYOUT[ggml_type]
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(int(d) for d in shape)  # Python ints: a file's 2**32 x 2**32 must not wrap to 0 in int64
     return n // block * block_bytes
 
 
@@ -219,3 +220,13 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     out[:, :2] = d.astype("<f2").view(np.uint8)
     out[:, 2:] = _round_half_away(blocks * inverse).astype(np.int8).view(np.uint8)
     return out.reshape(*x.shape[:-1], x.shape[-1] // 32 * 34)
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even as ggml and PyTorch do; NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # a quiet NaN, sign kept
+    return rounded

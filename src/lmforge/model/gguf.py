@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lmforge.formats.ggml import GGMLType, quantize_q8_0
+from lmforge.formats.ggml import GGMLType, quantize_q8_0, to_bf16
 from lmforge.formats.gguf import GGUFError, GGUFFile, TensorData, TensorInfo, write_gguf
 from lmforge.model.config import ConfigError, ModelConfig
 
@@ -261,8 +261,9 @@ def _to_torch(w: np.ndarray) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- export
 
-ExportDType = Literal["f32", "f16", "q8_0"]
-_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's `llama_ftype`: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+ExportDType = Literal["f32", "f16", "bf16", "q8_0"]
+# llama.cpp's `llama_ftype`: ALL_F32, MOSTLY_F16, MOSTLY_BF16, MOSTLY_Q8_0
+_FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}
 
 
 def _check_exportable(config: ModelConfig) -> None:
@@ -317,6 +318,8 @@ def _encode_weight(name: str, w: np.ndarray, dtype: ExportDType) -> TensorData:
         return TensorData(name, w.shape, GGMLType.F32, w.astype(np.float32))
     if dtype == "q8_0" and w.shape[-1] % 32 == 0:
         return TensorData(name, w.shape, GGMLType.Q8_0, quantize_q8_0(w))
+    if dtype == "bf16":
+        return TensorData(name, w.shape, GGMLType.BF16, to_bf16(w))
     return TensorData(name, w.shape, GGMLType.F16, w.astype(np.float16))  # also Q8_0's fallback
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.tokenizer.errors import TokenizerError
+from lmforge.tokenizer.pretokenize import CL100K_POSSESSIVE_PATTERN, PATTERNS
 from lmforge.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 #: Special tokens a trained tokenizer gets unless --special is given: GPT-2's document
@@ -59,6 +60,16 @@ class InputError(ValueError):
 # ---------------------------------------------------------------------- registration
 
 
+# name -> (regex, what it is, its GGUF pre-tokenizer name or None when llama.cpp cannot run it)
+TRAINING_PATTERNS: dict[str, tuple[str, str, str | None]] = {
+    "llama3": (PATTERNS["llama3"], "GPT-4's rules as Llama 3 spells them, exports to GGUF (llama-bpe)",
+               "llama-bpe"),
+    "gpt2": (PATTERNS["gpt2"], "GPT-2's, exports to GGUF (gpt-2)", "gpt-2"),
+    "qwen2": (PATTERNS["qwen2"], "Qwen2's, exports to GGUF (qwen2)", "qwen2"),
+    "o200k": (PATTERNS["o200k"], "GPT-4o's, exports to GGUF (gpt-4o)", "gpt-4o"),
+    "gpt4": (CL100K_POSSESSIVE_PATTERN, "GPT-4's in tiktoken's possessive spelling, no GGUF export", None),
+}
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``tokenizer`` (train / encode / decode / show / compare) to the `lmforge` subcommands."""
     tok = sub.add_parser("tokenizer", help="train, run and inspect byte-level BPE tokenizers",
@@ -75,8 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, required=True, metavar="N",
                    help="total ids: 256 byte tokens + merges + special tokens")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write the tokenizer into")
-    p.add_argument("--pattern", default="gpt4",
-                   help="pre-tokenizer regex: 'gpt4' (cl100k's, default), 'gpt2', or a regex of your own")
+    p.add_argument("--pattern", default="llama3",
+                   help="pre-tokenizer regex (default: llama3): " + "; ".join(
+                       f"{name}: {label}" for name, (_, label, _) in TRAINING_PATTERNS.items())
+                   + "; or a regex of your own (GGUF export only when it equals a named one)")
     p.add_argument("--special", action="append", default=None, metavar="TOKEN",
                    help="a special token (repeatable; replaces the default "
                         f"{' '.join(DEFAULT_SPECIAL_TOKENS)})")
@@ -212,11 +225,10 @@ def parse_ids(source: str) -> list[int]:
 
 
 def _resolve_pattern(name: str) -> tuple[str, str]:
-    """(pattern, label): the named GPT-2/GPT-4 regexes, or the argument itself as a regex."""
-    from lmforge.tokenizer.train import GPT2_PATTERN, GPT4_PATTERN
-
-    named = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
-    return (named[name], name) if name in named else (name, "custom")
+    """(pattern, label): a named regex of `TRAINING_PATTERNS`, or the argument itself as a regex."""
+    if name in TRAINING_PATTERNS:
+        return TRAINING_PATTERNS[name][0], name
+    return name, "custom"
 
 
 def _check_train_paths(inputs: Sequence[str], output: Path) -> list[Path]:
@@ -275,6 +287,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "merges": len(model.merges),
         "special_tokens": model.special_tokens,
         "pattern": pattern_label,
+        "gguf_pre": tok.spec.pretokenizer.name,
         "chat_template": "chatml" if chatml else None,
         "stop_reason": model.stop_reason,
         "corpus_bytes": int(model.stats.get("bytes", 0)),
@@ -302,6 +315,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                        f"{len(model.special_tokens)} special"),
         ("special", specials_text),
         ("pattern", pattern_label + ("; chat template: ChatML" if chatml else "")),
+        ("GGUF export", f"yes (tokenizer.ggml.pre = {summary['gguf_pre']})" if summary["gguf_pre"] else
+                        "no: llama.cpp knows no pre-tokenizer that cuts like this pattern (train with "
+                        "--pattern llama3, gpt2, qwen2 or o200k to export)"),
         ("corpus", f"{summary['corpus_bytes']:,} bytes in {len(paths)} file(s), "
                    f"{summary['pretokens']:,} pre-tokens ({summary['distinct_pretokens']:,} distinct)"),
         ("time", f"{seconds:.2f} s (counting {summary['count_seconds']:.2f} s, "

@@ -152,8 +152,9 @@ def gguf_metadata(spec: TokenizerSpec, bpe: BPE) -> dict[str, Any]:
     pre = spec.gguf_pre if spec.gguf_pre in GGUF_PRE_TYPES else spec.pretokenizer.name
     if pre is None or PIPELINES[GGUF_PRE_TYPES[pre].pipeline] != spec.pretokenizer.canonical():
         raise TokenizerError(
-            f"the pre-tokenizer ({spec.pretokenizer.describe()}) has no GGUF name llama.cpp knows; "
-            "it cannot be exported to GGUF"
+            f"the pre-tokenizer ({spec.pretokenizer.describe()}) has no GGUF name llama.cpp knows, so "
+            "llama.cpp would split text differently; it cannot be exported to GGUF (tokenizers trained "
+            "with `lmforge tokenizer train --pattern llama3` (the default), gpt2, qwen2 or o200k export)"
         )
     if spec.normalizer is not None:
         logger.warning(

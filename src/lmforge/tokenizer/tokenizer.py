@@ -392,10 +392,16 @@ class Tokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Open a tokenizer from a folder (tokenizer.json, or vocab.json + merges.txt), a
-    tokenizer.json file, or a .gguf file (its `tokenizer.ggml.*` metadata)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise TokenizerError(f"{path}: no such file or folder")
+    tokenizer.json file, a .gguf file (its `tokenizer.ggml.*` metadata), a training run's
+    folder (its newest checkpoint's), or a sample's name (`smollm2`), as `--tokenizer` does."""
+    from lmforge.hub import MODEL_ALIASES, resolve_model_path
+
+    given = path
+    try:
+        path = resolve_model_path(path)
+    except FileNotFoundError:
+        raise TokenizerError(f"{Path(given).expanduser()}: no such file or folder (nor a sample name: "
+                             f"{', '.join(sorted(MODEL_ALIASES))})") from None
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return Tokenizer.from_tokenizer_json(path / "tokenizer.json")

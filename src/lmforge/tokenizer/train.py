@@ -53,18 +53,23 @@ from typing import TYPE_CHECKING
 
 import regex
 
-from lmforge.tokenizer.pretokenize import CL100K_POSSESSIVE_PATTERN, GPT2_PATTERN
+from lmforge.tokenizer.pretokenize import CL100K_POSSESSIVE_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN
 
 if TYPE_CHECKING:  # only needed by BPEModel.to_tiktoken / to_tokenizer
     import tiktoken
 
     from lmforge.tokenizer.tokenizer import Tokenizer
 
-__all__ = ["GPT2_PATTERN", "GPT4_PATTERN", "BPEModel", "TrainingError", "train_bpe", "train_bpe_from_files"]
+__all__ = ["DEFAULT_PATTERN", "GPT2_PATTERN", "GPT4_PATTERN", "BPEModel", "TrainingError", "train_bpe",
+           "train_bpe_from_files"]
 
-#: The default patterns: GPT-2's, and GPT-4's cl100k in tiktoken's possessive spelling
-#: (its quantifiers only save the regex engine from backtracking). See pretokenize.py.
+#: GPT-4's cl100k in tiktoken's possessive spelling (its quantifiers only save the regex
+#: engine from backtracking), which llama.cpp's regex engine cannot run. See pretokenize.py.
 GPT4_PATTERN = CL100K_POSSESSIVE_PATTERN
+
+#: The default: the same rules as GPT-4's in the spelling Llama 3 ships, which llama.cpp
+#: knows as `llama-bpe`, so a tokenizer trained with it exports to GGUF.
+DEFAULT_PATTERN = LLAMA3_PATTERN
 
 #: Texts are counted in batches of about this many characters: large enough that the
 #: per-batch costs (a regex call per text, a pickled batch to a worker) stay small, small
@@ -678,7 +683,7 @@ def train_bpe(
     texts: Iterable[str],
     vocab_size: int,
     *,
-    pattern: str = GPT4_PATTERN,
+    pattern: str = DEFAULT_PATTERN,
     special_tokens: Sequence[str] = (),
     min_frequency: int = 2,
     progress: bool = False,
@@ -691,7 +696,7 @@ def train_bpe(
             read once. Each string is a separate document: pre-tokens never span two.
         vocab_size: the total number of ids wanted: 256 byte tokens + merges + special
             tokens. Training stops earlier when ``min_frequency`` or the corpus runs out.
-        pattern: the pre-tokenizer regex (``regex`` module syntax); GPT-4's by default.
+        pattern: the pre-tokenizer regex (``regex`` module syntax); Llama 3's (GPT-4's rules) by default.
         special_tokens: strings that get the ids after the last merge, in this order.
             Their occurrences in the texts are not trained on.
         min_frequency: stop when the best pair occurs fewer times than this.
@@ -772,7 +777,7 @@ def train_bpe_from_files(
     paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     vocab_size: int,
     *,
-    pattern: str = GPT4_PATTERN,
+    pattern: str = DEFAULT_PATTERN,
     special_tokens: Sequence[str] = (),
     min_frequency: int = 2,
     progress: bool = False,

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+
+from lmforge.cli_parser import add_config_command, add_threads_flag, apply_threads
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
     from lmforge.train.pretrain import PretrainConfig, pretrain
 
-    config = load_config(PretrainConfig, args.config, args.overrides)
+    apply_threads(args.threads)
+    overrides = [*args.overrides, *([f"output={args.output}"] if args.output else [])]
+    config = load_config(PretrainConfig, args.config, overrides)
     summary = pretrain(config, quiet=args.quiet)
     if summary.get("rank"):  # under torchrun, rank 0 alone reports
         return 0
@@ -31,49 +34,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-class _DottedOverridesParser(argparse.ArgumentParser):
-    """A parser that hands unknown `--section.key[=value]` (or `--key value`) arguments to the config.
-
-    argparse cannot list every dotted key of the config in advance; the config loader
-    checks them instead, and names any unknown key in its error.
-    """
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Any = None, namespace: Any = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        namespace, rest = super().parse_known_args(args, namespace)
-        overrides: list[str] = list(getattr(namespace, "overrides", None) or [])
-        unknown: list[str] = []
-        i = 0
-        while i < len(rest):
-            item = rest[i]
-            if item.startswith("--") and len(item) > 2:
-                overrides.append(item)
-                if "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-                    overrides.append(rest[i + 1])
-                    i += 1
-            else:
-                unknown.append(item)
-            i += 1
-        namespace.overrides = overrides
-        return namespace, unknown
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `pretrain` to the `lmforge` subcommands."""
-    default_class = sub._parser_class
-    sub._parser_class = _DottedOverridesParser  # only for this subcommand, restored below
-    try:
-        p = sub.add_parser(
-            "pretrain", help="pretrain a transformer on token shards (next-token prediction)",
-            description="Pretrain a model from a YAML recipe (configs/pretrain/*.yaml); any key can be "
-                        "overridden as --section.key=value, e.g. --train.steps=200. Rerunning into the same "
-                        "output resumes from its newest checkpoint (resume: auto).")
-    finally:
-        sub._parser_class = default_class
-    p.add_argument("--config", "-c", default=None, help="YAML recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override (repeatable); --section.key=value works too")
+    p = add_config_command(
+        sub, "pretrain", config_help="YAML recipe, e.g. configs/pretrain/tiny-cpu.yaml",
+        help="pretrain a transformer on token shards (next-token prediction)",
+        description="Pretrain a model from a YAML recipe (configs/pretrain/*.yaml); any key can be "
+                    "overridden as --section.key=value, e.g. --train.steps=200. Rerunning into the same "
+                    "output resumes from its newest checkpoint (resume: auto).")
+    p.add_argument("--output", "-o", default=None,
+                   help="run folder (default: the recipe's output key)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    add_threads_flag(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_pretrain)

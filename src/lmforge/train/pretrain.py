@@ -37,7 +37,7 @@ from lmforge.train.trainer import TrainConfig, Trainer, resolve_device
 class DataConfig:
     folder: str = ""  # token shards written by `lmforge tokenize` (meta.json + *.safetensors)
     bos_align: bool = False  # start every training window at a document start
-    tokenizer: str | None = None  # tokenizer folder to store with checkpoints (optional)
+    tokenizer: str | None = None  # stored with checkpoints; default: the one the shards were tokenized with
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)  # easy windows first (optional)
 
 
@@ -104,11 +104,7 @@ def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
         print(f"curriculum: {curriculum.describe()}", file=sys.stderr, flush=True)
     val_data = TokenWindows(val_shards, cfg.seq_len, config.seed, shuffle=False) if val_shards else None
     bytes_per_token = meta["splits"].get("val", {}).get("bytes_per_token") or None
-    tokenizer = None
-    if config.data.tokenizer:
-        from lmforge.tokenizer.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer = shards_tokenizer(config.data, meta, quiet=quiet)
 
     def lr_factor(step: int) -> float:
         return lr_at(step, cfg.steps, 1.0, config.schedule)
@@ -123,7 +119,7 @@ def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     elif trainer.metrics_path.exists() and parallel.is_main:
         trainer.metrics_path.unlink()  # a fresh run: an old log would mix two runs
     if parallel.is_main:
-        with atomic_write(Path(config.output) / "config.json", "w") as f:
+        with atomic_write(Path(config.output) / "recipe.json", "w") as f:
             f.write(json.dumps(trainer.run_config, indent=2))
     if not quiet:
         print(f"pretrain: {human_count(mconfig.num_parameters())} parameters, {len(train_data):,} windows of "
@@ -135,6 +131,28 @@ def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     parallel.close()
     summary.update(parameters=mconfig.num_parameters(), rank=parallel.rank, world=parallel.world)
     return summary
+
+
+def shards_tokenizer(data: DataConfig, meta: dict[str, Any], *, quiet: bool = False) -> Any:
+    """The tokenizer stored with every checkpoint: `data.tokenizer` if the recipe names one,
+    else the copy `lmforge tokenize` keeps in the shard folder, else the one its meta.json
+    names. Without it a checkpoint could not turn its ids back into text."""
+    from lmforge.data.shards import TOKENIZER_FOLDER
+    from lmforge.tokenizer.tokenizer import load_tokenizer
+
+    if data.tokenizer:
+        return load_tokenizer(data.tokenizer)
+    copy = Path(data.folder) / TOKENIZER_FOLDER
+    if copy.is_dir():
+        return load_tokenizer(copy)
+    named = meta.get("tokenizer")
+    try:
+        return load_tokenizer(named) if named else None
+    except (ValueError, OSError) as err:
+        if not quiet:
+            print(f"pretrain: warning: the shards' tokenizer {named!r} cannot be opened ({err}); checkpoints "
+                  "will hold no tokenizer: set data.tokenizer", file=sys.stderr, flush=True)
+        return None
 
 
 def _resume_point(config: PretrainConfig) -> Path | None:

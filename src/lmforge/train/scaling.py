@@ -478,7 +478,7 @@ def _check_same_recipe(run: SweepRun) -> None:
     """
     from lmforge.train.pretrain import _jsonable
 
-    saved_path = Path(run.config.output) / "config.json"
+    saved_path = Path(run.config.output) / "recipe.json"
     if not saved_path.is_file():
         return
     try:

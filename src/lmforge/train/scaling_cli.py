@@ -79,7 +79,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `scaling` (plan, sweep, fit) to the `lmforge` subcommands."""
-    from lmforge.train.cli import _DottedOverridesParser
+    from lmforge.cli_parser import add_config_command, add_threads_flag
 
     p = sub.add_parser("scaling", help="scaling laws: plan a compute budget, sweep small runs, fit L(N, D)",
                        description="Chinchilla-style scaling laws: C = 6ND, "
@@ -94,21 +94,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--params", type=_amount, help="model parameters N, e.g. 135M")
     plan.add_argument("--tokens", type=_amount, help="training tokens D, e.g. 2T")
     plan.add_argument("--tokens-per-param", type=float, default=20.0, help="the rule of thumb's ratio (20)")
-    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
 
-    default_class = verbs._parser_class
-    verbs._parser_class = _DottedOverridesParser  # --section.key=value overrides of the base recipe
-    try:
-        sweep = verbs.add_parser(
-            "sweep", help="pretrain a grid of model sizes x token budgets and record their losses",
-            description="Run small pretraining runs, one per (size, token budget), each in OUTPUT/runs/NAME; "
-                        "finished runs are skipped and interrupted ones resume, so rerunning continues the "
-                        "sweep. Writes OUTPUT/results.jsonl and results.csv. Any recipe key can be "
-                        "overridden: --data.folder=..., --train.seq_len=128.")
-    finally:
-        verbs._parser_class = default_class
-    sweep.add_argument("--config", "-c", required=True, help="base pretraining recipe (YAML)")
+    sweep = add_config_command(
+        verbs, "sweep", config_help="base pretraining recipe (YAML; required)",
+        help="pretrain a grid of model sizes x token budgets and record their losses",
+        description="Run small pretraining runs, one per (size, token budget), each in OUTPUT/runs/NAME; "
+                    "finished runs are skipped and interrupted ones resume, so rerunning continues the "
+                    "sweep. Writes OUTPUT/results.jsonl and results.csv. Any recipe key can be "
+                    "overridden: --data.folder=..., --train.seq_len=128.")
     sweep.add_argument("--sizes", required=True,
                        help="model sizes as D_MODELxN_LAYERS, comma separated (64x2,128x4); heads, KV heads "
                             "and d_ff follow the recipe's head size and ratios")
@@ -119,10 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("--lr-scale", choices=["width", "none"], default="width",
                        help="width: each size gets optim.lr x d_model(recipe) / d_model (muP for Adam); "
                             "none: the recipe's lr for every size")
-    sweep.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (tiny models are often fastest on 1)")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="a recipe override (repeatable)")
+    add_threads_flag(sweep)
     sweep.add_argument("--dry-run", action="store_true",
                        help="print the runs (params, tokens, FLOPs) and stop")
     sweep.add_argument("--quiet", "-q", action="store_true", help="no per-run progress on stderr")
