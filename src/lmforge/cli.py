@@ -261,6 +261,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- main
+# What a user should know after Ctrl-C, per command (the trainer adds where it stopped).
+INTERRUPT_HINTS = {
+    "pretrain": "rerun the same command to resume from the newest checkpoint",
+    "prepare": "rerun the same command to resume: finished shards are kept",
+    "tokenize": "nothing half-written was left; rerun to tokenize again",
+    "tokenizer": "nothing was written; rerun to start again",
+    "scaling": "rerun the same command: finished runs are skipped and the interrupted one resumes",
+    "demo": "rerun `lmforge demo` to continue: finished stages are reused",
+    "export": "nothing half-written was left",
+}
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -343,7 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        parts = [part for part in (str(err), INTERRUPT_HINTS.get(args.command, "")) if part]
+        print(f"\nlmforge {args.command}: interrupted" + (f": {'; '.join(parts)}" if parts else ""),
+              file=sys.stderr)
         return 130
     except BrokenPipeError:  # `lmforge info x | head`: the reader left, nothing to report
         sys.stderr.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import sys
 from dataclasses import dataclass, field
@@ -116,6 +117,9 @@ def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     start = _resume_point(config)
     if start is not None:
         trainer.resume(start)
+        note = schedule_change_note(trainer.resumed_state, trainer.step, cfg.steps, config.schedule)
+        if note and not quiet:
+            print(f"pretrain: note: {note}", file=sys.stderr, flush=True)
     elif trainer.metrics_path.exists() and parallel.is_main:
         trainer.metrics_path.unlink()  # a fresh run: an old log would mix two runs
     if parallel.is_main:
@@ -131,6 +135,26 @@ def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     parallel.close()
     summary.update(parameters=mconfig.num_parameters(), rank=parallel.rank, world=parallel.world)
     return summary
+
+
+def schedule_change_note(state: dict[str, Any] | None, step: int, steps: int,
+                         schedule: ScheduleConfig) -> str | None:
+    """What resuming with another `train.steps` does to the learning rate, or None if nothing.
+
+    The schedule is a function of (step, total steps): a cosine fitted to the old total is
+    re-stretched over the new one, so the learning rate jumps; WSD's flat stretch does not
+    depend on the total and simply goes on until the (moved) decay.
+    """
+    saved = ((state or {}).get("config") or {}).get("train", {}).get("steps")
+    if not saved or saved == steps or step >= steps:
+        return None
+    old, new = lr_at(step, saved, 1.0, schedule), lr_at(step, steps, 1.0, schedule)
+    if math.isclose(old, new, rel_tol=1e-9):
+        return (f"the run was planned for {saved:,} steps and now trains to {steps:,}: its {schedule.kind} "
+                f"schedule continues where it was (learning rate x{new:.3f} of the peak at step {step:,})")
+    return (f"the run was planned for {saved:,} steps and now trains to {steps:,}: the {schedule.kind} "
+            f"schedule is re-stretched over the new length, so at step {step:,} the learning rate goes from "
+            f"x{old:.3f} to x{new:.3f} of the peak (use schedule.kind: wsd to extend runs without a jump)")
 
 
 def shards_tokenizer(data: DataConfig, meta: dict[str, Any], *, quiet: bool = False) -> Any:

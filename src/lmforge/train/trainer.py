@@ -29,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +50,38 @@ from lmforge.train.parallel.base import Parallel
 
 class NonFiniteError(RuntimeError):
     """A NaN or infinite loss or gradient: training stopped before the optimizer step."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `fit`: the step in flight finished, a checkpoint was saved (`checkpoint`)."""
+
+    def __init__(self, step: int, steps: int, checkpoint: Path | None) -> None:
+        saved = f"saved {checkpoint}" if checkpoint else "no checkpoint saved"
+        super().__init__(f"interrupted after step {step} of {steps}; {saved}")
+        self.step, self.steps, self.checkpoint = step, steps, checkpoint
+
+
+@contextlib.contextmanager
+def _stop_at_step_boundary() -> Any:
+    """Turns the first Ctrl-C into a request (`requested.is_set()`) that the loop honours between
+    optimizer steps, so a checkpoint is never taken of half-updated weights. A second Ctrl-C
+    interrupts at once. Outside the main thread (signals cannot be caught there) it does nothing."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        print("\nstopping after this step (Ctrl-C again to stop at once) ...", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -157,6 +191,7 @@ class Trainer:
         self.forward_model: nn.Module = torch.compile(wrapped) if config.compile else wrapped  # type: ignore[assignment]
         self.step = 0
         self.tokens_seen = 0
+        self.resumed_state: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.checkpoints = self.run_dir / "checkpoints"
@@ -257,6 +292,7 @@ class Trainer:
     def resume(self, folder: str | Path) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG, data position, step and the metrics log."""
         state = self.parallel.load_checkpoint(Path(folder), self.model, self.optimizer)
+        self.resumed_state = state  # the checkpoint's state.json, for callers that compare recipes
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.train_data.load_state_dict(state["data"])
         # the log may hold steps past the checkpoint (the run died after it): drop them
@@ -275,16 +311,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
-        """Train to `config.steps`; returns a summary (also written to run_dir/summary.json)."""
+        """Train to `config.steps`; returns a summary (also written to run_dir/summary.json).
+
+        Ctrl-C stops after the step in flight, saves a checkpoint and raises
+        `TrainingInterrupted`; a rerun resumes there. A run already at `config.steps` does
+        nothing and returns the summary it wrote when it finished.
+        """
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.step >= cfg.steps and self.history:
+            return self._finished_summary()
         start_step, started = self.step, time.perf_counter()
         last_ckpt: Path | None = None
         record: dict[str, Any] | None = None
         eval_record: dict[str, float] = {}
         main = self.parallel.is_main
-        with open(self.metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as log:
+        with (open(self.metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as log,
+              _stop_at_step_boundary() as stop):
             while self.step < cfg.steps:
+                if stop.is_set():
+                    raise self._interrupted(last_ckpt)
                 t0 = time.perf_counter()
                 record = self.train_step()
                 if record is None:  # a skipped non-finite step: nothing to log
@@ -326,6 +372,28 @@ class Trainer:
             with atomic_write(self.run_dir / "summary.json", "w") as f:
                 f.write(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _interrupted(self, last_checkpoint: Path | None) -> TrainingInterrupted:
+        """Save what an interrupted run has learnt (unless the last checkpoint is this step)."""
+        if self.parallel.world > 1:  # saving is a collective the other ranks are not taking part in
+            return TrainingInterrupted(self.step, self.config.steps, None)
+        if self.step and (last_checkpoint is None or last_checkpoint.name != f"step-{self.step:06d}"):
+            last_checkpoint = self.save()
+        if self.history:
+            self.plot()
+        return TrainingInterrupted(self.step, self.config.steps, last_checkpoint if self.step else None)
+
+    def _finished_summary(self) -> dict[str, Any]:
+        """A rerun of a finished run: nothing to train, and the summary on disk stays as it is."""
+        self._say(f"the run is already at step {self.step} of {self.config.steps}: nothing to do "
+                  "(raise train.steps to train further)")
+        path = self.run_dir / "summary.json"
+        if path.exists():
+            with contextlib.suppress(ValueError):
+                return json.loads(path.read_text(encoding="utf-8")) | {"steps_this_run": 0}
+        return {"steps": self.step, "steps_this_run": 0, "tokens_seen": self.tokens_seen,
+                "final_loss": self.history[-1]["loss"],
+                "checkpoint": str(latest_checkpoint(self.checkpoints) or "")}
 
     # ------------------------------------------------------------------ reporting
     def _say(self, text: str) -> None:
