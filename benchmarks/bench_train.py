@@ -6,8 +6,11 @@
    with the same initial weights (copied from lmforge's model), on the same batches, in
    fp32 and in bf16 autocast, eager. The first step's losses must agree (they are the
    same model on the same batch): a check that the comparison is like for like. The
-   transformers side gets what its `Trainer` uses by default on torch >= 2.8: fused
-   AdamW (`adamw_torch_fused`), no decay on biases and LayerNorm gains. Timing rounds
+   transformers side gets torch's fused AdamW (what its `Trainer` uses by default on
+   torch >= 2.8, `adamw_torch_fused`) with the decay groups of `Recipe`. In bf16 the two
+   do not run the same kernel on a CPU without AVX-512 BF16 / AMX: lmforge's `Linear`
+   rounds to bf16 and multiplies on the fp32 GEMM, transformers gets PyTorch's generic
+   bf16 matmul (printed at the start: its GFLOP/s). Timing rounds
    alternate (lmforge, transformers, lmforge, ...) and the median counts, so the other
    tenants of a shared machine slow both alike. MFU = tokens/s x FLOPs per token
    (`ModelConfig.flops_per_token`) / the matmul peak measured in every round
@@ -15,18 +18,22 @@
 2. **Time to a target validation loss** on lmforge's python-docs sample (tokenized with a
    4,096-token BPE trained on it): three runs, stepped in turn, one optimizer step each,
    so that they share the machine's ups and downs:
-   - the anchor: transformers GPT-2 + AdamW + warmup/cosine (to zero, transformers'
-     `get_cosine_schedule_with_warmup`);
-   - lmforge's GPT-2 with the same weights, data and recipe (isolates implementation speed);
-   - lmforge's recipe: a llama-style model (RoPE, RMSNorm, SwiGLU, GQA) of about the
-     same size, Muon on the hidden matrices + AdamW elsewhere, warmup-stable-decay.
+   - the anchor: transformers GPT-2 + torch AdamW + warmup/cosine to zero (`Recipe`);
+   - lmforge's GPT-2 with the same weights, data and recipe (isolates implementation
+     speed); before the race `check_same_recipe` asserts that both decay the same
+     tensors and schedule the same lr at every step, and during it every step's lrs
+     are compared again, so the two runs differ in implementation only;
+   - lmforge's llama-style model (RoPE, RMSNorm, SwiGLU, GQA) of about the same size
+     with the same AdamW recipe, and with lmforge's own: Muon on the hidden matrices +
+     AdamW elsewhere, warmup-stable-decay.
    The target is the anchor's final validation loss (or `--target`); each run reports
    the training seconds (evaluation excluded) and steps until its validation loss first
    reached it.
 
     python benchmarks/bench_train.py                                   # everything (about 2 hours here)
     python benchmarks/bench_train.py --only speed --models 14m --precisions fp32 --rounds 5
-    python benchmarks/bench_train.py --only loss --steps 150
+    python benchmarks/bench_train.py --only loss                       # the race of docs/benchmarks.md
+    python benchmarks/bench_train.py --only loss --steps 4 --eval-every 2 --race-micro-batch 2  # smoke
     python benchmarks/bench_train.py --json results.json
 
 Speed does not depend on the weights' values, so part 1 trains on random token ids.
@@ -36,10 +43,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,6 +59,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from anchors import require
+from machine import announce
 from torch import nn
 
 from lmforge.data.samples import python_docs_dir
@@ -72,6 +81,8 @@ from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.schedule import ScheduleConfig, lr_at
 from lmforge.train.trainer import TrainConfig, Trainer, measure_matmul_flops
 
+#: what lmforge is run against (benchmarks/anchors.py)
+ANCHORS = ("transformers",)
 CACHE = Path(os.environ.get("LMFORGE_BENCH_DATA") or cache_dir() / "bench-data")
 CPU = torch.device("cpu")
 
@@ -83,28 +94,6 @@ MODELS: dict[str, Callable[[], ModelConfig]] = {
     "124m": lambda: preset("gpt2"),
 }
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags() -> str:
-    """The instruction sets that decide matmul speed here (bf16 needs AVX-512 BF16 or AMX in hardware)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
-                 [])
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
-    return ", ".join(f"{f}: {'yes' if f in flags else 'no'}" for f in wanted)
 
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:
@@ -130,14 +119,120 @@ def hf_gpt2(config: ModelConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def hf_adamw(model: nn.Module, lr: float, weight_decay: float,
-             betas: tuple[float, float]) -> torch.optim.Optimizer:
-    """What transformers' Trainer builds by default (torch >= 2.8: `adamw_torch_fused`): decay on
-    every matrix (embeddings included), none on biases and LayerNorm gains."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=True)
+# ------------------------------------------------------------------------- the shared recipe
+@dataclass(frozen=True)
+class Recipe:
+    """The GPT-2 + AdamW recipe both implementations train with: AdamW, linear warmup, then a
+    half cosine to zero, gradients clipped at 1.0.
+
+    The choices are lmforge's library defaults (`train/optim.py`, `train/schedule.py`); the
+    anchor adopts them rather than the library copying transformers' `Trainer`, whose
+    defaults differ in two places that used to make this race unequal:
+
+    - weight decay goes to the hidden matrices only, not to biases, norm gains or embedding
+      tables (the token embedding, which is also the tied LM head, and the positions):
+      transformers' `Trainer` decays every embedding;
+    - warmup runs lr * (step + 1) / warmup, so step 0 already learns and step
+      `warmup - 1` reaches the peak, and the cosine reaches 0 exactly at the last step:
+      `get_cosine_schedule_with_warmup` gives step 0 an lr of 0 (a step that moves nothing)
+      and so ran one step behind lmforge's schedule all the way.
+    """
+
+    lr: float
+    steps: int
+    warmup: int
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(name="adamw", lr=self.lr, weight_decay=self.weight_decay, beta1=self.betas[0],
+                           beta2=self.betas[1], eps=self.eps)
+
+    def schedule(self) -> ScheduleConfig:
+        return ScheduleConfig(kind="cosine", warmup_steps=self.warmup, min_lr_ratio=0.0)
+
+    def lr_factor(self, step: int) -> float:
+        """The multiplier of the peak lr at optimizer step `step` (0-based)."""
+        return lr_at(step, self.steps, 1.0, self.schedule())
+
+
+def lmforge_recipe(model: Transformer,
+                   recipe: Recipe) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
+    """lmforge's side: its own optimizer builder (decay groups included) and schedule function."""
+    return build_optimizer(model, recipe.optim()), recipe.lr_factor
+
+
+def anchor_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The anchor's decay groups: every matrix but the embedding tables (found by module type,
+    so the tied head, which is the token embedding's tensor, goes with it) decays; biases and
+    LayerNorm gains do not. Each group keeps its parameters' names under `names`."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    named: dict[str, list[tuple[str, nn.Parameter]]] = {"decay": [], "no_decay": []}
+    for name, p in model.named_parameters():
+        named["decay" if p.dim() >= 2 and id(p) not in embeddings else "no_decay"].append((name, p))
+    return [{"name": group, "names": [n for n, _ in pairs], "params": [p for _, p in pairs],
+             "weight_decay": weight_decay if group == "decay" else 0.0} for group, pairs in named.items()]
+
+
+def anchor_recipe(model: nn.Module, recipe: Recipe) -> tuple[torch.optim.Optimizer, Any]:
+    """The anchor's side: torch's fused AdamW (transformers' `adamw_torch_fused`) over
+    `anchor_param_groups`, and a `LambdaLR` stepped after every optimizer step."""
+    optimizer = torch.optim.AdamW(anchor_param_groups(model, recipe.weight_decay), lr=recipe.lr,
+                                  betas=recipe.betas, eps=recipe.eps, fused=True)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
+
+
+def decay_by_hf_name(model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """lmforge's weight decay per parameter, under transformers' GPT-2 names: each tensor is
+    replaced by its decay and sent through the mapping that copied the weights (`state_dict_to_hf`,
+    which also fuses q, k, v into c_attn, so their decays must agree)."""
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    flags = {name: torch.full(p.shape, decay_of[id(p)], dtype=torch.float64)  # exact: no fp32 rounding
+             for name, p in model.named_parameters()}
+    out = {}
+    for name, tensor in state_dict_to_hf(flags, model.config, "gpt2").items():
+        values = tensor.unique()
+        if values.numel() != 1:
+            raise AssertionError(f"{name} is fused from lmforge tensors with different weight decays")
+        out[name] = float(values)
+    return out
+
+
+def anchor_decay_by_name(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {name: group["weight_decay"] for group in optimizer.param_groups for name in group["names"]}
+
+
+def lrs_by_group(groups: list[dict[str, Any]], key: str = "lr") -> dict[str, float]:
+    return {group.get("name", str(i)): group[key] for i, group in enumerate(groups)}
+
+
+def same_lrs(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(math.isclose(a[n], b[n], rel_tol=1e-12, abs_tol=0.0) for n in a)
+
+
+def check_same_recipe(ours: Transformer, ours_optimizer: torch.optim.Optimizer,
+                      lr_factor: Callable[[int], float], anchor_optimizer: torch.optim.Optimizer,
+                      scheduler: Any, steps: int) -> None:
+    """Raise AssertionError unless the two sides decay the same tensors by the same amount
+    and give every group the same lr at every step of `steps`."""
+    ours_decay, anchor_decay = decay_by_hf_name(ours, ours_optimizer), anchor_decay_by_name(anchor_optimizer)
+    if ours_decay != anchor_decay:
+        differ = sorted(n for n in ours_decay.keys() | anchor_decay.keys()
+                        if ours_decay.get(n) != anchor_decay.get(n))
+        raise AssertionError("weight decay differs: " + ", ".join(
+            f"{n} (lmforge {ours_decay.get(n)}, anchor {anchor_decay.get(n)})" for n in differ))
+    ours_base = lrs_by_group(ours_optimizer.param_groups, "base_lr")
+    anchor_base = dict(zip((g["name"] for g in anchor_optimizer.param_groups), scheduler.base_lrs))
+    if ours_base.keys() != anchor_base.keys():
+        raise AssertionError(f"param groups differ: lmforge {sorted(ours_base)}, "
+                             f"anchor {sorted(anchor_base)}")
+    for step in range(steps):  # LambdaLR runs step s at base_lr * lambda(s)
+        ours_lr = {name: base * lr_factor(step) for name, base in ours_base.items()}
+        anchor_lr = {name: base * fn(step)
+                     for (name, base), fn in zip(anchor_base.items(), scheduler.lr_lambdas)}
+        if not same_lrs(ours_lr, anchor_lr):
+            raise AssertionError(f"lr differs at step {step}: lmforge {ours_lr}, anchor {anchor_lr}")
 
 
 class HFStep:
@@ -147,6 +242,7 @@ class HFStep:
                  micro_batch: int, precision: str, scheduler: Any = None) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.micro_batch, self.precision, self.scheduler = micro_batch, precision, scheduler
+        self.last_lrs: dict[str, float] = {}  # each group's lr in the last step
 
     def __call__(self) -> float:
         self.model.train()
@@ -156,6 +252,7 @@ class HFStep:
             loss = self.model(input_ids=inputs, labels=targets, shift_labels=targets).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.last_lrs = lrs_by_group(self.optimizer.param_groups)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -206,12 +303,12 @@ def throughput(name: str, precision: str, args: argparse.Namespace, tmp: Path) -
     torch.manual_seed(0)
     model = Transformer(config)
     hf = hf_gpt2(config, model.state_dict())
-    optim = OptimConfig(name="adamw", lr=1e-4, weight_decay=0.1)
-    trainer = lmforge_trainer(model, build_optimizer(model, optim), lambda step: 1.0,
+    recipe = Recipe(lr=1e-4, steps=1, warmup=0)  # a constant lr: speed does not depend on the schedule
+    trainer = lmforge_trainer(model, build_optimizer(model, recipe.optim()), lambda step: 1.0,
                               random_windows(config.vocab_size, seq_len, 1), micro_batch, seq_len, precision,
                               tmp / f"{name}-{precision}")
-    hf_step = HFStep(hf, hf_adamw(hf, optim.lr, optim.weight_decay, (optim.beta1, optim.beta2)),
-                     random_windows(config.vocab_size, seq_len, 1), micro_batch, precision)
+    hf_step = HFStep(hf, anchor_recipe(hf, recipe)[0], random_windows(config.vocab_size, seq_len, 1),
+                     micro_batch, precision)
 
     def ours() -> float:
         record = trainer.train_step()
@@ -257,6 +354,20 @@ def throughput(name: str, precision: str, args: argparse.Namespace, tmp: Path) -
     return row
 
 
+def print_speed_table(rows: list[dict[str, Any]]) -> None:
+    """The throughput rows as docs/benchmarks.md's table."""
+    print("\n  | model | precision | micro-batch | lmforge tok/s (MFU) | transformers tok/s (MFU) | ratio |\n"
+          "  |---|---|---|---|---|---|")
+    for row in rows:
+        ours, theirs = (f"{rate(row[side]['median'])} ({100 * row[side]['mfu']:.1f}%)"
+                        for side in ("lmforge", "transformers"))
+        spread = f"{min(row['ratio_per_round']):.2f}-{max(row['ratio_per_round']):.2f}"
+        shape = f"{row['micro_batch']} x {row['seq_len']}"
+        print(f"  | {human_count(row['parameters'])} | {row['precision']} | {shape} | {ours} | {theirs} | "
+              f"{row['ratio']:.2f}x ({spread}) |", flush=True)
+    print(flush=True)
+
+
 # ------------------------------------------------------------------------- 2. time to a loss
 def pydocs_shards(vocab_size: int) -> Path:
     """lmforge's python-docs sample, tokenized with a BPE trained on its tutorial, HOWTOs and reference."""
@@ -283,7 +394,9 @@ class Run:
     parameters: int
     step: Callable[[], float]
     evaluate: Callable[[], float]
+    last_lrs: Callable[[], dict[str, float]]  # each param group's lr in the last step
     seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)  # training loss per step
     curve: list[dict[str, float]] = field(default_factory=list)
 
     def reached(self, target: float) -> dict[str, float] | None:
@@ -291,6 +404,9 @@ class Run:
 
 
 CONTENDERS = ("anchor", "gpt2", "llama-adamw", "llama")
+#: the arguments that shape the race (recorded in its JSON)
+RACE_ARGS = ("contenders", "steps", "race_", "warmup", "adamw_lr", "muon_", "decay_fraction", "eval_",
+             "vocab", "target", "seed", "threads")
 
 
 def race(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -308,61 +424,79 @@ def race(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     def train_windows() -> TokenWindows:  # every contender sees the same batches in the same order
         return TokenWindows(train_shards, seq_len, args.seed)
 
-    runs: list[Run] = []
+    runs: dict[str, Run] = {}
+    recipe = Recipe(lr=args.adamw_lr, steps=steps, warmup=args.warmup)
+    print(f"  the GPT-2 recipe, both implementations: {recipe}", flush=True)
     # the anchor and lmforge's GPT-2: one model (same weights), one recipe, two implementations
     gpt2 = ModelConfig(vocab_size=vocab, d_model=192, n_layers=4, n_heads=6, d_ff=768, max_seq_len=seq_len)
     torch.manual_seed(args.seed)
     ours_gpt2 = Transformer(gpt2)
+    ours_optimizer, lr_factor = lmforge_recipe(ours_gpt2, recipe)
+    hf = hf_gpt2(gpt2, ours_gpt2.state_dict())
+    anchor_optimizer, scheduler = anchor_recipe(hf, recipe)
+    check_same_recipe(ours_gpt2, ours_optimizer, lr_factor, anchor_optimizer, scheduler, steps)
+    print(f"  checked: the same weight decay on the same {len(decay_by_hf_name(ours_gpt2, ours_optimizer))} "
+          f"tensors and the same lr at each of the {steps} steps on both sides", flush=True)
     if "anchor" in args.contenders:
-        import transformers
-
-        hf = hf_gpt2(gpt2, ours_gpt2.state_dict())
-        optimizer = hf_adamw(hf, args.adamw_lr, 0.1, (0.9, 0.95))
-        scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, args.warmup, steps)
-        hf_step = HFStep(hf, optimizer, train_windows(), micro_batch, "fp32", scheduler)
-        runs.append(Run("transformers GPT-2, AdamW, cosine", gpt2.num_parameters(), hf_step,
-                        lambda: hf_step.evaluate(val, args.eval_batches)))
-    cosine = ScheduleConfig(kind="cosine", warmup_steps=args.warmup, min_lr_ratio=0.0)
-    adamw = OptimConfig(name="adamw", lr=args.adamw_lr, weight_decay=0.1)
+        hf_step = HFStep(hf, anchor_optimizer, train_windows(), micro_batch, "fp32", scheduler)
+        runs["anchor"] = Run("transformers GPT-2, AdamW, cosine", gpt2.num_parameters(), hf_step,
+                             lambda: hf_step.evaluate(val, args.eval_batches), lambda: hf_step.last_lrs)
     if "gpt2" in args.contenders:
-        runs.append(trainer_run("lmforge GPT-2, AdamW, cosine", ours_gpt2, adamw, cosine, train_windows(),
-                                val, args, tmp / "gpt2"))
-    # lmforge's recipe, and the same model trained with the anchor's optimizer and schedule
+        runs["gpt2"] = trainer_run("lmforge GPT-2, same recipe", ours_gpt2, ours_optimizer, lr_factor,
+                                   train_windows(), val, args, tmp / "gpt2")
+    # the same recipe on a llama-style model, and lmforge's own recipe on it
     llama = ModelConfig.from_dict(preset("llama-tiny").to_dict() | dict(
         vocab_size=vocab, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512, max_seq_len=seq_len))
     if "llama-adamw" in args.contenders:
         torch.manual_seed(args.seed)
-        runs.append(trainer_run("lmforge llama-style, AdamW, cosine", Transformer(llama), adamw, cosine,
-                                train_windows(), val, args, tmp / "llama-adamw"))
+        model = Transformer(llama)
+        runs["llama-adamw"] = trainer_run("lmforge llama-style, AdamW, cosine", model,
+                                          *lmforge_recipe(model, recipe), train_windows(), val, args,
+                                          tmp / "llama-adamw")
     if "llama" in args.contenders:
         torch.manual_seed(args.seed)
+        model = Transformer(llama)
         muon = OptimConfig(name="muon", lr=args.muon_lr, muon_adam_lr=args.muon_adam_lr, weight_decay=0.1)
         wsd = ScheduleConfig(kind="wsd", warmup_steps=args.warmup, decay_fraction=args.decay_fraction,
                              min_lr_ratio=0.0)
-        runs.append(trainer_run("lmforge llama-style, Muon, WSD", Transformer(llama), muon, wsd,
-                                train_windows(), val, args, tmp / "llama"))
+        runs["llama"] = trainer_run("lmforge llama-style, Muon, WSD", model, build_optimizer(model, muon),
+                                    lambda step: lr_at(step, steps, 1.0, wsd), train_windows(), val, args,
+                                    tmp / "llama")
 
-    for run in runs:
+    for run in runs.values():
         print(f"  {run.label}: {human_count(run.parameters)} parameters", flush=True)
+    pair = [runs[key] for key in ("anchor", "gpt2") if key in runs]
     for step in range(1, steps + 1):
-        for run in runs:  # one step each, in turn: the machine's load hits all of them alike
+        for run in runs.values():  # one step each, in turn: the machine's load hits all of them alike
             start = time.perf_counter()
             loss = run.step()
             run.seconds += time.perf_counter() - start
+            run.losses.append(loss)
             if not math.isfinite(loss):
                 raise SystemExit(f"{run.label}: the loss is {loss} at step {step}")
+        if len(pair) == 2 and not same_lrs(pair[0].last_lrs(), pair[1].last_lrs()):
+            raise AssertionError(f"step {step}: the anchor ran lrs {pair[0].last_lrs()}, lmforge's GPT-2 "
+                                 f"{pair[1].last_lrs()}")
         if step % args.eval_every == 0 or step == steps:
-            for run in runs:
+            for run in runs.values():
                 run.curve.append({"step": step, "seconds": run.seconds, "val_loss": run.evaluate()})
             print(f"  step {step:4d}: " + "   ".join(
-                f"{run.curve[-1]['val_loss']:.3f} ({run.seconds:.0f}s)" for run in runs), flush=True)
+                f"{run.curve[-1]['val_loss']:.3f} ({run.seconds:.0f}s)" for run in runs.values()), flush=True)
 
-    target = args.target if args.target is not None else runs[0].curve[-1]["val_loss"]
-    first = runs[0].reached(target)
+    first_run = next(iter(runs.values()))
+    target = args.target if args.target is not None else first_run.curve[-1]["val_loss"]
+    first = first_run.reached(target)
     print(f"\n  target validation loss {target:.3f} "
-          f"({'given' if args.target is not None else runs[0].label + ', final'})", flush=True)
+          f"({'given' if args.target is not None else first_run.label + ', final'})", flush=True)
+    agreement = None
+    if len(pair) == 2:  # same weights, data and recipe: only the implementations' rounding differs
+        gaps = [abs(a - b) for a, b in zip(pair[0].losses, pair[1].losses)]
+        agreement = {"first_10_steps": max(gaps[:10]), "all_steps": max(gaps)}
+        print(f"  anchor vs lmforge GPT-2, largest training-loss gap: {agreement['first_10_steps']:.2e} "
+              f"over the first {min(10, steps)} steps, {agreement['all_steps']:.2e} over all {steps}",
+              flush=True)
     results = []
-    for run in runs:
+    for run in runs.values():
         hit = run.reached(target)
         row: dict[str, Any] = {
             "run": run.label, "parameters": run.parameters, "final_val_loss": run.curve[-1]["val_loss"],
@@ -375,25 +509,35 @@ def race(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         speed = f", {row['speedup']:.2f}x faster than the first" if "speedup" in row else ""
         print(f"  {run.label:<34} final {row['final_val_loss']:.3f}, {row['tokens_per_s']:,.0f} tok/s; "
               f"{reach}{speed}", flush=True)
-    return {"target": target, "steps": steps, "micro_batch": micro_batch, "seq_len": seq_len, "runs": results}
+    print(f"\n  | run | params | final val loss | tok/s | reached {target:.3f} |\n  |---|---|---|---|---|",
+          flush=True)
+    for row in results:
+        reach = (f"step {row['target_steps']}, {row['target_seconds']:.0f} s" if row["target_steps"]
+                 else f"not within {steps} steps")
+        if "speedup" in row and row is not results[0]:
+            reach += (f": {row['speedup']:.1f}x faster" if row["speedup"] >= 1
+                      else f": {1 / row['speedup']:.1f}x slower")
+        print(f"  | {row['run']} | {human_count(row['parameters'])} | {row['final_val_loss']:.3f} | "
+              f"{row['tokens_per_s']:,.0f} | {reach} |", flush=True)
+    return {"target": target, "steps": steps, "micro_batch": micro_batch, "seq_len": seq_len,
+            "gpt2_recipe": dataclasses.asdict(recipe), "loss_agreement": agreement,
+            "args": {k: v for k, v in vars(args).items() if k.startswith(RACE_ARGS)},
+            "runs": results}
 
 
-def trainer_run(label: str, model: Transformer, optim: OptimConfig, schedule: ScheduleConfig,
-                data: TokenWindows, val: TokenWindows, args: argparse.Namespace, run_dir: Path) -> Run:
+def trainer_run(label: str, model: Transformer, optimizer: torch.optim.Optimizer,
+                lr_factor: Callable[[int], float], data: TokenWindows, val: TokenWindows,
+                args: argparse.Namespace, run_dir: Path) -> Run:
     """A contender driven by lmforge's own Trainer, one `train_step` at a time."""
-
-    def lr_factor(step: int) -> float:
-        return lr_at(step, args.steps, 1.0, schedule)
-
-    trainer = lmforge_trainer(model, build_optimizer(model, optim), lr_factor, data, args.race_micro_batch,
-                              args.race_seq_len, "fp32", run_dir, val=val, eval_batches=args.eval_batches,
-                              steps=args.steps)
+    trainer = lmforge_trainer(model, optimizer, lr_factor, data, args.race_micro_batch, args.race_seq_len,
+                              "fp32", run_dir, val=val, eval_batches=args.eval_batches, steps=args.steps)
 
     def step() -> float:
         record = trainer.train_step()
         return record["loss"] if record else math.nan
 
-    return Run(label, model.num_parameters(), step, lambda: trainer.evaluate()["val_loss"])
+    return Run(label, model.num_parameters(), step, lambda: trainer.evaluate()["val_loss"],
+               lambda: lrs_by_group(optimizer.param_groups))
 
 
 # ------------------------------------------------------------------------------------ main
@@ -438,15 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     loss.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    require(*ANCHORS)
     torch.set_num_threads(args.threads)
     parts = args.only or ["speed", "loss"]
-    import transformers
-
-    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs ({cpu_flags()}), {args.threads} threads; "
-          f"torch {torch.__version__}, transformers {transformers.__version__}; load average "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
-    results: dict[str, Any] = {"machine": cpu_name(), "threads": args.threads, "torch": torch.__version__,
-                               "transformers": transformers.__version__, "load_before": os.getloadavg()}
+    results: dict[str, Any] = {"machine": announce(("transformers",)), "threads": args.threads}
     if "speed" in parts and "bf16" in args.precisions:
         bf16 = measure_matmul_flops(CPU, torch.bfloat16, size=512)
         results["bf16_matmul_flops"] = bf16
@@ -460,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             results["speed"] = [throughput(name, precision, args, Path(tmp))
                                 for name in args.models for precision in args.precisions
                                 if name in args.micro_batch and name in args.rounds]
-            print(flush=True)
+            print_speed_table(results["speed"])
         if "loss" in parts:
             print("2. time to a target validation loss (python-docs sample, fp32)", flush=True)
             results["loss"] = race(args, Path(tmp))
