@@ -16,17 +16,20 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # package -> the lmforge packages it may import (besides itself). The ground floor
 # (atomic, config, hub, formats) may be used by anyone.
-GROUND = {"lmforge.atomic", "lmforge.config", "lmforge.hub", "lmforge.formats"}
+GROUND = {"lmforge.atomic", "lmforge.config", "lmforge.hub", "lmforge.formats", "lmforge.cli_parser"}
 ALLOWED = {
     "lmforge.atomic": set(),
     "lmforge.config": set(),
     "lmforge.hub": {"lmforge.atomic"},
     "lmforge.formats": {"lmforge.atomic"},
+    "lmforge.cli_parser": set(),
     "lmforge.data": GROUND | {"lmforge.tokenizer"},
     "lmforge.tokenizer": GROUND,
     "lmforge.model": GROUND | {"lmforge.tokenizer"},
     "lmforge.infer": GROUND | {"lmforge.model", "lmforge.tokenizer"},
     "lmforge.train": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer"},
+    "lmforge.tune": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer",
+                              "lmforge.train"},
 }
 
 

@@ -17,7 +17,8 @@ from .tiny_run import tiny_args
 def _pretrain(args: list[str], **kwargs) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "lmforge", "pretrain", *(f"--{a}" for a in args)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
 
 
 def test_ctrl_c_saves_and_a_rerun_resumes(shards, tmp_path):
