@@ -24,6 +24,11 @@ _CONTROL_TABLE = bytes.maketrans(_CONTROL, b"\x00" * len(_CONTROL))
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 _HEADER_CHARSET = re.compile(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", re.IGNORECASE)
 _BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+# Python codecs that a page may name but that are no charset: they rewrite the text
+# (backslash escapes, IDNA, punycode) or cannot decode at all. Browsers ignore them too.
+_NOT_CHARSETS = frozenset({"unicode_escape", "raw_unicode_escape", "unicode_internal", "punycode", "idna",
+                           "undefined", "utf_7"})
+_WIDE = ("utf_16", "utf_32", "utf16", "utf32")
 
 
 def looks_binary(data: bytes, *, window: int = 4096, max_control_fraction: float = 0.05) -> bool:
@@ -50,7 +55,9 @@ def charset_of(data: bytes, content_type: str | None = None, *, sniff_html: bool
     if content_type and (match := _HEADER_CHARSET.search(content_type)):
         return match.group(1)
     if sniff_html and (match := _META_CHARSET.search(data[:4096])):
-        return match.group(1).decode("ascii", "replace")
+        name = match.group(1).decode("ascii", "replace")
+        # a <meta> readable as ASCII cannot be UTF-16/32: browsers read such pages as UTF-8
+        return None if name.lower().replace("-", "_").startswith(_WIDE) else name
     return None
 
 
@@ -59,8 +66,11 @@ def _codec(name: str | None) -> str:
     if not name:
         return "utf-8"
     try:
-        codec = codecs.lookup(name).name
+        info = codecs.lookup(name)
     except LookupError:
+        return "utf-8"
+    codec = info.name
+    if not getattr(info, "_is_text_encoding", True) or codec.replace("-", "_") in _NOT_CHARSETS:  # rot13, ...
         return "utf-8"
     # Browsers read "latin-1" and "ascii" as windows-1252, and so do we (a superset).
     return "cp1252" if codec in ("latin-1", "iso8859-1", "ascii") else codec
@@ -78,8 +88,11 @@ def decode_bytes(data: bytes, content_type: str | None = None, *, html: bool = T
     codec = _codec(charset_of(data, content_type, sniff_html=html))
     try:
         text = data.decode(codec)
-    except UnicodeDecodeError:
-        text = data.decode(codec, errors="replace")
+    except UnicodeError:  # UnicodeDecodeError, or a codec's own failure
+        try:
+            text = data.decode(codec, errors="replace")
+        except UnicodeError as err:
+            raise UnreadablePayload("bad_encoding", f"not decodable as {codec}: {err}") from None
         bad = text.count("\ufffd")
         if bad > max(1, max_bad_fraction * len(data)):
             raise UnreadablePayload("bad_encoding", f"{bad} bytes invalid as {codec}") from None

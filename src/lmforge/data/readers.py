@@ -38,6 +38,9 @@ FORMATS: dict[str, str] = {
 }
 READER_FORMATS = ("auto", "warc", "html", "text", "rst", "jsonl", "parquet")
 HTML_CONTENT_TYPES = ("text/html", "application/xhtml+xml")
+GZIP_MAGIC = b"\x1f\x8b"
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)  # not gzip; cut off; damaged inside
+_TAIL_LIMIT = 1 << 16  # what may follow an archive's last record: a few blank lines
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,11 @@ def sniff_format(path: str) -> str:
     """Guess the format of a file whose suffix says nothing, from its first bytes."""
     with open(path, "rb") as handle:
         head = handle.read(512)
-    if head[:2] == b"\x1f\x8b":
+    if head[:2] == GZIP_MAGIC:
         with gzip.open(path, "rb") as handle:
             try:
                 head = handle.read(512)
-            except (OSError, EOFError):
+            except (OSError, EOFError, zlib.error):
                 return "text"
     stripped = head.lstrip()
     if stripped.startswith((b"WARC/", b"filedesc://")):
@@ -131,6 +134,8 @@ def read_input(item: InputFile, stats: StageStats) -> Iterator[Document]:
               "jsonl": read_jsonl, "parquet": read_parquet}[fmt]
     try:
         yield from reader(item, stats)
+    except UnreadablePayload as err:  # a whole file refused before any of it was read (bad gzip)
+        _skip(stats, err.reason)
     except OSError as err:  # unreadable file (permissions, vanished, I/O error)
         stats.docs_in += 1
         stats.dropped[f"unreadable_file_{type(err).__name__}"] += 1
@@ -156,20 +161,30 @@ def read_warc(item: InputFile, stats: StageStats) -> Iterator[Document]:
     documents; requests, metadata and revisit records are counted in `stats.counters`.
     A truncated or corrupt archive yields what precedes the damage and counts one
     ``truncated_archive`` (warcio meets damage with many exception types; each means
-    the same here: nothing after this point can be trusted).
+    the same here: nothing after this point can be trusted). warcio ends *quietly* where
+    a gzip member is cut off, so whatever follows the last record must be blank (inside
+    complete gzip members) or it counts as ``truncated_archive`` too. A file that starts
+    neither with a gzip member nor with a WARC/ARC header (a page or a text file named
+    ``.warc.gz``) counts one ``not_warc``: warcio would read its lines as bogus ARC records.
     """
     from warcio.archiveiterator import ArchiveIterator
     from warcio.exceptions import ArchiveLoadFailed
 
     is_arc = ".arc" in item.name.lower() and ".warc" not in item.name.lower()
     with open(item.path, "rb") as handle:
+        head = handle.read(64)
+        handle.seek(0)
+        if not head.startswith(GZIP_MAGIC) and not head.lstrip().startswith((b"WARC/", b"filedesc://")):
+            _skip(stats, "empty" if not head else "not_warc")
+            return
         records = ArchiveIterator(handle, arc2warc=True)
-        index = 0
+        index = seen = end = 0
         while True:
             doc: Document | None = None
             reason: str | None = None
             try:
                 record = next(records)
+                seen += 1
                 if record.rec_type in ("response", "resource"):
                     try:
                         doc = _warc_document(record, item, records, index, is_arc)
@@ -179,7 +194,10 @@ def read_warc(item: InputFile, stats: StageStats) -> Iterator[Document]:
                 else:
                     stats.counters[f"warc_{record.rec_type}_records"] += 1
                 truncated = _truncated(record)
+                end = records.get_record_offset() + records.get_record_length()
             except StopIteration:
+                if problem := _ending_problem(item.path, end, head.startswith(GZIP_MAGIC), seen):
+                    _skip(stats, problem)
                 return
             except (ArchiveLoadFailed, EOFError, OSError, ValueError, UnicodeDecodeError, zlib.error):
                 truncated = True
@@ -194,11 +212,43 @@ def read_warc(item: InputFile, stats: StageStats) -> Iterator[Document]:
                 yield _emit(stats, doc)
 
 
+def _ending_problem(path: str, end: int, gzipped: bool, records: int) -> str | None:
+    """Why the bytes after the last record (at `end`) are a drop, or None when they are just blank.
+
+    Blank means whitespace, inside gzip members that are complete; anything else is the
+    start of a record the file lost its end of (or an archive that held no record at all).
+    """
+    with open(path, "rb") as handle:
+        handle.seek(end)
+        tail = handle.read(_TAIL_LIMIT + 1)
+    text = tail
+    if gzipped:
+        text = b""
+        while tail:
+            member = zlib.decompressobj(wbits=31)
+            try:
+                text += member.decompress(tail, _TAIL_LIMIT)
+            except zlib.error:
+                return "truncated_archive"
+            if not member.eof:
+                return "truncated_archive"
+            tail = member.unused_data
+    if len(text) > _TAIL_LIMIT or text.strip():
+        return "truncated_archive"
+    return None if records else "empty"
+
+
 def _truncated(record: Any) -> bool:
-    """Read what is left of the record; True when the file ends before its declared length."""
+    """Read what is left of the record; True when the file ends before its declared length.
+
+    A record with no length at all is the remains of headers cut off mid-member: warcio
+    makes a "record" of whatever a truncated gzip member decompressed to.
+    """
     raw = record.raw_stream
     while raw.read(1 << 16):
         pass
+    if record.rec_headers is None or record.rec_headers.get_header("Content-Length") is None:
+        return True
     return getattr(raw, "limit", 0) > 0
 
 
@@ -232,9 +282,13 @@ def _warc_document(record: Any, item: InputFile, records: Any, index: int, is_ar
 
 # ------------------------------------------------------------------------ HTML and text files
 def _read_bytes(path: str) -> bytes:
+    """The file's bytes, gunzipped when it is named .gz; bad gzip is `UnreadablePayload("bad_gzip")`."""
     if path.lower().endswith(".gz"):
         with gzip.open(path, "rb") as handle:
-            return handle.read()
+            try:
+                return handle.read()
+            except GZIP_ERRORS as err:
+                raise UnreadablePayload("bad_gzip", str(err)) from err
     with open(path, "rb") as handle:
         return handle.read()
 
@@ -284,7 +338,7 @@ def row_to_document(row: dict[str, Any], default_id: str, source: str) -> Docume
     if isinstance(nested, str):
         try:
             nested = json.loads(nested)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a 4,300-digit number, or nested past the stack
             nested = {"metadata": nested}
     if isinstance(nested, dict):
         metadata.update(nested)
@@ -312,11 +366,11 @@ def read_jsonl(item: InputFile, stats: StageStats) -> Iterator[Document]:
             if not isinstance(row, dict):
                 raise UnreadablePayload("bad_json")
             doc = row_to_document(row, f"{item.name}#{number}", item.name)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            _skip(stats, "bad_json")
-            continue
         except UnreadablePayload as err:
             _skip(stats, err.reason)
+            continue
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, a 4,300-digit number, nested too deep
+            _skip(stats, "bad_json")
             continue
         yield _emit(stats, doc)
 

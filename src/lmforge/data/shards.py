@@ -34,6 +34,8 @@ from lmforge.atomic import atomic_write
 from lmforge.data.document import Document, StageStats
 from lmforge.data.errors import DataInputError
 from lmforge.data.readers import discover_inputs, read_input
+from lmforge.formats.safetensors_reader import SafetensorsError, read_header
+from lmforge.formats.strictjson import JSONInputError, read_json
 
 SPLITS = ("train", "val")
 SHARD_SUFFIX = ".safetensors"
@@ -274,46 +276,74 @@ _SAFETENSORS_DTYPES = {"U16": np.uint16, "U32": np.uint32, "I64": np.int64}
 
 
 def open_shard(path: str | os.PathLike[str]) -> TokenShard:
-    """Memory-map a shard's arrays straight from the safetensors file (no copy, no pickle)."""
+    """Memory-map a shard's arrays straight from the safetensors file (no copy, no pickle).
+
+    The header goes through `lmforge.formats.safetensors_reader` (length, depth-bounded
+    JSON, byte ranges), and ``doc_starts`` must be offsets into ``tokens`` in order, so
+    a damaged shard fails here rather than as windows that silently read the wrong tokens.
+    """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len <= 0 or header_len > min(size - 8, 1 << 20):
-            raise DataInputError(f"{path} is not a token shard (bad safetensors header length {header_len})")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError as err:
-            raise DataInputError(f"{path} is not a token shard (header is not JSON)") from err
+    try:
+        header = read_header(path)
+    except SafetensorsError as err:
+        raise DataInputError(f"not a token shard: {err}") from err
     arrays: dict[str, np.ndarray] = {}
     for name in ("tokens", "doc_starts"):
-        entry = header.get(name)
-        if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_DTYPES:
+        entry = header.tensors.get(name)
+        if entry is None or entry["dtype"] not in _SAFETENSORS_DTYPES:
             raise DataInputError(f"{path} is not a token shard (no valid {name!r} array)")
-        begin, end = entry["data_offsets"]
-        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
-        count = math.prod(entry["shape"])
-        if end - begin != count * dtype.itemsize or 8 + header_len + end > size:
-            raise DataInputError(f"{path} is truncated or corrupt ({name} does not fit the file)")
-        arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=(count,))
-    return TokenShard(path=path, tokens=arrays["tokens"], doc_starts=arrays["doc_starts"])
+        dtype, count = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]), math.prod(entry["shape"])
+        offset = header.data_start + entry["data_offsets"][0]
+        arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)) if count
+                        else np.zeros(0, dtype))
+    starts, size = arrays["doc_starts"], len(arrays["tokens"])
+    if len(starts) and (int(starts.min()) < 0 or int(starts.max()) >= size or np.any(np.diff(starts) < 0)):
+        raise DataInputError(f"{path} is corrupt: doc_starts are not increasing offsets into its "
+                             f"{size:,} tokens")
+    return TokenShard(path=path, tokens=arrays["tokens"], doc_starts=starts)
 
 
 def load_shard_set(
     folder: str | os.PathLike[str], split: str = "train"
 ) -> tuple[dict[str, Any], list[TokenShard]]:
-    """meta.json and the shards of one split; a folder without meta.json is an unfinished run."""
+    """meta.json and the shards of one split; a folder without meta.json is an unfinished run.
+
+    meta.json is input like any other: the shard names it lists must be plain files of
+    this folder (no ``../``, no absolute path, no symlink leading out of it).
+    """
     folder = Path(folder)
     meta_path = folder / "meta.json"
     if not meta_path.exists():
         raise DataInputError(
             f"{folder} holds no finished token shards (no meta.json): run `lmforge tokenize`"
         )
-    meta = json.loads(meta_path.read_text())
-    if split not in meta.get("splits", {}):
+    try:
+        meta = read_json(meta_path, allow_nonfinite=True)
+    except JSONInputError as err:
+        raise DataInputError(f"not a token shard folder: {err}") from err
+    splits = meta.get("splits") if isinstance(meta, dict) else None
+    if not isinstance(splits, dict) or not all(isinstance(s, dict) for s in splits.values()):
+        raise DataInputError(f"{meta_path} is not a token shard index (no 'splits' object)")
+    vocab_size = meta.get("vocab_size", 0)
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 0:
+        raise DataInputError(f"{meta_path}: vocab_size must be a non-negative integer, got {vocab_size!r}")
+    if split not in splits:
         raise DataInputError(f"{folder} has no {split!r} split")
-    names = meta["splits"][split]["shards"]
-    missing = [n for n in names if not (folder / n).exists()]
+    names = splits[split].get("shards")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataInputError(f"{meta_path}: the {split!r} split has no list of shard file names")
+    paths = [_shard_path(folder, meta_path, name) for name in names]
+    missing = [n for n, p in zip(names, paths) if not p.exists()]
     if missing:
         raise DataInputError(f"{folder} is missing shard(s) {', '.join(missing)}")
-    return meta, [open_shard(folder / n) for n in names]
+    return meta, [open_shard(p) for p in paths]
+
+
+def _shard_path(folder: Path, meta_path: Path, name: str) -> Path:
+    """`folder / name`, refusing a name that reaches outside the folder (directly or by symlink)."""
+    if Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+        raise DataInputError(f"{meta_path}: shard {name!r} is not a file name inside {folder}")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise DataInputError(f"{meta_path}: shard {name!r} leads to {path.resolve()}, outside {folder}")
+    return path

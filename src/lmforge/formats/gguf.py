@@ -12,6 +12,7 @@ a `Transformer`, lmforge.tokenizer.gguf_meta maps `tokenizer.ggml.*` keys to a t
 from __future__ import annotations
 
 import enum
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -29,6 +30,7 @@ READABLE_VERSIONS = (2, 3)
 WRITTEN_VERSION = 3
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # ggml tensors have at most four dimensions
+MAX_ARRAY_DEPTH = 8  # arrays of arrays of ...: real files nest at most 2 deep; a deeper one is hostile
 
 
 class GGUFError(GGMLError):
@@ -80,7 +82,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 class _Cursor:
@@ -135,8 +137,11 @@ class _Cursor:
                             f"strings (byte {pos} of {size})")
         return out
 
-    def value(self, vtype: int, what: str) -> tuple[Any, tuple[ValueType, ...]]:
+    def value(self, vtype: int, what: str, depth: int = 0) -> tuple[Any, tuple[ValueType, ...]]:
         """One metadata value and its type path, e.g. (ARRAY, STRING) for a list of strings."""
+        if depth > MAX_ARRAY_DEPTH:
+            raise GGUFError(f"{self.source}: {what} nests arrays more than {MAX_ARRAY_DEPTH} deep "
+                            "(corrupt or hostile file)")
         if vtype not in ValueType._value2member_map_:
             raise GGUFError(f"{self.source}: {what} has unknown value type {vtype}")
         vtype = ValueType(vtype)
@@ -148,12 +153,16 @@ class _Cursor:
                 value = float(str(np.float32(value)))
             return value, (vtype,)
         item_type, count = self.u32(what), self.u64(what)
+        least = {ValueType.STRING: 8, ValueType.ARRAY: 12}.get(item_type, 0)  # bytes per item, at least
+        if count * least > len(self.buffer) - self.pos:  # fail now, not after looping over the whole file
+            raise GGUFError(f"{self.source}: truncated file: {what} claims {count:,} items, more than the "
+                            f"{len(self.buffer) - self.pos:,} bytes left can hold")
         if item_type == ValueType.STRING:
             return self.strings(count, what), (ValueType.ARRAY, ValueType.STRING)
         if item_type == ValueType.ARRAY:
             items, inner = [], (ValueType.ARRAY,)
             for i in range(count):
-                item, inner = self.value(item_type, f"{what}[{i}]")
+                item, inner = self.value(item_type, f"{what}[{i}]", depth + 1)
                 items.append(item)
             return items, (ValueType.ARRAY, *inner)
         if item_type not in ValueType._value2member_map_:
@@ -202,11 +211,14 @@ class GGUFFile:
                             f"({n_tensors} tensors, {n_kv} metadata keys in {len(cur.buffer)} bytes)")
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
+            if key in self.metadata:
+                raise GGUFError(f"{self.path}: metadata key {key!r} appears twice")
             value, types = cur.value(cur.u32(f"type of {key}"), f"metadata {key!r}")
             self.metadata[key], self.metadata_types[key] = value, types
 
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
+                or alignment & (alignment - 1)):
             raise GGUFError(f"{self.path}: general.alignment must be a power of two, got {alignment!r}")
         self.alignment = alignment
 
@@ -223,6 +235,19 @@ class GGUFFile:
 
         for name, dims, type_id, offset in raw_infos:
             self.tensors[name] = self._tensor_info(name, dims, type_id, offset)
+        self._check_no_overlap()
+
+    def _check_no_overlap(self) -> None:
+        """Each tensor owns its bytes: two tensors sharing data would make editing one change the other."""
+        previous: TensorInfo | None = None
+        for info in sorted(self.tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+            if info.nbytes == 0:
+                continue
+            if previous is not None and info.offset < previous.offset + previous.nbytes:
+                first = f"{previous.name!r} (bytes {previous.offset}..{previous.offset + previous.nbytes})"
+                second = f"{info.name!r} (bytes {info.offset}..{info.offset + info.nbytes})"
+                raise GGUFError(f"{self.path}: tensors {first} and {second} overlap: corrupt or hostile file")
+            previous = info
 
     def _tensor_info(self, name: str, dims: list[int], type_id: int, offset: int) -> TensorInfo:
         if name in self.tensors:

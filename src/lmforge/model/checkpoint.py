@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import struct
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from importlib import metadata
@@ -25,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from lmforge.atomic import atomic_folder
+from lmforge.formats.safetensors_reader import FLOAT_DTYPES, SafetensorsError, load_tensors, read_header
+from lmforge.formats.strictjson import JSONInputError, read_json
 from lmforge.model.config import ConfigError, ModelConfig
 from lmforge.model.hf import (
     ARCHITECTURES,
@@ -56,11 +56,9 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 GENERATION_NAME = "generation_config.json"
 NATIVE_ARCHITECTURE = "LmforgeTransformer"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit; a longer "header" is a corrupt file
+MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json, lmforge.json, the shard index: kilobytes in practice
 FORMAT_VERSION = 1
 
-_ITEM_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -70,58 +68,14 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
 def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
     """Tensor name -> {"dtype", "shape", "data_offsets"} from a .safetensors file, reading no tensor data.
 
-    The 8-byte header length is checked against the file size and a 100 MB cap before
-    anything is parsed, and every tensor's byte range must lie inside the file, so a
-    truncated download or a stray file fails here with a clear `CheckpointError`.
+    `lmforge.formats.safetensors_reader` checks the header length against the file size
+    and a 100 MB cap, the JSON with a depth bound, and that the tensors tile the data
+    exactly, so a truncated download or a stray file fails here with a clear `CheckpointError`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such safetensors file")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: truncated or not safetensors ({size} bytes; the format starts "
-                                  "with an 8-byte header length)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: corrupt safetensors header: it claims {header_len:,} bytes, over "
-                                  f"the {MAX_HEADER_BYTES // 2**20} MB limit (not a safetensors file?)")
-        if 8 + header_len > size:
-            raise CheckpointError(f"{path}: corrupt safetensors header: it claims {header_len:,} bytes but "
-                                  f"the file has only {size:,} (truncated, or not a safetensors file)")
-        raw = f.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt safetensors header: not valid JSON ({err})") from err
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
-    header.pop("__metadata__", None)
-    data_size = size - 8 - header_len
-    for name, info in header.items():
-        _check_tensor_entry(path, name, info, data_size)
-    return header
-
-
-def _check_tensor_entry(path: Path, name: str, info: Any, data_size: int) -> None:
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} {why}")
-
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        raise bad("lacks dtype, shape or data_offsets")
-    if info["dtype"] not in _ITEM_SIZE:
-        raise bad(f"has unknown dtype {info['dtype']!r}")
-    shape, offsets = info["shape"], info["data_offsets"]
-    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
-        raise bad(f"has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise bad(f"has invalid data_offsets {offsets!r}")
-    if offsets[1] - offsets[0] != math.prod(shape) * _ITEM_SIZE[info["dtype"]]:
-        raise bad(f"has {offsets[1] - offsets[0]} bytes of data for shape {shape} {info['dtype']}")
-    if offsets[1] > data_size:
-        raise bad(f"ends at byte {offsets[1]:,} of the data but the file holds {data_size:,} (truncated)")
+        return read_header(path).tensors
+    except SafetensorsError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def checkpoint_tensors(folder: str | Path) -> dict[str, tuple[Path, dict[str, Any]]]:
@@ -152,11 +106,12 @@ def checkpoint_tensors(folder: str | Path) -> dict[str, tuple[Path, dict[str, An
 
 
 # ---------------------------------------------------------------------------------- loading
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, *, allow_nonfinite: bool = False) -> dict[str, Any]:
+    """A JSON object from the folder: bounded in size and depth; NaN, Infinity and repeated keys refused."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not readable JSON ({err})") from err
+        value = read_json(path, max_bytes=MAX_JSON_BYTES, allow_nonfinite=allow_nonfinite)
+    except JSONInputError as err:
+        raise CheckpointError(f"{path}: not readable JSON ({err.reason})") from err
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return value
@@ -170,16 +125,13 @@ def _config_and_names(folder: Path, *, strict: bool = True) -> tuple[ModelConfig
         raise CheckpointError(f"{folder}: a checkpoint is a folder, this is a file")
     lmforge_file, config_file = folder / LMFORGE_NAME, folder / CONFIG_NAME
     if lmforge_file.exists():
-        info = _read_json(lmforge_file)
+        info = _read_json(lmforge_file, allow_nonfinite=True)  # its free-form "extra" may hold an inf
         if not isinstance(info.get("config"), dict):
             raise CheckpointError(f"{lmforge_file}: has no 'config' object")
-        try:
-            config = ModelConfig.from_dict(info["config"])
-        except (ConfigError, TypeError) as err:
-            raise CheckpointError(f"{lmforge_file}: invalid model config: {err}") from err
+        config = _native_config(info["config"], lmforge_file)
         weights = info.get("weights")
         names = weights.get("names", "lmforge") if isinstance(weights, dict) else "lmforge"
-        if names != "lmforge" and names not in ARCHITECTURES:
+        if not isinstance(names, str) or (names != "lmforge" and names not in ARCHITECTURES):
             raise CheckpointError(f"{lmforge_file}: unknown tensor naming {names!r}")
         return config, (None if names == "lmforge" else names)
     if not config_file.exists():
@@ -188,14 +140,45 @@ def _config_and_names(folder: Path, *, strict: bool = True) -> tuple[ModelConfig
     if hf.get("architectures") == [NATIVE_ARCHITECTURE] or hf.get("model_type") == "lmforge":
         bookkeeping = ("architectures", "model_type", "dtype", "torch_dtype")
         values = {k: v for k, v in hf.items() if k not in bookkeeping}
-        try:
-            return ModelConfig.from_dict(values), None
-        except (ConfigError, TypeError) as err:
-            raise CheckpointError(f"{config_file}: invalid lmforge config: {err}") from err
+        return _native_config(values, config_file), None
     model_type = hf_model_type_of(hf)
     config = config_from_hf(hf, strict=strict)
     config.extra["source"] = str(folder)
+    _check_buildable(config, config_file)
     return config, model_type
+
+
+def _native_config(values: dict[str, Any], source: Path) -> ModelConfig:
+    """A `ModelConfig` from lmforge's own field names; NaN/inf and sizes that build no model are refused."""
+    for key, value in values.items():
+        if key != "extra" and (where := _nonfinite(value, key)):
+            raise CheckpointError(f"{source}: invalid model config: {where} is not a finite number")
+    try:
+        config = ModelConfig.from_dict(values)
+    except (ConfigError, TypeError, AttributeError) as err:  # the last two: a value of the wrong type
+        raise CheckpointError(f"{source}: invalid model config: {err}") from err
+    _check_buildable(config, source)
+    return config
+
+
+def _nonfinite(value: Any, where: str) -> str | None:
+    """The path of the first NaN or infinity inside `value`, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        return next((w for k, v in value.items() if (w := _nonfinite(v, f"{where}.{k}"))), None)
+    if isinstance(value, list):
+        return next((w for i, v in enumerate(value) if (w := _nonfinite(v, f"{where}[{i}]"))), None)
+    return None
+
+
+def _check_buildable(config: ModelConfig, source: Path) -> None:
+    """Builds the model on the meta device (no memory): a size of the wrong type (`true`) fails here."""
+    try:
+        expected_state(config)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{source}: the config does not describe a model lmforge can build "
+                              f"({type(err).__name__}: {err})") from err
 
 
 def load_config(folder: str | Path, *, strict: bool = True) -> ModelConfig:
@@ -232,16 +215,17 @@ def load_checkpoint(
 
     if model_type is None:
         canonical: dict[str, str | None] = {name: name for name in files}
-        expected = {k: tuple(v.shape) for k, v in expected_state(config).items()}
+        expected_meta = expected_state(config)
     else:
         canonical = normalize_hf_names(list(files), model_type)
         fused = any(name.endswith(".experts.gate_up_proj") for name in canonical.values() if name)
-        expected = {k: tuple(v.shape) for k, v in
-                    state_dict_to_hf(expected_state(config), config, model_type, fused_experts=fused).items()}
-        if config.tie_embeddings and "lm_head.weight" in canonical.values():
-            expected["lm_head.weight"] = (config.vocab_size, config.d_model)  # a redundant copy some save
+        expected_meta = state_dict_to_hf(expected_state(config), config, model_type, fused_experts=fused)
+        if config.tie_embeddings and "lm_head.weight" in canonical.values():  # a redundant copy some save
+            expected_meta["lm_head.weight"] = torch.empty(config.vocab_size, config.d_model, device="meta")
+    expected = {k: tuple(v.shape) for k, v in expected_meta.items()}
     found = {canonical[n]: tuple(info["shape"]) for n, (_, info) in files.items() if canonical[n] is not None}
     check_shapes(found, expected, f"{folder}: the weights")
+    _check_dtypes(files, canonical, expected_meta)
 
     tensors: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
@@ -250,15 +234,39 @@ def load_checkpoint(
             by_file.setdefault(path, []).append(name)
     for path, names in by_file.items():
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in names:
-                    tensors[canonical[name]] = f.get_tensor(name)  # type: ignore[index]
-        except Exception as err:  # the library's own error types vary by version
-            raise CheckpointError(f"{path}: could not read tensors ({err})") from err
+            loaded, _ = load_tensors(path, names)
+        except SafetensorsError as err:
+            raise CheckpointError(str(err)) from err
+        tensors.update({canonical[name]: tensor for name, tensor in loaded.items()})  # type: ignore[misc]
 
     state = tensors if model_type is None else state_dict_from_hf(tensors, config, model_type)
     # dtype None keeps the stored one; the RoPE table stays fp32 (a blanket .to(bf16) would round it)
     return Transformer.from_state_dict(config, state, dtype=target_dtype, device=device).eval(), config
+
+
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def _check_dtypes(files: Mapping[str, tuple[Path, dict[str, Any]]], canonical: Mapping[str, str | None],
+                  expected: Mapping[str, torch.Tensor]) -> None:
+    """Every stored dtype must fit the tensor it fills: floating weights from F32/BF16/F16/F64 only.
+
+    Read from the headers, so an int or bool tensor where weights belong (or float bytes
+    labelled I32) is refused by name before any data is read, instead of failing deep in
+    `load_state_dict` or, worse, being cast to float and loading as garbage.
+    """
+    for name, (path, info) in files.items():
+        ours = canonical[name]
+        if ours is None or ours not in expected:
+            continue
+        want = expected[ours].dtype
+        allowed = FLOAT_DTYPES if want.is_floating_point else (_SAFETENSORS_DTYPE.get(want, str(want)),)
+        if info["dtype"] not in allowed:
+            kind = "floating-point weights" if want.is_floating_point else "dtype"
+            raise CheckpointError(f"{path}: tensor {name!r} is stored as {info['dtype']}, but the model "
+                                  f"needs {kind} ({' or '.join(allowed)})")
 
 
 # ---------------------------------------------------------------------------------- saving

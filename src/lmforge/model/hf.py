@@ -15,6 +15,7 @@ function the weights compute, so it maps to the nearest field each family has.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -62,6 +63,16 @@ _MUST_EQUAL: dict[str, Any] = {
 }
 
 
+_KINDS: dict[str, tuple[Any, str]] = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+               "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "dict": (lambda v: isinstance(v, dict), "an object"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+}
+
+
 def _fail(model_type: str, field: str, value: Any, why: str) -> CheckpointError:
     return CheckpointError(
         f"{model_type} config field {field}={value!r} cannot be expressed in lmforge: {why}")
@@ -73,12 +84,19 @@ class _Fields:
     def __init__(self, values: Mapping[str, Any], model_type: str) -> None:
         self.values, self.model_type, self.used = dict(values), model_type, set()
 
-    def get(self, key: str, default: Any = ...) -> Any:
-        """The field's value (an explicit null stays None); `default` when absent; `...` means required."""
+    def get(self, key: str, default: Any = ..., kind: str | None = None) -> Any:
+        """The field's value (an explicit null stays None); `default` when absent; `...` means required.
+
+        `kind` ("int", "number", "bool", "dict", "list") checks the type of a non-null value:
+        config.json is input, and `"hidden_size": true` or `"rms_norm_eps": [1]` must fail
+        here, naming the field, not as a TypeError deep inside the model.
+        """
         self.used.add(key)
         value = self.values.get(key, default)
         if value is ... or (value is None and default is ...):
             raise CheckpointError(f"{self.model_type} config.json lacks the required field {key!r}")
+        if kind is not None and value is not None and not _KINDS[kind][0](value):
+            raise _fail(self.model_type, key, value, f"it must be {_KINDS[kind][1]}")
         return value
 
     def expect(self, key: str, allowed: tuple[Any, ...], default: Any, why: str) -> Any:
@@ -107,6 +125,10 @@ def hf_model_type_of(hf_config: Mapping[str, Any]) -> str:
     """The family of an HF config.json, from `model_type` or else `architectures`."""
     model_type = hf_config.get("model_type")
     archs = hf_config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"config.json: architectures must be a list of class names, got {archs!r}")
+    if model_type is not None and not isinstance(model_type, str):
+        raise CheckpointError(f"config.json: model_type must be a string, got {model_type!r}")
     if model_type is None and archs:
         model_type = MODEL_TYPES.get(archs[0])
     if model_type not in ARCHITECTURES:
@@ -132,16 +154,22 @@ def config_from_hf(hf_config: Mapping[str, Any], *, strict: bool = True) -> Mode
     ignored = fields.check_leftovers(strict)
     hf_meta = {"model_type": model_type}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if hf_config.get(key) is not None:
-            hf_meta[key] = hf_config[key]
+        value = hf_config.get(key)
+        if value is not None:
+            ids = value if isinstance(value, list) else [value]
+            if not all(_KINDS["int"][0](i) and i >= 0 for i in ids):
+                raise _fail(model_type, key, value, "it must be a token id or a list of them")
+            hf_meta[key] = value
     dtype = hf_config.get("dtype") or hf_config.get("torch_dtype")
     if dtype is not None:
+        if not isinstance(dtype, str):
+            raise _fail(model_type, "dtype", dtype, "it must be a dtype name such as 'bfloat16'")
         hf_meta["dtype"] = dtype
     if ignored:
         hf_meta["ignored_fields"] = ignored
     try:
         return ModelConfig(**values, extra={"hf": hf_meta})
-    except ConfigError as err:
+    except (ConfigError, TypeError) as err:
         raise CheckpointError(f"{model_type} config.json does not describe a valid model: {err}") from err
 
 
@@ -149,7 +177,7 @@ _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", 
 
 
 def _gpt2_values(f: _Fields) -> dict[str, Any]:
-    d_model = f.get("n_embd")
+    d_model = f.get("n_embd", kind="int")
     act = f.get("activation_function", "gelu_new")
     if act not in _GPT2_ACTIVATIONS:
         raise _fail("gpt2", "activation_function", act, f"supported: {', '.join(_GPT2_ACTIVATIONS)}")
@@ -159,20 +187,21 @@ def _gpt2_values(f: _Fields) -> dict[str, Any]:
     for key in ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
                 "summary_first_dropout"):  # only GPT2DoubleHeadsModel reads these
         f.get(key, None)
-    pdrops = {key: f.get(key, 0.1) for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    pdrops = {key: f.get(key, 0.1, "number") for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     if len(set(pdrops.values())) > 1:
         raise _fail("gpt2", "resid_pdrop/embd_pdrop/attn_pdrop", pdrops, "lmforge has one dropout rate")
-    n_ctx = f.get("n_ctx", None)  # the old name of n_positions
-    max_seq_len = f.get("n_positions", None) or n_ctx
+    n_ctx = f.get("n_ctx", None, "int")  # the old name of n_positions
+    max_seq_len = f.get("n_positions", None, "int") or n_ctx
     if max_seq_len is None:
         raise CheckpointError("gpt2 config.json lacks the required field 'n_positions'")
     return dict(
-        vocab_size=f.get("vocab_size"), d_model=d_model, n_layers=f.get("n_layer"), n_heads=f.get("n_head"),
-        d_ff=f.get("n_inner", None) or 4 * d_model, max_seq_len=max_seq_len, position="learned",
-        norm="layernorm",
-        norm_eps=float(f.get("layer_norm_epsilon", 1e-5)), mlp=_GPT2_ACTIVATIONS[act], qkv_bias=True,
-        out_bias=True, mlp_bias=True, norm_bias=True, tie_embeddings=bool(f.get("tie_word_embeddings", True)),
-        dropout=float(pdrops["resid_pdrop"]), init_std=float(f.get("initializer_range", 0.02)),
+        vocab_size=f.get("vocab_size", kind="int"), d_model=d_model, n_layers=f.get("n_layer", kind="int"),
+        n_heads=f.get("n_head", kind="int"), d_ff=f.get("n_inner", None, "int") or 4 * d_model,
+        max_seq_len=max_seq_len, position="learned", norm="layernorm",
+        norm_eps=float(f.get("layer_norm_epsilon", 1e-5, "number")), mlp=_GPT2_ACTIVATIONS[act],
+        qkv_bias=True, out_bias=True, mlp_bias=True, norm_bias=True,
+        tie_embeddings=bool(f.get("tie_word_embeddings", True, "bool")),
+        dropout=float(pdrops["resid_pdrop"]), init_std=float(f.get("initializer_range", 0.02, "number")),
     )
 
 
@@ -189,44 +218,46 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def _llama_family_values(f: _Fields, model_type: str) -> dict[str, Any]:
     defaults = _FAMILY_DEFAULTS[model_type]
-    d_model, n_heads = f.get("hidden_size"), f.get("num_attention_heads")
-    head_dim = f.get("head_dim", None)
+    d_model, n_heads = f.get("hidden_size", kind="int"), f.get("num_attention_heads", kind="int")
+    head_dim = f.get("head_dim", None, "int")
     if head_dim is not None and n_heads * head_dim == d_model:
         head_dim = None  # the default; keeps configs comparable
     f.expect("hidden_act", ("silu", "swish"), "silu", "lmforge's SwiGLU uses silu")
     f.get("pretraining_tp", 1)  # tensor-parallel slicing of the same matmuls: same function
-    max_seq_len = f.get("max_position_embeddings", defaults["max_position_embeddings"])
+    max_seq_len = f.get("max_position_embeddings", defaults["max_position_embeddings"], "int")
     rope_theta, rope_scaling = _rope_from_hf(f, max_seq_len, defaults["rope_theta"])
-    n_kv_heads = f.get("num_key_value_heads", defaults.get("num_key_value_heads")) or n_heads
+    n_kv_heads = f.get("num_key_value_heads", defaults.get("num_key_value_heads"), "int") or n_heads
     values: dict[str, Any] = dict(
-        vocab_size=f.get("vocab_size"), d_model=d_model, n_layers=f.get("num_hidden_layers"), n_heads=n_heads,
-        n_kv_heads=n_kv_heads, head_dim=head_dim, d_ff=f.get("intermediate_size"), max_seq_len=max_seq_len,
+        vocab_size=f.get("vocab_size", kind="int"), d_model=d_model,
+        n_layers=f.get("num_hidden_layers", kind="int"), n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=head_dim, d_ff=f.get("intermediate_size", kind="int"), max_seq_len=max_seq_len,
         position="rope", rope_theta=rope_theta, rope_scaling=rope_scaling, norm="rmsnorm",
-        norm_eps=float(f.get("rms_norm_eps", defaults["rms_norm_eps"])), mlp="swiglu",
+        norm_eps=float(f.get("rms_norm_eps", defaults["rms_norm_eps"], "number")), mlp="swiglu",
         qkv_bias=False, out_bias=False, mlp_bias=False, norm_bias=False,
-        tie_embeddings=bool(f.get("tie_word_embeddings", False)),
-        dropout=float(f.get("attention_dropout", 0.0) or 0.0),
-        init_std=float(f.get("initializer_range", 0.02)),
+        tie_embeddings=bool(f.get("tie_word_embeddings", False, "bool")),
+        dropout=float(f.get("attention_dropout", 0.0, "number") or 0.0),
+        init_std=float(f.get("initializer_range", 0.02, "number")),
     )
     if values["n_kv_heads"] == n_heads:
         values["n_kv_heads"] = None
     if model_type == "llama":
-        values["qkv_bias"] = values["out_bias"] = bool(f.get("attention_bias", False))
-        values["mlp_bias"] = bool(f.get("mlp_bias", False))
+        values["qkv_bias"] = values["out_bias"] = bool(f.get("attention_bias", False, "bool"))
+        values["mlp_bias"] = bool(f.get("mlp_bias", False, "bool"))
         values["sliding_window"] = _uniform_window(f, None)
     elif model_type == "qwen2":
         values["qkv_bias"] = True  # Qwen2 always has q/k/v biases and never an o_proj bias
-        window, first_sliding = f.get("sliding_window", 4096), f.get("max_window_layers", 28)
-        window = window if f.get("use_sliding_window", False) else None  # as Qwen2Config does
+        window, first_sliding = f.get("sliding_window", 4096, "int"), f.get("max_window_layers", 28, "int")
+        window = window if f.get("use_sliding_window", False, "bool") else None  # as Qwen2Config does
         layer_windows = [window if window is not None and i >= first_sliding else None
                          for i in range(values["n_layers"])]
         values["sliding_window"] = _uniform_window(f, window, layer_windows)
     else:  # mistral, mixtral
-        values["sliding_window"] = _uniform_window(f, f.get("sliding_window", defaults["sliding_window"]))
+        window = f.get("sliding_window", defaults["sliding_window"], "int")
+        values["sliding_window"] = _uniform_window(f, window)
     if model_type == "mixtral":
-        values["n_experts"] = f.get("num_local_experts", 8)
-        values["n_experts_per_token"] = f.get("num_experts_per_tok", 2)
-        values["moe_aux_loss_coef"] = float(f.get("router_aux_loss_coef", 0.001))
+        values["n_experts"] = f.get("num_local_experts", 8, "int")
+        values["n_experts_per_token"] = f.get("num_experts_per_tok", 2, "int")
+        values["moe_aux_loss_coef"] = float(f.get("router_aux_loss_coef", 0.001, "number"))
         f.expect("router_jitter_noise", (0, 0.0, None), 0.0, "lmforge's router adds no noise")
         f.get("output_router_logits", False)
     return values
@@ -236,9 +267,9 @@ def _uniform_window(
     f: _Fields, window: int | None, layer_windows: list[int | None] | None = None,
 ) -> int | None:
     """lmforge has one sliding window for every layer; HF's `layer_types` may mix full and sliding layers."""
-    layer_types = f.get("layer_types", None)
+    layer_types = f.get("layer_types", None, "list")
     if layer_types is not None:
-        kinds = set(layer_types)
+        kinds = {kind if isinstance(kind, str) else repr(kind) for kind in layer_types}
         if not kinds <= {"full_attention", "sliding_attention"} or len(kinds) > 1:
             raise _fail(f.model_type, "layer_types", layer_types,
                         "lmforge uses the same attention (all full or all sliding) in every layer")
@@ -259,9 +290,9 @@ _ROPE_KEYS = {"default": set(), "linear": {"factor"},
 
 def _rope_from_hf(f: _Fields, max_seq_len: int, default_theta: float) -> tuple[float, dict[str, Any] | None]:
     """Reads `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older configs)."""
-    top_theta = f.get("rope_theta", None)
-    partial = f.get("partial_rotary_factor", None)
-    candidates = [(key, f.get(key, None)) for key in ("rope_parameters", "rope_scaling")]
+    top_theta = f.get("rope_theta", None, "number")
+    partial = f.get("partial_rotary_factor", None, "number")
+    candidates = [(key, f.get(key, None, "dict")) for key in ("rope_parameters", "rope_scaling")]
     parsed = [(key, _parse_rope(f.model_type, key, dict(v), max_seq_len)) for key, v in candidates if v]
     if len(parsed) == 2 and parsed[0][1][1] != parsed[1][1][1]:
         raise _fail(f.model_type, "rope_scaling", candidates[1][1],
@@ -280,11 +311,14 @@ def _rope_from_hf(f: _Fields, max_seq_len: int, default_theta: float) -> tuple[f
 
 def _parse_rope(model_type: str, field: str, params: dict[str, Any], max_seq_len: int) -> tuple[Any, ...]:
     """One rope dict -> (theta or None, lmforge rope_scaling or None, partial_rotary_factor or None)."""
+    for key, value in params.items():
+        if key not in ("rope_type", "type") and not _KINDS["number"][0](value):
+            raise _fail(model_type, f"{field}.{key}", value, "it must be a finite number")
     theta = params.pop("rope_theta", None)
     partial = params.pop("partial_rotary_factor", None)
     kind = params.pop("rope_type", None) or params.pop("type", "default")
     params.pop("type", None)
-    if kind not in _ROPE_KEYS:
+    if not isinstance(kind, str) or kind not in _ROPE_KEYS:
         raise _fail(model_type, f"{field}.rope_type", kind, f"supported: {', '.join(_ROPE_KEYS)}")
     extra = sorted(set(params) - _ROPE_KEYS[kind])
     if extra:
@@ -292,6 +326,8 @@ def _parse_rope(model_type: str, field: str, params: dict[str, Any], max_seq_len
                     f"lmforge's {kind} RoPE has no such parameter")
     if kind == "default":
         return theta, None, partial
+    if "factor" not in params:
+        raise _fail(model_type, field, params, f"{kind} RoPE scaling needs a factor")
     scaling: dict[str, Any] = {"type": kind, "factor": float(params["factor"])}
     if kind == "llama3":
         scaling |= {"low_freq_factor": float(params.get("low_freq_factor", 1.0)),

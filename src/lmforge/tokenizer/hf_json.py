@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.atomic import atomic_write
+from lmforge.formats.strictjson import JSONInputError, read_json
 from lmforge.tokenizer.added import AddedToken
 from lmforge.tokenizer.errors import TokenizerError
 from lmforge.tokenizer.normalize import Normalizer
@@ -31,26 +32,49 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+MAX_TOKEN_ID = 2**24 - 1  # the largest real vocabularies hold ~1M tokens; ids size lookup tables
 
 
 # --------------------------------------------------------------------------- reading
 
 
 def _load_json(path: Path) -> Any:
+    """A JSON file bounded in size and nesting depth (`lmforge.formats.strictjson`).
+
+    NaN/Infinity (which Python's json writes) are let through: no tokenizer number feeds
+    arithmetic unchecked, so refusing them would only refuse files that load elsewhere.
+    """
+    if not path.exists():
+        raise TokenizerError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise TokenizerError(f"{path}: file not found") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"{path}: not a readable JSON file ({err})") from err
+        return read_json(path, allow_nonfinite=True)
+    except JSONInputError as err:
+        raise TokenizerError(f"{path}: not a readable JSON file ({err.reason})") from err
 
 
 def read_tokenizer_json(path: str | Path) -> TokenizerSpec:
-    """Read tokenizer.json, and tokenizer_config.json / chat_template.jinja beside it."""
+    """Read tokenizer.json, and tokenizer_config.json / chat_template.jinja beside it.
+
+    The file is input: its parts are type-checked where they are read, and a value of
+    the wrong type anywhere else (a list where a section belongs, say) is still one
+    `TokenizerError` naming the file, never a traceback from inside the pipeline classes.
+    """
     path = Path(path)
     obj = _load_json(path)
-    if not isinstance(obj, dict) or "model" not in obj:
-        raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json (no 'model' entry)")
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json (no 'model' object)")
+    for section in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        if obj.get(section) is not None and not isinstance(obj[section], dict):
+            raise TokenizerError(f"{path}: {section} must be an object, got {obj[section]!r:.80}")
+    try:
+        return _spec_from_json(obj, path)
+    except TokenizerError:
+        raise
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as err:
+        raise TokenizerError(f"{path}: malformed tokenizer.json ({type(err).__name__}: {err})") from err
+
+
+def _spec_from_json(obj: dict[str, Any], path: Path) -> TokenizerSpec:
     model = obj["model"]
     vocab, merges, options = _read_bpe_model(model, path)
     added = _added_tokens(obj.get("added_tokens") or [], vocab, path)
@@ -116,7 +140,12 @@ def _added_tokens(entries: list[dict[str, Any]], vocab: dict[str, int], path: Pa
     ids written in the file are only checked (they agree in every sane file)."""
     tokens: dict[str, AddedToken] = {}
     next_id = len(vocab)
+    if not isinstance(entries, list):
+        raise TokenizerError(f"{path}: added_tokens must be a list")
     for entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("content"), str)
+                and _is_id(entry.get("id"))):
+            raise TokenizerError(f"{path}: added token {entry!r:.80} needs a string 'content' and an 'id'")
         token = AddedToken.from_hf(entry)
         if token.content in tokens:
             continue
@@ -162,6 +191,19 @@ def _read_bpe_model(
     vocab = model.get("vocab")
     if not isinstance(vocab, dict):
         raise TokenizerError(f"{path}: BPE model has no vocab")
+    bad = next((k for k, v in vocab.items() if not _is_id(v)), None)
+    if bad is not None:
+        raise TokenizerError(f"{path}: vocab entry {bad!r} has id {vocab[bad]!r}, not an integer "
+                             f"in 0..{MAX_TOKEN_ID}")
+    if len(set(vocab.values())) != len(vocab):
+        seen: dict[int, str] = {}
+        for token, token_id in vocab.items():
+            if token_id in seen:
+                raise TokenizerError(f"{path}: vocab gives id {token_id} to both {seen[token_id]!r} "
+                                     f"and {token!r}")
+            seen[token_id] = token
+    if not isinstance(model.get("merges") or [], list):
+        raise TokenizerError(f"{path}: BPE merges must be a list")
     merges = [_merge_pair(m, path) for m in model.get("merges") or []]
     options = {
         "ignore_merges": bool(model.get("ignore_merges", False)),
@@ -171,9 +213,13 @@ def _read_bpe_model(
     return {str(k): int(v) for k, v in vocab.items()}, merges, options
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_ID
+
+
 def _merge_pair(merge: Any, path: Path) -> tuple[str, str]:
-    parts = merge.split(" ") if isinstance(merge, str) else list(merge)
-    if len(parts) != 2:
+    parts = merge.split(" ") if isinstance(merge, str) else merge if isinstance(merge, list) else []
+    if len(parts) != 2 or not all(isinstance(p, str) for p in parts):
         raise TokenizerError(f"{path}: merge {merge!r} is not a pair of tokens")
     return parts[0], parts[1]
 

@@ -26,10 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lmforge.atomic import atomic_folder
+from lmforge.formats.safetensors_reader import SafetensorsError, load_tensors
+from lmforge.formats.strictjson import JSONInputError, read_json
 from lmforge.model.checkpoint import load_checkpoint, load_config, save_checkpoint
 from lmforge.model.config import ModelConfig
 
@@ -165,10 +167,57 @@ def read_training_checkpoint(folder: str | Path, config: ModelConfig
                           "it is a model, not a resumable checkpoint")
     check_same_architecture(folder, config)
     loaded, _ = load_checkpoint(folder, dtype=torch.float32)
-    state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
-    opt_tensors = load_file(str(state_dir / "optimizer.safetensors"))
-    set_rng_state(load_file(str(state_dir / "rng.safetensors")), state["rng"])
+    try:
+        state = read_json(state_dir / "state.json", allow_nonfinite=True)  # ours: a clip of inf is fine
+        opt_tensors, _ = load_tensors(state_dir / "optimizer.safetensors")
+        rng_tensors, _ = load_tensors(state_dir / "rng.safetensors")
+    except (JSONInputError, SafetensorsError) as err:
+        raise ResumeError(f"cannot resume from {folder}: {err}") from err
+    _check_trainer_state(folder, state, opt_tensors, rng_tensors)
+    set_rng_state(rng_tensors, state["rng"])
     return loaded.state_dict(), unflatten_optimizer_state(opt_tensors, state["optimizer"]), state
+
+
+def _check_trainer_state(folder: Path, state: Any, opt_tensors: Mapping[str, torch.Tensor],
+                         rng_tensors: Mapping[str, torch.Tensor]) -> None:
+    """The shapes `set_rng_state` and `unflatten_optimizer_state` rely on, checked before either runs.
+
+    A damaged or hand-edited trainer_state/ must fail here, naming the part, not half-way
+    through restoring the RNG (leaving it changed) or inside torch's optimizer.
+    """
+    def bad(why: str) -> ResumeError:
+        return ResumeError(f"cannot resume from {folder}: {STATE_DIR}/{why}")
+
+    if not isinstance(state, dict):
+        raise bad("state.json is not a JSON object")
+    for key in ("step", "tokens_seen"):
+        if not (isinstance(state.get(key), int) and not isinstance(state[key], bool) and state[key] >= 0):
+            raise bad(f"state.json: {key!r} must be a non-negative integer, got {state.get(key)!r}")
+    if not isinstance(state.get("data"), dict):
+        raise bad("state.json lacks the data position ('data' object)")
+    optimizer, rng = state.get("optimizer"), state.get("rng")
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("scalars"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        raise bad("state.json lacks the optimizer's scalars and param_groups")
+    if not all(k.isdigit() and isinstance(v, dict) for k, v in optimizer["scalars"].items()):
+        raise bad("state.json has malformed optimizer scalars")
+    for name, tensor in opt_tensors.items():
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
+            raise bad(f"optimizer.safetensors holds {name!r}, not a 'state.<param>.<key>' tensor")
+        if not (tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32)):
+            raise bad(f"optimizer.safetensors: {name!r} has dtype {tensor.dtype}, not an optimizer state")
+    if not isinstance(rng, dict):
+        raise bad("state.json has no 'rng' record")
+    try:  # on throwaway generators: the run's own RNG is touched only once all of it is known good
+        torch.Generator().set_state(rng_tensors["torch"])
+        kind, pos, has_gauss, cached = rng["numpy"]
+        keys = rng_tensors["numpy.keys"].numpy().astype(np.uint32)
+        np.random.RandomState().set_state((kind, keys, pos, has_gauss, cached))
+        version, mt, gauss_next = rng["python"]
+        random.Random().setstate((version, tuple(mt), gauss_next))
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as err:
+        raise bad(f"rng.safetensors and state.json's 'rng' do not hold a valid RNG state ({err!r})") from err
 
 
 def load_training_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
