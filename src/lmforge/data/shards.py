@@ -39,6 +39,7 @@ from lmforge.formats.strictjson import JSONInputError, read_json
 
 SPLITS = ("train", "val")
 SHARD_SUFFIX = ".safetensors"
+TOKENIZER_FOLDER = "tokenizer"  # a copy of the tokenizer inside the shard folder
 
 
 @dataclass
@@ -83,6 +84,7 @@ class TokenizeReport:
     splits: dict[str, SplitStats]
     skipped: dict[str, int]
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what happened that the user would not expect
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -102,6 +104,7 @@ class TokenizeReport:
             )
         if self.skipped:
             lines.append("skipped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items())))
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -191,6 +194,17 @@ def tokenize_documents(
     skipped: dict[str, int] = {}
     started = time.perf_counter()
     documents_seen = tokens_seen = 0
+    notes: list[str] = []
+    # the first validation document waits until a training one exists: if none ever does
+    # (one long text, say), it trains instead of leaving nothing to train on
+    held: tuple[np.ndarray, int] | None = None
+
+    def add(split: str, ids: np.ndarray, text_bytes: int) -> None:
+        writers[split].add(ids)
+        stats = splits[split]
+        stats.documents += 1
+        stats.tokens += len(ids)
+        stats.text_bytes += text_bytes
 
     for batch in _batches(documents, config.batch_documents):
         texts = [doc.text for doc in batch]
@@ -202,18 +216,32 @@ def tokenize_documents(
                 continue
             wrapped = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
             split = "val" if is_validation(doc.id, config.val_fraction) else "train"
-            writers[split].add(np.asarray(wrapped, dtype=np.int64))
-            stats = splits[split]
-            stats.documents += 1
-            stats.tokens += len(wrapped)
-            stats.text_bytes += len(doc.text.encode("utf-8"))
+            entry = (np.asarray(wrapped, dtype=np.int64), len(doc.text.encode("utf-8")))
             tokens_seen += len(wrapped)
+            if split == "val" and held is None and not splits["train"].documents:
+                held = entry
+                continue
+            if split == "train" and held is not None:  # something trains after all: the held one validates
+                add("val", *held)
+                held = None
+            add(split, *entry)
         if progress:
             progress(documents_seen, tokens_seen, time.perf_counter() - started)
+    if held is not None:  # nothing went to training: the first held-out document trains instead
+        add("train", *held)
+        if splits["val"].documents:
+            notes.append(f"every document fell in the validation split (val_fraction "
+                         f"{config.val_fraction}); the first one trains instead")
+        else:
+            notes.append(f"the only document fell in the validation split (val_fraction "
+                         f"{config.val_fraction}); it trains instead, so there is no validation split "
+                         "(give several documents, e.g. one file per chapter, for a held-out loss)")
     for writer in writers.values():
         writer.flush()
     if not splits["train"].tokens:
         raise DataInputError("no documents to tokenize: the input held no text")
+    if hasattr(tokenizer, "save"):  # the shards carry their tokenizer: pretraining stores it with checkpoints
+        tokenizer.save(folder / TOKENIZER_FOLDER)
 
     report = TokenizeReport(
         output=str(folder),
@@ -225,6 +253,7 @@ def tokenize_documents(
         splits=splits,
         skipped=skipped,
         seconds=time.perf_counter() - started,
+        notes=notes,
     )
     meta = report.to_dict() | {"format": "lmforge-token-shards", "config": asdict(config)}
     with atomic_write(folder / "meta.json", "w") as f:
