@@ -22,7 +22,7 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -92,6 +92,38 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((version, tuple(mt), gauss_next))
 
 
+# ---------------------------------------------------------------------------------- what holds the model
+class ModelStore(Protocol):
+    """How a checkpoint holds the model being trained: the whole model (pretraining, full
+    fine-tuning), or only what trains (an adapter over a frozen base, lmforge.tune)."""
+
+    def write(self, folder: Path, model_state: Mapping[str, torch.Tensor], config: ModelConfig,
+              tokenizer: Any, step: int) -> None:
+        """Write the model part of a checkpoint into `folder` (the staging folder)."""
+        ...
+
+    def read(self, folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+        """The tensors `write` stored, by the trained model's parameter names (checks they fit `config`)."""
+        ...
+
+
+class FullModel:
+    """The whole model as a checkpoint folder (Hugging Face layout where the family allows)."""
+
+    def __init__(self, source: str = "lmforge pretrain") -> None:
+        self.source = source
+
+    def write(self, folder: Path, model_state: Mapping[str, torch.Tensor], config: ModelConfig,
+              tokenizer: Any, step: int) -> None:
+        save_checkpoint(folder, model_state, config, tokenizer=tokenizer,
+                        extra={"source": self.source, "step": step})
+
+    def read(self, folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+        check_same_architecture(folder, config)
+        loaded, _ = load_checkpoint(folder, dtype=torch.float32)
+        return loaded.state_dict()
+
+
 # ---------------------------------------------------------------------------------- save / find / load
 def save_training_checkpoint(
     checkpoints: str | Path,
@@ -103,11 +135,13 @@ def save_training_checkpoint(
     keep: int = 3,
     tokenizer: Any = None,
     config: ModelConfig | None = None,
+    store: ModelStore | None = None,
 ) -> Path:
     """Write checkpoints/step-NNNNNN atomically, then delete all but the newest `keep`.
 
     `model` and `optimizer` may be their state dicts (with `config`): distributed training
     gathers the full state first (lmforge.train.parallel) and writes it in this same layout.
+    `store` decides what of the model is written (default: all of it).
     """
     checkpoints = Path(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -115,9 +149,9 @@ def save_training_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     final = checkpoints / f"step-{step:06d}"
     with atomic_folder(final) as staging:  # fsyncs every file, then renames the whole folder into place
-        extra = {"source": "lmforge pretrain", "step": step}
-        # replaces the empty staging folder
-        save_checkpoint(staging, model, config, tokenizer=tokenizer, extra=extra)
+        model_state = model.state_dict() if isinstance(model, nn.Module) else model
+        config = config or model.config  # type: ignore[union-attr]
+        (store or FullModel()).write(staging, model_state, config, tokenizer, step)
         folder = staging / STATE_DIR
         folder.mkdir()
         opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
@@ -157,16 +191,17 @@ def check_same_architecture(folder: Path, config: ModelConfig) -> None:
         raise ResumeError(f"cannot resume from {folder}: it holds another architecture ({'; '.join(differ)})")
 
 
-def read_training_checkpoint(folder: str | Path, config: ModelConfig
+def read_training_checkpoint(folder: str | Path, config: ModelConfig, store: ModelStore | None = None,
                              ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(model state dict, optimizer state dict, state.json) of a checkpoint for `config`; restores the RNG."""
+    """(model state dict, optimizer state dict, state.json) of a checkpoint for `config`; restores the RNG.
+
+    The model state is what `store` wrote: the whole model, or only an adapter's tensors."""
     folder = Path(folder)
     state_dir = folder / STATE_DIR
     if not (state_dir / "state.json").is_file():
         raise ResumeError(f"{folder} has no {STATE_DIR}/state.json: "
                           "it is a model, not a resumable checkpoint")
-    check_same_architecture(folder, config)
-    loaded, _ = load_checkpoint(folder, dtype=torch.float32)
+    model_state = (store or FullModel()).read(folder, config)
     try:
         state = read_json(state_dir / "state.json", allow_nonfinite=True)  # ours: a clip of inf is fine
         opt_tensors, _ = load_tensors(state_dir / "optimizer.safetensors")
@@ -175,7 +210,7 @@ def read_training_checkpoint(folder: str | Path, config: ModelConfig
         raise ResumeError(f"cannot resume from {folder}: {err}") from err
     _check_trainer_state(folder, state, opt_tensors, rng_tensors)
     set_rng_state(rng_tensors, state["rng"])
-    return loaded.state_dict(), unflatten_optimizer_state(opt_tensors, state["optimizer"]), state
+    return model_state, unflatten_optimizer_state(opt_tensors, state["optimizer"]), state
 
 
 def _check_trainer_state(folder: Path, state: Any, opt_tensors: Mapping[str, torch.Tensor],
@@ -220,10 +255,24 @@ def _check_trainer_state(folder: Path, state: Any, opt_tensors: Mapping[str, tor
         raise bad(f"rng.safetensors and state.json's 'rng' do not hold a valid RNG state ({err!r})") from err
 
 
-def load_training_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model weights, optimizer and RNG in place; return state.json (step, data position, ...)."""
-    model_state, optimizer_state, state = read_training_checkpoint(folder, model.config)
+def load_model_state(model: nn.Module, model_state: Mapping[str, torch.Tensor]) -> None:
+    """Load a checkpoint's model state: all of the model, or (an adapter's checkpoint) every
+    trainable tensor and nothing else, the frozen rest staying as the base model has it."""
+    own = model.state_dict()
+    unexpected = sorted(set(model_state) - set(own))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(own) - set(model_state))
+    if unexpected or (missing and not trainable.isdisjoint(missing)):
+        raise ResumeError(f"the checkpoint does not fit this model: unexpected {unexpected[:4]}, missing "
+                          f"{sorted(trainable & set(missing))[:4] or missing[:4]}")
     with torch.no_grad():
-        model.load_state_dict(model_state)
+        model.load_state_dict(model_state, strict=not missing)
+
+
+def load_training_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             store: ModelStore | None = None) -> dict:
+    """Restore model weights, optimizer and RNG in place; return state.json (step, data position, ...)."""
+    model_state, optimizer_state, state = read_training_checkpoint(folder, model.config, store)
+    load_model_state(model, model_state)
     optimizer.load_state_dict(optimizer_state)
     return state

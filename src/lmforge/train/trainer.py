@@ -43,7 +43,7 @@ from torch import nn
 
 from lmforge.atomic import atomic_write
 from lmforge.train.batch import BatchSource
-from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.train.checkpoint import ModelStore, latest_checkpoint
 from lmforge.train.objectives import Objective
 from lmforge.train.parallel.base import Parallel
 
@@ -176,12 +176,14 @@ class Trainer:
         tokenizer: Any = None,
         quiet: bool = False,
         parallel: Parallel | None = None,
+        model_store: ModelStore | None = None,
     ) -> None:
         self.model, self.objective, self.optimizer = model, objective, optimizer
         self.lr_factor, self.train_data, self.val_data = lr_factor, train_data, val_data
         self.config, self.run_dir = config, Path(run_dir)
         self.bytes_per_token, self.run_config = bytes_per_token, run_config or {}
         self.tokenizer, self.quiet = tokenizer, quiet
+        self.model_store = model_store  # what a checkpoint holds of the model (default: all of it)
         self.device = next(model.parameters()).device
         self.parallel = parallel or Parallel(self.device)
         # this rank's share of each step: `accum` forwards of `micro_batch` sequences
@@ -287,11 +289,12 @@ class Trainer:
         state = {"tokens_seen": self.tokens_seen, "data": self.train_data.state_dict(),
                  "config": self.run_config}
         return self.parallel.save_checkpoint(self.checkpoints, self.step, self.model, self.optimizer, state,
-                                             keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
+                                             keep=self.config.keep_checkpoints, tokenizer=self.tokenizer,
+                                             store=self.model_store)
 
     def resume(self, folder: str | Path) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG, data position, step and the metrics log."""
-        state = self.parallel.load_checkpoint(Path(folder), self.model, self.optimizer)
+        state = self.parallel.load_checkpoint(Path(folder), self.model, self.optimizer, self.model_store)
         self.resumed_state = state  # the checkpoint's state.json, for callers that compare recipes
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.train_data.load_state_dict(state["data"])

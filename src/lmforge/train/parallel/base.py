@@ -19,7 +19,12 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.train.batch import Batch, BatchSource
-from lmforge.train.checkpoint import read_training_checkpoint, save_training_checkpoint
+from lmforge.train.checkpoint import (
+    ModelStore,
+    load_model_state,
+    read_training_checkpoint,
+    save_training_checkpoint,
+)
 from lmforge.train.objectives import Objective
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -109,25 +114,26 @@ class Parallel:
     def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                         model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
         """Put a single-process state into this rank's (possibly sharded) model and optimizer."""
-        with torch.no_grad():
-            model.load_state_dict(model_state)
+        load_model_state(model, model_state)
         optimizer.load_state_dict(optimizer_state)
 
     def save_checkpoint(self, checkpoints: Path, step: int, model: nn.Module,
                         optimizer: torch.optim.Optimizer, state: dict[str, Any], *, keep: int,
-                        tokenizer: Any) -> Path | None:
+                        tokenizer: Any, store: ModelStore | None = None) -> Path | None:
         """Gather the full state (all ranks), write it (rank 0), wait for the write; the folder on rank 0."""
         model_state, optimizer_state = self.full_state(model, optimizer)
         folder = None
         if self.is_main:
             folder = save_training_checkpoint(checkpoints, step, model_state, optimizer_state, state,
-                                              keep=keep, tokenizer=tokenizer, config=model.config)
+                                              keep=keep, tokenizer=tokenizer, config=model.config,
+                                              store=store)
         self.barrier()  # nobody trains on (or reads) past a checkpoint that is still being written
         return folder
 
-    def load_checkpoint(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    def load_checkpoint(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        store: ModelStore | None = None) -> dict:
         """Restore weights, optimizer and RNG from a (single-process layout) checkpoint; its state.json."""
-        model_state, optimizer_state, state = read_training_checkpoint(folder, model.config)
+        model_state, optimizer_state, state = read_training_checkpoint(folder, model.config, store)
         self.load_full_state(model, optimizer, model_state, optimizer_state)
         return state
 
