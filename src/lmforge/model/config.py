@@ -7,6 +7,7 @@ at a glance what makes GPT-2 different from Llama, Qwen2, Mistral or Mixtral.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -74,9 +75,30 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(message)
 
+        def positive_int(value: Any) -> bool:  # a bool is an int to Python, never a size to us
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        def positive_number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+                and value > 0
+
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            need(positive_int(value), f"{name} must be a positive integer, got {value!r}")
+        for name in ("n_kv_heads", "head_dim", "sliding_window"):
+            value = getattr(self, name)
+            need(value is None or positive_int(value),
+                 f"{name} must be a positive integer or unset, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            need(positive_number(getattr(self, name)),
+                 f"{name} must be a positive finite number, got {getattr(self, name)!r}")
+        need(isinstance(self.dropout, int | float) and 0 <= self.dropout < 1,
+             f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("qkv_bias", "out_bias", "mlp_bias", "norm_bias", "qk_norm", "tie_embeddings"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+        need(self.rope_scaling is None or isinstance(self.rope_scaling, dict),
+             f"rope_scaling must be a mapping or unset, got {self.rope_scaling!r}")
         need(self.position in ("learned", "rope", "alibi", "none"),
              f"position must be learned, rope, alibi or none, got {self.position!r}")
         need(self.norm in ("layernorm", "rmsnorm"), f"norm must be layernorm or rmsnorm, got {self.norm!r}")

@@ -7,7 +7,6 @@ models; the MLPs dominate large ones).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -106,7 +105,9 @@ def _describe_folder(path: Path) -> dict[str, Any]:
     for file in weights:
         for tensor in read_safetensors_header(file).values():
             dtypes[tensor["dtype"]] += 1
-    hf_config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    from lmforge.formats.strictjson import read_json
+
+    hf_config = read_json(path / "config.json") if (path / "config.json").exists() else {}  # checked above
     return {"path": str(path), "format": "checkpoint folder (Hugging Face layout)",
             "hf_architecture": ", ".join(hf_config.get("architectures", ["?"]))} | describe_config(config) | {
         "dtype": ", ".join(f"{t} x{n}" for t, n in dtypes.most_common()) or "no weights found",

@@ -229,11 +229,14 @@ def window_scores(windows: TokenWindows, config: CurriculumConfig, *, cache: str
     key = json.dumps({"score": config.score, "scorer": str(Path(config.scorer).resolve()) if config.scorer
                       else None, "windows": _windows_digest(windows)}, sort_keys=True)
     if cache is not None and Path(cache).is_file():
-        from safetensors import safe_open
+        from lmforge.formats.safetensors_reader import SafetensorsError, load_tensors
 
-        with safe_open(str(cache), framework="numpy") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return f.get_tensor("scores")
+        try:  # through the checked reader; a damaged cache is recomputed, never trusted
+            tensors, header = load_tensors(cache, ["scores"], framework="numpy")
+            if header.metadata.get("key") == key:
+                return tensors["scores"]
+        except SafetensorsError:
+            pass
     if config.score == "length":
         scores = length_scores(windows)
     elif config.score == "rarity":
