@@ -201,6 +201,14 @@ def _permute_rows(w: np.ndarray, n_heads: int, *, to_gguf: bool) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def rows_for_gguf(name: str, w: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """`w`'s rows in llama.cpp's RoPE layout when `name` is (part of) W_q or W_k, else `w` as it is.
+
+    A LoRA's B matrix of q_proj produces W_q's rows, so it is reordered the same way."""
+    heads = _permuted_heads(name, config)
+    return _permute_rows(w, heads, to_gguf=True) if heads else w
+
+
 def _permuted_heads(name: str, config: ModelConfig) -> int | None:
     """How many heads to (un)permute a tensor by, or None when it is not W_q/W_k."""
     if ".attn.q_proj." in name:

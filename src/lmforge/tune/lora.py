@@ -165,7 +165,7 @@ def target_module_names(model: nn.Module, targets: str | Sequence[str],
     `targets` is "all-linear" or short names ("q_proj") or full names ("blocks.0.attn.q_proj").
     """
     candidates = [name for name, module in model.named_modules()
-                  if name.startswith("blocks.") and isinstance(module, nn.Linear)
+                  if name.startswith("blocks.") and _is_linear(module)
                   and name.rsplit(".", 1)[-1] in ATTENTION_LINEARS + MLP_LINEARS]
     if layers:
         candidates = [n for n in candidates if int(n.split(".")[1]) in set(layers)]
@@ -183,6 +183,14 @@ def target_module_names(model: nn.Module, targets: str | Sequence[str],
     if not chosen:
         raise LoRAError("lora.target_modules selects no layer of this model")
     return chosen
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or a frozen stand-in for one (an NF4 layer): anything with in/out features."""
+    if isinstance(module, nn.Linear):
+        return True
+    features = hasattr(module, "in_features") and hasattr(module, "out_features")
+    return features and not isinstance(module, LoRALinear)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

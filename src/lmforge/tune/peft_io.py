@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lmforge.atomic import atomic_folder
@@ -53,41 +54,78 @@ def hf_module_name(name: str, config: ModelConfig) -> str:
     return hf_name.removesuffix(".weight")
 
 
-def _module_map(model: nn.Module, names: list[str]) -> dict[str, str]:
-    return {hf_module_name(name, model.config): name for name in names}
+# the tensor suffixes of each PEFT method, after the module they adapt
+ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "ia3_l")
 
 
-def save_lora(model: nn.Module, folder: str | os.PathLike[str], config: LoRAConfig, *,
-              base_model: str | None = None) -> Path:
-    """Write the model's LoRA layers as a PEFT LoRA folder, atomically."""
-    layers = lora_layers(model)
-    if not layers:
-        raise AdapterError("the model has no LoRA layers to save")
-    tensors: dict[str, torch.Tensor] = {}
-    targets = []
-    for name, layer in layers.items():
-        hf = hf_module_name(name, model.config)
-        targets.append(hf.rsplit(".", 1)[-1])
-        tensors[f"{PREFIX}{hf}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"{PREFIX}{hf}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
-        if layer.lora_magnitude_vector is not None:
-            tensors[f"{PREFIX}{hf}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().cpu()
-    adapter_config = {
+def peft_tensor_name(param: str, config: ModelConfig) -> str:
+    """lmforge parameter name -> PEFT tensor name (`blocks.0.attn.q_proj.lora_A.weight` ->
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`)."""
+    for suffix in ADAPTER_SUFFIXES:
+        if param.endswith("." + suffix):
+            return f"{PREFIX}{hf_module_name(param[:-len(suffix) - 1], config)}.{suffix}"
+    raise AdapterError(f"{param} is not an adapter tensor PEFT knows")
+
+
+def lora_adapter_config(config: LoRAConfig, modules: list[str], base_model: str | None) -> dict[str, Any]:
+    return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
         "use_rslora": config.rslora, "use_dora": config.dora, "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "target_modules": sorted(set(targets)), "modules_to_save": None,
-        "layers_to_transform": sorted(config.layers) or None, "inference_mode": True,
+        "init_lora_weights": True, "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        "modules_to_save": None, "layers_to_transform": sorted(config.layers) or None, "inference_mode": True,
     }
-    return _write(folder, adapter_config, tensors)
 
 
-def _write(folder: str | os.PathLike[str], adapter_config: dict[str, Any],
-           tensors: dict[str, torch.Tensor]) -> Path:
+def write_adapter_files(folder: Path, adapter_config: dict[str, Any],
+                        tensors: dict[str, torch.Tensor]) -> None:
+    """The two files of a PEFT adapter, into an existing folder (a staging folder: the caller renames)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+
+
+def save_lora(model: nn.Module, folder: str | os.PathLike[str], config: LoRAConfig, *,
+              base_model: str | None = None, tokenizer: Any = None) -> Path:
+    """Write the model's LoRA layers as a PEFT LoRA folder (with the tokenizer, if given), atomically."""
+    layers = lora_layers(model)
+    if not layers:
+        raise AdapterError("the model has no LoRA layers to save")
+    tensors = {peft_tensor_name(n, model.config): p for n, p in model.named_parameters() if _is_adapter(n)}
     with atomic_folder(folder) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+        write_adapter_files(tmp, lora_adapter_config(config, list(layers), base_model), tensors)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
     return Path(folder)
+
+
+def _is_adapter(param: str) -> bool:
+    return param.endswith(tuple("." + s for s in ADAPTER_SUFFIXES))
+
+
+class AdapterStore:
+    """A training checkpoint that holds only the adapter: each step folder is a PEFT folder
+    (plus the tokenizer and trainer_state/), loadable by `peft` and by `--adapter`."""
+
+    def __init__(self, adapter_config: dict[str, Any], trainable: list[str]) -> None:
+        self.adapter_config, self.trainable = adapter_config, list(trainable)
+
+    def write(self, folder: Path, model_state: Mapping[str, torch.Tensor], config: ModelConfig,
+              tokenizer: Any, step: int) -> None:
+        tensors = {peft_tensor_name(n, config): model_state[n] for n in self.trainable}
+        write_adapter_files(folder, self.adapter_config, tensors)
+        if tokenizer is not None:
+            tokenizer.save(folder)
+
+    def read(self, folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+        from lmforge.formats.safetensors_reader import SafetensorsError, load_tensors
+
+        names = {peft_tensor_name(n, config): n for n in self.trainable}
+        try:
+            tensors, _ = load_tensors(folder / WEIGHTS_NAME, sorted(names))
+        except SafetensorsError as err:
+            raise AdapterError(f"cannot resume from {folder}: {err}") from err
+        return {names[k]: v for k, v in tensors.items()}
 
 
 def read_adapter_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -124,7 +162,12 @@ def load_lora(model: nn.Module, folder: str | os.PathLike[str]) -> LoRAConfig:
     weights = Path(folder) / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterError(f"{folder} has no {WEIGHTS_NAME}")
-    tensors = load_file(str(weights))
+    from lmforge.formats.safetensors_reader import SafetensorsError, load_tensors
+
+    try:
+        tensors, _ = load_tensors(weights)
+    except SafetensorsError as err:
+        raise AdapterError(f"{folder}: {err}") from err
     modules = sorted({key.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for key in tensors})
     by_hf = {hf_module_name(name, model.config): name
              for name, module in model.named_modules() if isinstance(module, nn.Linear)}
