@@ -116,10 +116,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
     engine = _load(args)
     tok = engine.tokenizer
-    prompt = args.prompt
-    if args.chat:
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    prompt_ids = tok.encode(prompt)
+    if args.chat:  # the prompt is message text: special-token text in it stays text
+        prompt_ids = tok.encode_chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tok.encode(args.prompt)
     if not args.truncate:
         params = _fit_reply(params, len(prompt_ids), engine.context,
                             say=lambda text: args.quiet or print(text, file=sys.stderr))
@@ -199,7 +199,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+        prompt_ids = tok.encode_chat_prompt(messages)  # what was typed stays text, never control tokens
         stats = GenerationStats()
         reply: list[str] = []
         try:

@@ -63,15 +63,17 @@ def _one_thread():
 
 
 @contextlib.contextmanager
-def live_server(app, *, startup_timeout: float = 20.0) -> Iterator[tuple[str, object]]:
-    """Run `app` under a real uvicorn server on a free loopback port, in a thread; yields (URL, server)."""
+def live_server(app, *, startup_timeout: float = 20.0, **config) -> Iterator[tuple[str, object]]:
+    """Run `app` under a real uvicorn server on a free loopback port, in a thread; yields (URL, server).
+    `config`: more `uvicorn.Config` options (e.g. `http=` a protocol class)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, **{"log_level": "warning", "lifespan": "on", "timeout_graceful_shutdown": 30,
+                                    **config})
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

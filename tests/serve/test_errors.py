@@ -82,6 +82,8 @@ BAD = [
     ("unknown-model", CHAT, {"model": "gpt-9", "messages": HELLO}, 404, "model", "gpt-9"),
     ("tools", CHAT, {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tools", None),
+    ("functions", CHAT, {"messages": HELLO, "functions": [{"name": "f", "parameters": {}}]}, 400,
+     "functions", "not supported"),
     ("json-mode", CHAT, {"messages": HELLO, "response_format": {"type": "json_object"}}, 400,
      "response_format", None),
     ("logit-bias", CHAT, {"messages": HELLO, "logit_bias": {"50": 10}}, 400, "logit_bias", None),

@@ -239,17 +239,17 @@ def test_stop_aborts_the_stream_and_the_server_cancels_the_generation(page, serv
 def test_server_errors_are_shown_in_its_own_words(page, serve, two_models):
     with serve(create_app(two_models)) as (url, _server):
         open_playground(page, url)
-        set_sampling(page, max_tokens=120)  # with the prompt, more than the 128-token context
-        send(page, "Hello")
+        set_sampling(page, max_tokens=8)
+        too_long = "The dog sleeps in the sun. " * 30  # more than the 128-token context on its own
+        send(page, too_long)
         wait_until_idle(page)
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello"}]
-        answer = api_chat(url, "tiny-a", messages, max_tokens=120)
-        assert answer.status_code == 400
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": too_long.strip()}]
+        answer = api_chat(url, "tiny-a", messages, max_tokens=8)
+        assert answer.status_code == 400 and "maximum context length is 128" in answer.text
         error = page.locator(".pane-a .msg.assistant .msg-error")
         assert error.is_visible() and error.inner_text() == answer.json()["error"]["message"]
 
         # The failed turn is left out of the next one's history.
-        set_sampling(page, max_tokens=8)
         send(page, "Hi")
         wait_until_idle(page)
         messages[1]["content"] = "Hi"
@@ -319,3 +319,30 @@ def test_the_stream_reader_and_token_labels_handle_awkward_input(page, serve, tw
         open_playground(page, url)
         assert page.evaluate(STREAM_READER) == ['{"a":"café 🙂"}', "line 1\nline 2", "[DONE]"]
         assert page.evaluate(TOKEN_LABELS) == ["·the↵", "·Caf<0xC3>", "∅", "83.1%", "0.031%", "<0.001%"]
+
+
+def test_max_tokens_is_cut_to_the_room_the_prompt_leaves(page, serve, engine_factory):
+    """Issue 12, item 3: the playground asked for 256 new tokens from a model whose context is
+    256 tokens, and the server refused. The page now shows the context, keeps its control
+    below it, and asks each turn for at most what the prompt leaves."""
+    with serve(create_app({"tiny": engine_factory(seed=0, max_seq_len=128)})) as (url, _server):
+        open_playground(page, url, models=1)
+        assert "context is 128 tokens" in page.inner_text("#context-limit")
+        assert page.get_attribute("#max-tokens-value", "max") == "127"
+        set_sampling(page, temperature=0, max_tokens=500)
+        page.dispatch_event("#max-tokens-value", "change")
+        assert page.input_value("#max-tokens-value") == "127"  # typed past the limit: back to it
+        send(page, "Hello")
+        wait_until_idle(page)
+        assert not page.locator(".pane-a .msg.assistant .msg-error").is_visible()
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello"}]
+        prompt_tokens = httpx.post(f"{url}/tokenize", json={"messages": messages}).json()["count"]
+        room = 128 - prompt_tokens
+        status = page.inner_text(".pane-a .msg.assistant .msg-status")
+        assert f"at most {room}" in status, status
+        reply = api_chat(url, "tiny", messages, max_tokens=room, ignore_eos=False)
+        assert reply.status_code == 200
+        assert replies(page)[-1] == reply.json()["choices"][0]["message"]["content"]
+        # An API client that insists on more than fits is told so (as by OpenAI and vLLM).
+        refused = api_chat(url, "tiny", messages, max_tokens=room + 1)
+        assert refused.status_code == 400 and "maximum context length is 128" in refused.text

@@ -78,8 +78,9 @@ def test_cancel_frees_the_cache_and_the_queue_is_bounded(engine_factory):
         await jobs[0].queue.get()  # a token: it runs
         for job in jobs:
             worker.cancel(job)
-        for _ in range(200):  # the engine thread handles the cancellations at its next step
-            if worker.outstanding == 0:
+        assert worker.outstanding == 0  # the admission slots are free at once
+        for _ in range(200):  # the engine thread frees the cache at its next step
+            if all(job.done for job in jobs):
                 break
             await asyncio.sleep(0.01)
 
@@ -107,3 +108,35 @@ def test_stop_finishes_what_was_accepted_then_refuses(engine_factory):
     tokens = asyncio.run(main())
     assert len(tokens[0]) == 120  # the reply was finished, not cut off
     assert not worker.alive()
+
+
+def test_a_cancelled_job_gives_its_slot_back_before_the_engine_next_steps(engine_factory):
+    """Issue 12, item 8 (test_errors' full-queue test failed 2 runs in 5): a cancelled stream's
+    slot came back only when the engine thread finished its current step, so a request sent
+    right after the cancel, while a slow step was still running, got a 429."""
+    engine = engine_factory(max_batch_size=1, max_seq_len=512)
+    in_step, let_step_finish = threading.Event(), threading.Event()
+    step = engine.step
+
+    def slow_step():  # hold the engine inside a step until the test has cancelled and resubmitted
+        in_step.set()
+        let_step_finish.wait(10)
+        return step()
+
+    engine.step = slow_step
+    worker = EngineWorker("tiny", engine, max_queue=0)  # room for exactly one request
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+    async def main():
+        first = worker.submit([[1, 2]], [long])
+        assert isinstance(await first.queue.get(), Accepted)
+        assert await asyncio.to_thread(in_step.wait, 10)
+        worker.cancel(first)
+        second = worker.submit([[3, 4]], [GREEDY])  # before the fix: QueueFull ("limit is 1")
+        let_step_finish.set()
+        return await drain(second)
+
+    accepted, tokens = asyncio.run(main())
+    assert isinstance(accepted, Accepted) and len(tokens[0]) == GREEDY.max_tokens
+    assert worker.outstanding == 0 and not engine.has_unfinished() and not engine.sequences
+    worker.stop(5)

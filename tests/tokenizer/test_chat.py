@@ -138,3 +138,71 @@ def test_template_helpers_and_sandbox():
         ChatTemplate("{% for %}")
     with pytest.raises(TokenizerError):
         ChatTemplate("{% for m in messages %}{{ messages.append(m) }}{% endfor %}").render([{"role": "u"}])
+
+
+# A template from a model file is untrusted code. Each of these once ran until memory or patience
+# ran out, or printed a traceback: each is now one line saying which limit it hit or what is refused.
+HOSTILE = [
+    # (id, template, a fragment of the error)
+    ("repeat-ten-billion", "{{ 'a' * 10000000000 }}", "10,000,000,000 characters, over the limit"),
+    ("repeat-just-over", "{{ 'ab' * 5000000 }}", "10,000,000 characters, over the limit of 8,388,608"),
+    ("repeat-list", "{{ [[1, 2]] * 3000 * 3000 }}", "over the limit"),
+    ("nested-loops", "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+     "the time limit"),
+    ("exponential-macro", "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+     "{{ f(60) }}", "the time limit"),
+    ("long-output", "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "the rendered text"),
+    ("doubling-concat", "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}", "a ~ b"),
+    ("doubling-plus", "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+     "{% endfor %}", "a + b"),
+    ("doubling-replace", "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+     "{% set ns.s = ns.s.replace('a', 'aa') %}{% endfor %}", "str.replace()"),
+    ("doubling-list", "{% set ns = namespace(l=[0]) %}{% for i in range(80) %}{% set ns.l = [ns.l, ns.l] %}"
+     "{% endfor %}{{ ns.l == ns.l }}", "a literal"),
+    ("captured-text", "{% set b = 'x' * 1000000 %}{% set t %}{% for i in range(100000) %}{{ b }}{% endfor %}"
+     "{% endset %}", "wrote more than"),
+    ("huge-power", "{{ 2 ** 100000000 }}", "bits, over the limit"),
+    ("ljust", "{{ 'a'.ljust(10000000000) }}", "str.ljust()"),
+    ("format-width", "{{ '{:>9999999999}'.format(1) }}", "str.format()"),
+    ("percent-width", "{{ '%9999999999d' % 1 }}", "% formatting"),
+    ("center-filter", "{{ 'a' | center(10000000000) }}", "center filter"),
+    ("join-filter", "{{ range(100000) | join('x' * 1000000) }}", "join would be"),
+    ("indent-filter", "{{ ('\n' * 1000000) | indent('x' * 1000) }}", "indent would be"),
+    ("tojson-indent", "{% set l = [[[[[[[[[[1]]]]]]]]]] * 100 %}{{ l | tojson(indent=100000) }}", "tojson"),
+    ("sum-of-lists", "{{ ([[1]] * 100000) | sum(start=[]) }}", "sum() of anything but numbers"),
+    ("expandtabs", "{{ ('\t' * 1000000).expandtabs(1000000) }}", "str.expandtabs()"),
+    ("range-huge", "{{ range(10 ** 20) }}", "range() of more than 100,000 numbers is not allowed"),
+    ("range-big", "{{ range(1000000) | list | length }}", "range() of more than 100,000"),
+    ("include", "{% include 'other.jinja' %}", "{% include %} is not allowed"),
+    ("import", "{% import 'macros.jinja' as m %}", "{% import %} is not allowed"),
+    ("from-import", "{% from 'macros.jinja' import m %}", "{% from ... import %} is not allowed"),
+    ("extends", "{% extends 'base.jinja' %}", "{% extends %} is not allowed"),
+    ("mutation", "{{ [].append(1) }}", "'append' of 'list' object is unsafe: not allowed in the sandbox"),
+    ("recursion", "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    ("float-overflow", "{{ 2.0 ** 10000 }}", "OverflowError"),
+    ("lipsum", "{{ lipsum(1000000000) }}", "'lipsum' is undefined"),
+]
+
+
+@pytest.mark.parametrize(("source", "fragment"), [case[1:] for case in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_hostile_templates_stop_with_one_line(source, fragment):
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(TokenizerError) as caught:  # loading other templates is refused as it compiles
+        ChatTemplate(source, timeout=0.5).render([{"role": "user", "content": "hi"}])
+    message = str(caught.value)
+    assert fragment in message and message.startswith("chat template") and "\n" not in message, message
+    assert time.monotonic() - started < 5  # the time limit is 0.5 s; everything else is refused up front
+
+
+def test_limits_leave_ordinary_templates_alone(smollm2_tok):
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 200}
+            for i in range(300)]
+    rendered = smollm2_tok.apply_chat_template(long)
+    assert len(rendered) > 500_000 and rendered.count("<|im_start|>") == 302
+    template = ChatTemplate("{{ messages | tojson(indent=2) }}{{ 'ab' * 4000000 }}", max_chars=8_500_000)
+    assert len(template.render(long[:2])) > 8_000_000  # just under the limits: fine
+    with pytest.raises(TokenizerError, match="over the limit of 1,000"):
+        ChatTemplate("{{ messages[0].content }}", max_chars=1000).render(long[:1])

@@ -3,6 +3,7 @@
 ```
 GET  /                      the playground page (web/index.html); /web/* its static files
 GET  /health                200 while serving (open even with an API key)
+GET  /docs                  the API reference, one page without scripts (/openapi.json: the schema)
 GET  /v1/models             OpenAI's model list, each with max_model_len; /v1/models/{id} one of them
 POST /v1/chat/completions   chat, streamed (SSE) or not, with logprobs, n, seed, stop, penalties
 POST /v1/completions        legacy text completions (prompt: text, ids, or a batch of either)
@@ -24,16 +25,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from lmforge.infer.engine import Engine
 from lmforge.serve.auth import check_api_key, require_api_key
 from lmforge.serve.catalog import Catalog
+from lmforge.serve.docs import docs_response
 from lmforge.serve.errors import APIError, install_error_handlers
 from lmforge.serve.generation import start
-from lmforge.serve.limits import DEFAULT_MAX_BODY_BYTES, MAX_N, BodySizeLimit
+from lmforge.serve.limits import DEFAULT_MAX_BODY_BYTES, MAX_N, BodySizeLimit, JSONBodies
 from lmforge.serve.metrics import HTTPMetrics, ServerMetrics
 from lmforge.serve.responses import (
     Reply,
@@ -60,11 +62,12 @@ from lmforge.serve.schemas import (
 )
 from lmforge.serve.sse import EventStreamResponse
 from lmforge.serve.translate import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
     chat_max_tokens,
     chat_prompt_ids,
-    check_context,
     completion_max_tokens,
     completion_prompt_ids,
+    fit_reply,
     refuse_unsupported,
     sampling_params,
     text_prompt_ids,
@@ -73,8 +76,13 @@ from lmforge.tokenizer import TokenizerError
 
 WEB_DIR = Path(__file__).parent / "web"
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
-_STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 429, 503)}
+# With stream: true, the answer is server-sent events; before OpenAPI 3.2 (`itemSchema`) a
+# text/event-stream schema describes one event, as schemathesis reads it.
+_EVENT = {"type": "object", "required": ["data"],
+          "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"},
+                         "event": {"type": "string"}}}
+_STREAMED = {200: {"content": {"text/event-stream": {"schema": _EVENT}},
                    "description": "the response, or with stream: true a stream of server-sent events"}}
 
 
@@ -127,37 +135,56 @@ def create_app(models: Mapping[str, Engine], *, api_key: str | None = None, max_
         for model in catalog:
             await run_in_threadpool(model.worker.stop, shutdown_timeout)
 
-    app = FastAPI(title="lmforge", version="1", lifespan=lifespan,
+    # FastAPI's /docs and /redoc load their scripts from a CDN: ours is one local page.
+    app = FastAPI(title="lmforge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="An OpenAI-compatible API over lmforge's inference engine.")
     app.state.catalog = catalog
     app.state.metrics = metrics
     install_error_handlers(app)
+    _add_open_routes(app, catalog, web_dir)
+    app.include_router(_api_routes(catalog, metrics, api_key))
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(JSONBodies)  # added after, runs before: a form body is refused unread
+    routes = frozenset({"/", "/health", "/docs", "/v1/models", "/v1/chat/completions", "/v1/completions",
+                        "/tokenize", "/detokenize", "/metrics"})
+    app.add_middleware(HTTPMetrics, metrics=metrics, routes=routes)
+    return app
 
-    # ------------------------------------------------------------------ open routes
+
+def _add_open_routes(app: FastAPI, catalog: Catalog, web_dir: Path | None) -> None:
+    """What needs no API key: the health check, the playground and these docs."""
+
     @app.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}}, tags=["server"])
     async def health() -> Health:
         if not all(m.worker.alive() for m in catalog):
             raise APIError(503, "the server is shutting down or an engine has stopped", code="unavailable")
         return Health(status="ok", models=list(catalog.models))
 
-    @app.get("/", include_in_schema=False)
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def playground() -> FileResponse:
         index = (web_dir / "index.html") if web_dir is not None else None
         if index is None or not index.is_file():
             raise APIError(404, "the playground is not installed (no web/index.html); the API is under /v1")
         return FileResponse(index)
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return docs_response(app.openapi())
+
     if web_dir is not None:
         app.mount("/web", _OptionalStaticFiles(directory=web_dir, check_dir=False), name="web")
 
-    # ------------------------------------------------------------------ API routes
+
+def _api_routes(catalog: Catalog, metrics: ServerMetrics, api_key: str | None) -> APIRouter:
+    """The OpenAI routes and lmforge's own, behind the API key when there is one."""
     api = APIRouter(dependencies=[Depends(require_api_key(api_key))], responses=_ERRORS)
 
     def card(model_id: str) -> ModelCard:
-        served = catalog.get(model_id)
-        path = served.engine.path
+        served = catalog.get(model_id)  # no `root`: where the checkpoint lies on disk is the operator's
         return ModelCard(id=served.id, created=int(served.worker.started_at),
-                         max_model_len=served.max_model_len, root=str(path) if path is not None else None)
+                         max_model_len=served.max_model_len)
 
     @api.get("/v1/models", response_model=ModelList, tags=["openai"])
     async def list_models() -> ModelList:
@@ -174,8 +201,7 @@ def create_app(models: Mapping[str, Engine], *, api_key: str | None = None, max_
         refuse_unsupported(body)
         tokenizer = served.tokenizer
         prompt = await run_in_threadpool(chat_prompt_ids, tokenizer, body.messages)
-        max_tokens = chat_max_tokens(body)
-        check_context(len(prompt), max_tokens, served.max_model_len, param="messages")
+        max_tokens = fit_reply(len(prompt), chat_max_tokens(body), served.max_model_len, param="messages")
         top = body.top_logprobs or 0
         params = [sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top,
                                   choice=i) for i in range(body.n)]
@@ -201,14 +227,13 @@ def create_app(models: Mapping[str, Engine], *, api_key: str | None = None, max_
         if tokenizer is None and any(isinstance(p, str) for p in body.prompts()):
             raise APIError(400, f"model {served.id!r} has no tokenizer: send token ids", param="prompt")
         prompts = await run_in_threadpool(completion_prompt_ids, tokenizer, body, served.vocab_size)
-        max_tokens = completion_max_tokens(body)
-        for i, ids in enumerate(prompts):
-            check_context(len(ids), max_tokens, served.max_model_len,
-                          param="prompt" if n_prompts == 1 else f"prompt[{i}]")
+        budgets = [fit_reply(len(ids), completion_max_tokens(body), served.max_model_len,
+                             param="prompt" if n_prompts == 1 else f"prompt[{i}]",
+                             default=COMPLETIONS_DEFAULT_MAX_TOKENS) for i, ids in enumerate(prompts)]
         logprobs = body.logprobs is not None
-        jobs = [(p, sampling_params(body, max_tokens=max_tokens, logprobs=logprobs,
-                                    top_logprobs=body.logprobs or 0, choice=j))
-                for p in prompts for j in range(body.n)]
+        jobs = [(p, sampling_params(body, max_tokens=m, logprobs=logprobs, top_logprobs=body.logprobs or 0,
+                                    choice=j))
+                for p, m in zip(prompts, budgets) for j in range(body.n)]
         gen = await start(served, [p for p, _ in jobs], [s for _, s in jobs], metrics, arrived)
         reply = Reply.new("cmpl", served.id, tokenizer, logprobs=logprobs,
                           prompt_of_choice=[i // body.n for i in range(len(jobs))])
@@ -246,9 +271,4 @@ def create_app(models: Mapping[str, Engine], *, api_key: str | None = None, max_
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    app.include_router(api)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
-    routes = frozenset({"/", "/health", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize",
-                        "/detokenize", "/metrics"})
-    app.add_middleware(HTTPMetrics, metrics=metrics, routes=routes)
-    return app
+    return api

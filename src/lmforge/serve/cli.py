@@ -11,6 +11,7 @@ the same command.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import sys
@@ -38,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads for the engines (default: torch's choice)")
     p.add_argument("--shutdown-timeout", type=float, default=60.0,
                    help="seconds to let in-flight requests finish on Ctrl-C / SIGTERM")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's line and headers; slower ones are dropped")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -49,6 +52,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "playground at /. See docs/serving.md.")
     add_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for listening beyond this machine without an API key (None when loopback or keyed)."""
+    if api_key:
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a host name
+        if host.lower() in ("localhost", "localhost."):
+            return None
+    return (f"lmforge serve: warning: listening on {host} without an API key: anyone who can reach this "
+            "port can use the models (set --api-key or LMFORGE_API_KEY, or --host 127.0.0.1)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -63,6 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_body_mb <= 0:
         raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    if args.header_timeout <= 0:
+        raise ValueError(f"--header-timeout must be > 0, got {args.header_timeout}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     specs = [model_id_for(spec) for spec in args.model]
@@ -76,18 +95,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engines[name] = Engine.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
                                                quantize=args.quantize, max_batch_size=args.max_batch_size,
                                                max_seq_len=args.max_seq_len, cache=args.cache)
+    from lmforge.serve.limits import header_timeout_protocol
+
     app = create_app(engines, api_key=args.api_key or None, max_queue=args.max_queue,
                      max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout)
     print(f"lmforge serve: {', '.join(engines)} at http://{args.host}:{args.port}/v1 "
           f"(playground: http://{args.host}:{args.port}/){' with an API key' if args.api_key else ''}",
           file=sys.stderr)
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     # uvicorn shuts down gracefully on Ctrl-C, then replays the signal; with asyncio's own
     # handler that replay cancels the app's lifespan mid-exit and prints a traceback. A
     # handler of ours takes the replay instead, so Ctrl-C ends with a clean exit.
     previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=int(args.shutdown_timeout))
+                    timeout_graceful_shutdown=int(args.shutdown_timeout),
+                    http=header_timeout_protocol(args.header_timeout))
     finally:
         signal.signal(signal.SIGINT, previous)
     return 0

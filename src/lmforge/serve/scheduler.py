@@ -21,6 +21,11 @@ with the engine's reason), then `Tokens` batches, each choice ending with an eve
 has a `finish_reason`; or `Failed` if the engine broke. The number of engine requests
 admitted but not finished is bounded (`max_batch_size + max_queue`), so a flood of
 requests is refused at once (`QueueFull`) rather than queued without end.
+
+A job holds its admission slots until each choice finishes, or until `cancel`, which
+gives them back at once, on the caller's side: the engine frees the KV cache at its next
+step, but a request that arrives in between is admitted (and waits in the engine's queue
+for that step) instead of being refused for a slot that is already being given back.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class Job:
     engine_ids: list[int] = field(default_factory=list)  # engine-thread only
     open_choices: int = 0  # engine-thread only: choices not yet finished
     done: bool = False  # set by the engine thread when no choice is still running
+    held: int = 0  # admission slots this job still holds (guarded by the worker's lock)
 
     @property
     def size(self) -> int:
@@ -154,13 +160,16 @@ class EngineWorker:
                 raise QueueFull(f"model {self.name!r} has {self._outstanding} requests in progress or "
                                 f"waiting, its limit is {self.capacity}; retry later")
             self._outstanding += job.size
+            job.held = job.size
         job.id = next(self._ids)
         job.submitted_at = time.perf_counter()
         self._inbox.put(("add", job))
         return job
 
     def cancel(self, job: Job) -> None:
-        """Stop a job's generation and free its cache (the client left). Safe to repeat."""
+        """Stop a job's generation (the client left): its admission slots are free at once, its
+        KV cache at the engine's next step. Safe to repeat."""
+        self._release(job)
         if not job.done:
             self._inbox.put(("cancel", job))
 
@@ -219,7 +228,7 @@ class EngineWorker:
                 except queue.Empty:
                     break
                 if kind == "add":
-                    self._release_slots(job.size)
+                    self._release(job)
                     job.done = True
                     self._deliver(job, Failed(error))
 
@@ -230,8 +239,12 @@ class EngineWorker:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             return False
 
-    def _release_slots(self, n: int) -> None:
+    def _release(self, job: Job, n: int | None = None) -> None:
+        """Give back `n` of the job's admission slots (all it holds when None); a slot is given
+        back once, whether its choice finished or the job was cancelled first."""
         with self._lock:
+            n = job.held if n is None else min(n, job.held)
+            job.held -= n
             self._outstanding -= n
 
     def _add(self, job: Job) -> None:
@@ -244,7 +257,7 @@ class EngineWorker:
                 self.engine.cancel(rid)
                 self.engine.release(rid)
             job.done = True
-            self._release_slots(job.size)
+            self._release(job)
             self._deliver(job, Rejected(err))
             return
         job.engine_ids = added
@@ -261,7 +274,7 @@ class EngineWorker:
                 self.engine.cancel(rid)
                 self.engine.release(rid)
                 job.open_choices -= 1
-                self._release_slots(1)
+                self._release(job, 1)
         job.done = True
 
     def _fail(self, job: Job, error: Exception) -> None:
@@ -272,7 +285,7 @@ class EngineWorker:
                     self.engine.release(rid)
                 except Exception:  # the engine is already broken; the job is failed either way
                     pass
-                self._release_slots(1)
+                self._release(job, 1)
         job.done = True
         self._deliver(job, Failed(error))
 
@@ -304,11 +317,10 @@ class EngineWorker:
         for rid in finished:
             job, _ = self._by_engine_id.pop(rid)
             self.engine.release(rid)
+            self._release(job, 1)
             job.open_choices -= 1
             if job.open_choices == 0:
                 job.done = True
-        if finished:
-            self._release_slots(len(finished))
         for (_, choice), (job, batch) in grouped.items():
             if not self._deliver(job, Tokens(choice, batch, now)):
                 self._cancel(job)

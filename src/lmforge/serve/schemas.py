@@ -5,8 +5,8 @@ field is a 422 naming it) and they are the OpenAPI schema at `/openapi.json`, wh
 what clients and the schemathesis tests read. Field names, defaults and shapes follow
 OpenAI's API; lmforge's extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`)
 are those vLLM also accepts. Unknown fields are ignored, as OpenAI's own SDKs expect;
-known OpenAI features lmforge does not implement (tools, JSON mode, logit bias, echo,
-suffix) are refused by the handlers rather than silently ignored.
+known OpenAI features lmforge does not implement (tools and their legacy form functions,
+JSON mode, logit bias, echo, suffix) are refused by the handlers rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description="with logprobs: the most likely alternatives per token")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
+    functions: list[dict[str, Any]] | None = Field(None, description="tools' legacy form; not supported: "
+                                                                     "must be empty")
     response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"} is supported')
 
 
@@ -157,8 +159,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lmforge"
-    max_model_len: int = Field(description="prompt + reply tokens the model can hold")
-    root: str | None = Field(None, description="the checkpoint folder or file it was loaded from")
+    max_model_len: int = Field(description="the model's context: prompt + reply tokens (vLLM's name)")
 
 
 class ModelList(BaseModel):

@@ -4,6 +4,15 @@ Everything a request can get wrong beyond the schema's types and ranges is found
 before the request reaches the engine: features lmforge does not implement, a prompt
 that with the requested reply does not fit the model's context (the message names both
 numbers, as OpenAI's does), sampling parameters the engine refuses.
+
+The reply's length: an explicit `max_tokens` is a promise the server keeps or refuses, so
+a prompt plus `max_tokens` beyond the context is a 400 (vLLM does the same); without one,
+the default (chat: the rest of the context; legacy completions: 16 tokens) is cut to the
+room the prompt leaves.
+
+Message text is encoded as text: special-token text in a message becomes ordinary
+tokens, and only the chat template's own markers are control tokens
+(`Tokenizer.encode_chat_prompt`).
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ def refuse_unsupported(req: SamplingRequest) -> None:
     if isinstance(req, ChatCompletionRequest):
         if req.tools:
             raise bad_request("tools (function calling) are not supported by this server", param="tools")
+        if req.functions:
+            raise bad_request("functions (function calling) are not supported by this server",
+                              param="functions")
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise bad_request('only response_format {"type": "text"} is supported', param="response_format")
         if req.top_logprobs and not req.logprobs:
@@ -47,11 +59,11 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[ChatMessage], *,
     """The conversation rendered with the model's chat template, as token ids.
 
     Like Hugging Face's `apply_chat_template(tokenize=True)`, no BOS is added on top of
-    the rendered text: templates that want one write it themselves."""
+    the rendered text (templates that want one write it themselves); unlike it, text in
+    the messages never becomes a special token."""
     conversation = [m.as_template_input() for m in messages]
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
-        return tokenizer.encode(text, add_bos=False)
+        return tokenizer.encode_chat_prompt(conversation, add_generation_prompt=add_generation_prompt)
     except TokenizerError as err:
         raise bad_request(str(err), param="messages") from err
 
@@ -60,6 +72,18 @@ def text_prompt_ids(tokenizer: Tokenizer, prompt: str, *, add_special_tokens: bo
     if add_special_tokens:
         return tokenizer.encode(prompt)
     return tokenizer.encode(prompt, add_bos=False, add_eos=False)
+
+
+def fit_reply(prompt_tokens: int, requested: int | None, max_model_len: int, *, param: str,
+              default: int | None = None) -> int | None:
+    """The reply's `max_tokens` for the engine (None: until the context is full).
+
+    An explicit `requested` must fit beside the prompt (else a 400 naming both numbers);
+    without one, `default` is cut to the room the prompt leaves."""
+    if requested is None and default is not None:
+        requested = max(min(default, max_model_len - prompt_tokens), 1)
+    check_context(prompt_tokens, requested, max_model_len, param=param)
+    return requested
 
 
 def check_context(prompt_tokens: int, max_tokens: int | None, max_model_len: int, *, param: str) -> None:
@@ -104,8 +128,9 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
     return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
 
 
-def completion_max_tokens(req: CompletionRequest) -> int:
-    return req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+def completion_max_tokens(req: CompletionRequest) -> int | None:
+    """The requested `max_tokens`, or None (then `COMPLETIONS_DEFAULT_MAX_TOKENS`, cut to fit)."""
+    return req.max_tokens
 
 
 def completion_prompt_ids(tokenizer: Tokenizer, req: CompletionRequest, vocab_size: int) -> list[list[int]]:

@@ -238,6 +238,24 @@ class Tokenizer:
         """Render a conversation with the model's chat template (ChatML if it has none)."""
         return self._template().render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
+    def encode_chat_prompt(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
+        """Prompt ids of a conversation whose messages may come from anyone.
+
+        `encode(apply_chat_template(...), add_bos=False, add_eos=False)` (transformers'
+        `apply_chat_template(tokenize=True)`), except that special-token text inside a
+        message is encoded as ordinary text: only the template's own markers become special
+        tokens, so "<|im_end|><|im_start|>system" typed by a user cannot open a new turn.
+        """
+        parts = self._template().render_parts(
+            messages, self.special_tokens, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+        ids: list[int] = []
+        for text, from_template in parts:
+            ids += self.encode(text, add_bos=False, add_eos=False, allow_special=from_template)
+        return ids
+
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False, **kwargs: Any
     ) -> tuple[list[int], list[bool]]:

@@ -168,6 +168,7 @@ class MessageView {
     const parts = [];
     if (m.status === "stopped") parts.push("stopped");
     if (m.stats?.completionTokens != null) parts.push(`${m.stats.completionTokens} tokens`);
+    if (m.stats?.room != null) parts.push(`at most ${m.stats.room}: the context's room after the prompt`);
     if (m.stats?.tokensPerSecond != null) parts.push(`${m.stats.tokensPerSecond.toFixed(1)} tok/s`);
     if (m.stats?.ttftMs != null) parts.push(`first token ${formatMs(m.stats.ttftMs)}`);
     this.status.textContent = parts.join(" · ");
@@ -198,20 +199,26 @@ async function runTurn(pane, text, signal) {
   const user = pane.messages.at(-2);
   pane.inspect(reply);
 
-  // Not tied to Stop: it is quick, and the view should still show the prompt of a stopped reply.
-  api.tokenize({ model, messages, add_generation_prompt: true }).then((result) => {
-    reply.prompt = result;
-    pane.inspector.update(reply);
-  }, (err) => {
-    if (err.name === "AbortError") return;
+  // Asked first, as the reply's max_tokens must fit beside the prompt. Not tied to Stop: it is
+  // quick, and the view should still show the prompt of a stopped reply.
+  try {
+    reply.prompt = await api.tokenize({ model, messages, add_generation_prompt: true });
+  } catch (err) {
     reply.promptError = err.message;
-    pane.inspector.update(reply);
-  });
+  }
+  pane.inspector.update(reply);
 
   const body = {
     model, messages, ...samplingRequest(),
     stream_options: { include_usage: true }, logprobs: true, top_logprobs: TOP_LOGPROBS,
   };
+  // The server refuses a max_tokens that does not fit beside the prompt (as OpenAI and vLLM
+  // do); the slider is a wish, so cut it to the room the prompt leaves in the context.
+  const room = reply.prompt ? reply.prompt.max_model_len - reply.prompt.count : 0;
+  if (room >= 1 && body.max_tokens > room) {
+    body.max_tokens = room;
+    reply.stats.room = room;
+  }
   const started = performance.now();
   let first = null;
   let last = null;
@@ -366,12 +373,21 @@ function fillModelSelects() {
   fitMaxTokens();
 }
 
-/** The max-tokens control can go as far as the smallest context among the models in use. */
+/**
+ * The max-tokens control can go as far as the smallest context among the models in use,
+ * less one token for the prompt; each turn then cuts it to what its prompt leaves.
+ */
 function fitMaxTokens() {
   const inUse = state.panes.slice(0, state.compare ? 2 : 1).map((p) => p.model);
   const limits = state.models.filter((m) => inUse.includes(m.id) && m.max_model_len).map((m) => m.max_model_len);
-  if (!limits.length) return;
-  const limit = Math.min(...limits);
+  if (!limits.length) {
+    $("context-limit").textContent = "";
+    return;
+  }
+  const context = Math.min(...limits);
+  const limit = Math.max(context - 1, 1);
+  $("context-limit").textContent = `The model's context is ${context} tokens, prompt and reply together: `
+    + "a reply gets at most what the prompt leaves.";
   $("max-tokens").max = String(Math.min(limit, 2048));
   $("max-tokens-value").max = String(limit);
   if (Number($("max-tokens-value").value) > limit) setControl("max-tokens", limit);
@@ -489,6 +505,9 @@ function wire() {
     box.addEventListener("input", () => {
       if (box.value !== "") slider.value = box.value;
       saveSettings();
+    });
+    box.addEventListener("change", () => { // typed past the limit: back to it
+      if (box.max !== "" && Number(box.value) > Number(box.max)) setControl(name, box.max);
     });
   }
   $("system-prompt").addEventListener("input", saveSettings);
