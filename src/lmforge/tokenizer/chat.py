@@ -660,6 +660,9 @@ class ChatTemplate:
             return _spans_from_marks(self._render(messages, add_generation_prompt, kwargs))
         text = self.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         ends = _alternation(end_tokens)
+        fast = self._spans_by_brackets(messages, text, add_generation_prompt, kwargs, ends)
+        if fast is not None:
+            return text, fast
         spans: list[tuple[int, int]] = []
         for i, message in enumerate(messages):
             if message.get("role") != "assistant":
@@ -671,6 +674,40 @@ class ChatTemplate:
                 raise TokenizerError(f"cannot find assistant message #{i} in the rendered chat template")
             spans.append(span)
         return text, spans
+
+    def _spans_by_brackets(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        text: str,
+        add_generation_prompt: bool,
+        kwargs: Mapping[str, Any],
+        ends: regex.Pattern[str] | None,
+    ) -> list[tuple[int, int]] | None:
+        """Every reply in one render (linear in the conversation's length, where rendering each
+        prefix is quadratic): each assistant content is bracketed by noncharacters, and the
+        brackets' positions, extended over the end-of-turn token right after each, are the
+        spans. None when the template does not pass the content through unchanged or no
+        end-of-turn token follows a reply: then the per-reply renders take over."""
+        def bracket(message: Mapping[str, Any]) -> Mapping[str, Any]:
+            if message.get("role") != "assistant" or not isinstance(message.get("content"), str):
+                return message
+            return {**message, "content": f"{_OPEN}{message['content']}{_CLOSE}"}
+
+        try:
+            marked = self._render([bracket(m) for m in messages], add_generation_prompt, kwargs)
+        except TokenizerError:
+            return None
+        plain, spans = _spans_from_marks(marked)
+        replies = sum(1 for m in messages if m.get("role") == "assistant")
+        if plain != text or len(spans) != replies:
+            return None
+        extended = []
+        for start, end in spans:
+            match = ends.match(text, end) if ends is not None else None
+            if match is None:  # no end-of-turn token right after the reply: the per-reply renders decide
+                return None
+            extended.append((start, match.end()))
+        return extended
 
     def _span_by_prefix(
         self,

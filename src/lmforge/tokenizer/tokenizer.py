@@ -263,7 +263,8 @@ class Tokenizer:
 
         The mask covers each reply and its end-of-turn token (what the model must learn
         to generate), not the prompts, headers or the template's newlines. The ids are
-        exactly `encode(apply_chat_template(...), add_bos=False)`.
+        `encode_chat_prompt`'s: special-token text inside a message is ordinary text, so a
+        training example reads exactly as the same conversation would when served.
         """
         text, spans = self._template().assistant_spans(
             messages,
@@ -271,7 +272,19 @@ class Tokenizer:
             end_tokens=list(self.special_tokens),
             **kwargs,
         )
-        ids, starts = self._encode_with_starts(text)
+        parts = self._template().render_parts(
+            messages, self.special_tokens, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+        if "".join(piece for piece, _ in parts) != text:
+            raise TokenizerError("the chat template renders this conversation differently on each call")
+        ids: list[int] = []
+        starts: list[int] = []
+        offset = 0
+        for piece, from_template in parts:
+            piece_ids, piece_starts = self._encode_with_starts(piece, allow_special=from_template)
+            ids += piece_ids
+            starts += [offset + start for start in piece_starts]
+            offset += len(piece)
         span_starts = [s for s, _ in spans]
         mask = []
         for start in starts:
@@ -279,11 +292,11 @@ class Tokenizer:
             mask.append(k >= 0 and start < spans[k][1])
         return ids, mask
 
-    def _encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+    def _encode_with_starts(self, text: str, *, allow_special: bool = True) -> tuple[list[int], list[int]]:
         """Ids of `text` (no BOS/EOS) and the character offset where each token starts."""
         ids: list[int] = []
         starts: list[int] = []
-        for segment in self._splitter.split(text, allow_special=True, normalize=self.normalizer):
+        for segment in self._splitter.split(text, allow_special=allow_special, normalize=self.normalizer):
             if segment.token_id is not None:
                 ids.append(segment.token_id)
                 starts.append(segment.start)
