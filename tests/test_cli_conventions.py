@@ -9,7 +9,7 @@ import pytest
 from lmforge.cli import build_parser, main
 
 # commands that run PyTorch models, and so take --threads
-TORCH_COMMANDS = {"generate", "chat", "export", "pretrain", "scaling sweep", "serve", "demo"}
+TORCH_COMMANDS = {"generate", "chat", "export", "pretrain", "finetune", "scaling sweep", "serve", "demo"}
 # option dest -> the spellings it must have wherever it appears
 SPELLINGS = {"model": {"--model"}, "tokenizer": {"-t", "--tokenizer"}, "output": {"-o", "--output"},
              "config": {"-c", "--config"}, "quiet": {"-q", "--quiet"}, "overrides": {"--set"}}

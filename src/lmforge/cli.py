@@ -270,6 +270,7 @@ INTERRUPT_HINTS = {
     "scaling": "rerun the same command: finished runs are skipped and the interrupted one resumes",
     "demo": "rerun `lmforge demo` to continue: finished stages are reused",
     "export": "nothing half-written was left",
+    "finetune": "rerun the same command to resume from the newest checkpoint",
 }
 
 
@@ -336,12 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.tokenizer.cli import register as register_tokenizer
     from lmforge.train.cli import register as register_pretrain
     from lmforge.train.scaling_cli import register as register_scaling
+    from lmforge.tune.cli import register as register_finetune
 
     register_crawl(sub)
     register_data(sub)
     register_tokenizer(sub)
     register_pretrain(sub)
     register_scaling(sub)
+    register_finetune(sub)
     register_serve(sub)
     register_demo(sub)
     return parser
