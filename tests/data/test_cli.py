@@ -61,12 +61,3 @@ def test_bad_arguments_are_user_errors(tmp_path):
         run(["prepare", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="workers"):
         run(["prepare", str(tmp_path), "-o", str(tmp_path / "o"), "--workers", "0"])
-
-
-def test_data_samples_lists_paths_and_sizes(handbook, python_docs, warcs, capsys):
-    assert run(["data", "samples", "--json"]) == 0
-    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"debian-handbook", "python-docs", "pywb-warcs", "web"}
-    assert rows["debian-handbook"]["files"] > 3000 and 2 < rows["web"]["mb"] < 15
-    assert run(["data", "samples"]) == 0
-    assert "pywb-warcs" in capsys.readouterr().out

