@@ -48,6 +48,8 @@ def test_every_option_says_its_default(name):
     for action in _options(parser):
         if action.required or isinstance(action, argparse._StoreConstAction | argparse._AppendAction):
             continue
+        flags = "/".join(action.option_strings)
+        assert action.help, f"{name} {flags} has no help (argparse then hides its default)"
         rendered = formatter._get_help_string(action)
         assert "default" in rendered, f"{name} {'/'.join(action.option_strings)}: {rendered!r}"
 

@@ -39,7 +39,8 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, *, default_temperature:
                         help="end the reply at this text (repeatable; not printed)")
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     parser.add_argument("--truncate", action="store_true", help="drop the start of a prompt that is too long")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the weights' number format")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="weight-only quantization of the linear layers (faster decoding)")

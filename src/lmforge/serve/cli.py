@@ -19,10 +19,10 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
-                   help="checkpoint folder, .gguf file or sample name (smollm2); repeat to serve several. "
-                        "The model id is NAME, else the sample name or the folder/file name")
+                   help="checkpoint or run folder, .gguf file or sample name (smollm2); repeat to serve "
+                        "several. The model id is NAME, else the sample name or the folder/file name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $LMFORGE_API_KEY; none)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together per model")
@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cap prompt + reply tokens (default: the model's context)")
     p.add_argument("--cache", choices=["static", "paged"], default="static", help="KV cache layout")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the weights' number format")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
     p.add_argument("--threads", type=int, default=None,
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to let in-flight requests finish on Ctrl-C / SIGTERM")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a client has to send a request's line and headers; slower ones are dropped")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -27,9 +27,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 0
     val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
     bpb = f" ({summary['val_bpb']:.3f} bits/byte)" if "val_bpb" in summary else ""
-    print(f"trained {summary['steps_this_run']} steps (to step {summary['steps']}) on "
-          f"{summary['tokens_seen']:,} tokens in {summary['seconds']:.1f}s "
-          f"({summary['tokens_per_s'] or 0:,.0f} tokens/s): final loss {summary['final_loss']:.4f}{val}{bpb}")
+    if not summary["steps_this_run"]:
+        print(f"nothing to do: the run is already at step {summary['steps']} (final loss "
+              f"{summary['final_loss']:.4f}{val}{bpb}); raise --train.steps to train further")
+    else:
+        this_run = summary["steps_this_run"] * config.train.batch_tokens
+        total = f", {summary['tokens_seen']:,} in all" if summary["tokens_seen"] != this_run else ""
+        print(f"trained {summary['steps_this_run']} steps (to step {summary['steps']}) on {this_run:,} tokens"
+              f"{total} in {summary['seconds']:.1f}s ({summary['tokens_per_s'] or 0:,.0f} tokens/s): "
+              f"final loss {summary['final_loss']:.4f}{val}{bpb}")
     print(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics']}\nplot: {summary['plot']}")
     return 0
 
