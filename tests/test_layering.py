@@ -60,10 +60,15 @@ def package_of(module: str) -> str:
     return ".".join(parts[:2])
 
 
+def is_command_line(module: str) -> bool:
+    """A package's `cli` module is the top floor (DESIGN.md: the CLI may import everything)."""
+    return module.endswith(".cli") or ".cli." in module
+
+
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_dependencies_point_down(package):
     wrong = sorted(f"{module} imports {target}" for module, targets in GRAPH.items()
-                   if package_of(module) == package for target in targets
+                   if package_of(module) == package and not is_command_line(module) for target in targets
                    if package_of(target) != package and package_of(target) not in ALLOWED[package])
     assert not wrong, "\n".join(wrong)
 

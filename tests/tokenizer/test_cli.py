@@ -167,3 +167,19 @@ def test_bad_input_is_one_clear_line(argv, message, bad_files, trained, capsys):
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("lmforge tokenizer: error: ")
+
+
+def test_train_reads_prepare_output_and_document_folders(tmp_path, capsys):
+    """`tokenizer train` takes what `tokenize` takes: a folder of documents (JSONL, as prepare writes)."""
+    import json as _json
+
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    rows = [{"id": str(i), "text": f"Document {i} talks about pelicans, harbours and the sea. " * 20}
+            for i in range(30)]
+    (folder / "part-00000.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    code, out, err = run(capsys, "train", "--input", str(folder), "--vocab-size", "300", "--output",
+                         str(tmp_path / "tok"), "--json", "--quiet")
+    assert code == 0, err
+    summary = _json.loads(out)
+    assert summary["vocab_size"] == 300 and summary["bytes_per_token"] > 1.5

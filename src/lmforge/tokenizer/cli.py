@@ -82,7 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description="Learn byte-level BPE merges from UTF-8 text files (each file one "
                                      "document) and save the tokenizer as tokenizer.json + "
                                      "tokenizer_config.json, loadable by lmforge and transformers.")
-    p.add_argument("--input", "-i", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
+    p.add_argument("--input", "-i", nargs="+", required=True, metavar="INPUT",
+                   help="UTF-8 text files (each one document), or folders and document files as `tokenize` "
+                        "reads them: prepare's output, JSONL, Parquet, HTML, WARC")
     p.add_argument("--vocab-size", type=int, required=True, metavar="N",
                    help="total ids: 256 byte tokens + merges + special tokens")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write the tokenizer into")
@@ -231,14 +233,18 @@ def _resolve_pattern(name: str) -> tuple[str, str]:
     return name, "custom"
 
 
+# Inputs read through the data readers (their documents' text); any other file is plain UTF-8 text,
+# streamed as it is (one document per file).
+DOCUMENT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".html", ".htm", ".warc", ".warc.gz", ".arc",
+                     ".arc.gz")
+
+
 def _check_train_paths(inputs: Sequence[str], output: Path) -> list[Path]:
     """Fail before training, not after minutes of it, on inputs or an output we cannot use."""
     paths = [Path(p).expanduser() for p in inputs]
     for path in paths:
         if not path.exists():
-            raise InputError(f"{path}: no such file")
-        if path.is_dir():
-            raise InputError(f"{path}: is a folder; give the text files in it (e.g. {path}/*.txt)")
+            raise InputError(f"{path}: no such file or folder")
         if not os.access(path, os.R_OK):
             raise InputError(f"{path}: not readable (permission denied)")
     if output.exists() and not output.is_dir():
@@ -260,6 +266,30 @@ def _sample_text(paths: Sequence[Path], budget: int) -> str:
     return "\n".join(parts)
 
 
+def _train_on_documents(paths: Sequence[Path], args: argparse.Namespace, pattern: str,
+                        specials: list[str]) -> tuple[Any, str]:
+    """Train on the documents the data readers find in `paths`; (model, the first text for measuring)."""
+    from lmforge.data.shards import read_documents_from
+    from lmforge.tokenizer.train import train_bpe
+
+    head: list[str] = []
+    budget = MEASURE_BYTES
+
+    def texts() -> Iterator[str]:
+        nonlocal budget
+        for document in read_documents_from(paths):
+            if budget > 0:
+                head.append(document.text[:budget])
+                budget -= len(head[-1].encode("utf-8"))
+            yield document.text
+
+    model = train_bpe(texts(), args.vocab_size, pattern=pattern, special_tokens=specials,
+                      min_frequency=args.min_frequency, progress=not args.quiet, workers=args.workers)
+    if not head:
+        raise InputError(f"no documents in {', '.join(map(str, paths))}")
+    return model, "\n".join(head)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lmforge.tokenizer.train import train_bpe_from_files
 
@@ -269,15 +299,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     specials = list(DEFAULT_SPECIAL_TOKENS if args.special is None else args.special)
 
     started = time.perf_counter()
-    model = train_bpe_from_files(paths, args.vocab_size, pattern=pattern, special_tokens=specials,
-                                 min_frequency=args.min_frequency, progress=not args.quiet,
-                                 workers=args.workers)
+    if not any(p.is_dir() or p.name.lower().endswith(DOCUMENT_SUFFIXES) for p in paths):
+        model = train_bpe_from_files(paths, args.vocab_size, pattern=pattern, special_tokens=specials,
+                                     min_frequency=args.min_frequency, progress=not args.quiet,
+                                     workers=args.workers)
+        sample = _sample_text(paths, MEASURE_BYTES)
+    else:  # folders and document files (prepare's output, JSONL, Parquet, HTML, WARC): their documents' text
+        model, sample = _train_on_documents(paths, args, pattern, specials)
     seconds = time.perf_counter() - started
     tok = model.to_tokenizer()
     tok.save(output)
     chatml = tok.chat_template is not None
 
-    sample = _sample_text(paths, MEASURE_BYTES)
     sample_bytes = len(sample.encode("utf-8"))
     sample_tokens = len(tok.encode(sample, allow_special=False))
     summary = {
