@@ -22,7 +22,8 @@ Both hand the model a *view* of some of their sequences, which implements the mo
 `KVCache` protocol (`key_positions`, `update`, `advance`; see
 `lmforge.model.layers.attention`). A view also carries `prior_lengths`, the tokens each
 row held before this forward pass, which `ModelRunner` uses to choose the cheapest
-attention call.
+attention call. `append` caches keys and values that no forward pass computed: a
+prefix-tuning adapter's virtual tokens, written before a sequence's prompt.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ class CacheFullError(ValueError):
 def _dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
     weight = model.embed.weight if hasattr(model, "embed") else next(model.parameters())
     return weight.dtype, weight.device
+
+
+def _append(cache: StaticKVCache | PagedKVCache, seq: Hashable, keys: torch.Tensor,
+            values: torch.Tensor) -> None:
+    """Write n tokens' keys and values ([n_layers, kv_heads, n, head_dim]) after `seq`'s cached
+    tokens, at the positions that follow, as a forward pass over them would have."""
+    view = cache.view([seq])
+    start, n = view.prior_lengths[0], keys.shape[2]
+    positions = torch.arange(start, start + n, device=cache.key_pos.device)[None]
+    view.key_positions(positions)
+    for layer in range(keys.shape[0]):
+        view.update(layer, keys[layer][None].to(cache.keys.dtype), values[layer][None].to(cache.values.dtype))
+    view.advance(positions)
 
 
 # ---------------------------------------------------------------------------------------- static
@@ -161,6 +175,10 @@ class StaticKVCache:
 
     def seq_length(self, seq: Hashable) -> int:
         return self.lengths[self._slot_of[seq]]
+
+    def append(self, seq: Hashable, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Cache precomputed keys and values ([n_layers, kv_heads, n, head_dim]) after `seq`'s tokens."""
+        _append(self, seq, keys, values)
 
     def capacity(self, seq: Hashable) -> int:
         return self.max_len
@@ -291,6 +309,10 @@ class PagedKVCache:
 
     def seq_length(self, seq: Hashable) -> int:
         return self.lengths[seq]
+
+    def append(self, seq: Hashable, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Cache precomputed keys and values ([n_layers, kv_heads, n, head_dim]) after `seq`'s tokens."""
+        _append(self, seq, keys, values)
 
     def capacity(self, seq: Hashable) -> int:
         """Tokens this sequence could reach if it got every free block."""

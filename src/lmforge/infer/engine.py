@@ -24,6 +24,11 @@ forward pass, and the accept/reject rule keeps the model's own output distributi
 
 Convenience wrappers: `generate` (stream one request), `complete` (run many to the end),
 `beam_search` (`lmforge.infer.beam`).
+
+A model with a prefix-tuning adapter (`lmforge.tune.prefix`, see `ModelRunner.prefix`)
+has each sequence's cache start with the prefix's N keys and values, written at
+admission before the prompt: the prompt's tokens then sit at positions N, N+1, ..., and
+a request has N tokens less of context.
 """
 
 from __future__ import annotations
@@ -314,9 +319,15 @@ class Engine:
             del self.sequences[request_id]
 
     def _capacity(self) -> int:
+        """Tokens a request (prompt and reply) may have: the context less a prefix adapter's tokens."""
         if isinstance(self.cache, PagedKVCache):
-            return min(self.context, self.cache.max_len)
-        return self.context
+            return min(self.context, self.cache.max_len) - self._prefix_length()
+        return self.context - self._prefix_length()
+
+    def _prefix_length(self) -> int:
+        """N, the virtual tokens of a prefix-tuning adapter that every sequence's cache starts with."""
+        prefix = self.runner.prefix
+        return 0 if prefix is None else prefix[0].shape[2]
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[TokenEvent]:
@@ -340,8 +351,8 @@ class Engine:
         return events
 
     def _fits(self, seq: _Sequence) -> bool:
-        if isinstance(self.cache, PagedKVCache):  # its prompt, plus one block to grow into
-            return self.cache.free_tokens() >= seq.length + self.cache.block_size
+        if isinstance(self.cache, PagedKVCache):  # its prefix and prompt, plus one block to grow into
+            return self.cache.free_tokens() >= self._prefix_length() + seq.length + self.cache.block_size
         return True
 
     def _make_room(self) -> None:
@@ -363,6 +374,8 @@ class Engine:
         self.runner.refresh()
         seq.admitted = time.perf_counter()
         self.cache.allocate(seq.id)
+        if self.runner.prefix is not None:  # a prefix adapter's keys and values come first
+            self.cache.append(seq.id, *self.runner.prefix)
         self.running.append(seq)
         self.running.sort(key=lambda s: self.cache.order(s.id))
         ids = torch.tensor([seq.all_ids], device=self.device)
@@ -440,7 +453,8 @@ class Engine:
         view = self.cache.view([seq.id])
         result = speculative_round(self.draft, lambda ids: self.runner(ids, view, last_only=False)[0],
                                    seq.id, seq.all_ids, k, seq.params, seq.counts, seq.generator)
-        self.cache.truncate(seq.id, seq.length + result.accepted)  # the last token and the accepted drafts
+        # keep a prefix adapter's tokens, the sequence's tokens (the last included) and the accepted drafts
+        self.cache.truncate(seq.id, self._prefix_length() + seq.length + result.accepted)
         seq.stats.draft_tokens += result.proposed
         seq.stats.accepted_tokens += result.accepted
         events = []
@@ -502,6 +516,9 @@ class Engine:
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise GenerationError("the prompt is empty")
+        if self.runner.prefix is not None:
+            raise GenerationError("beam search does not run a prefix-tuning adapter yet (lmforge.infer.beam "
+                                  "fills a cache of its own, without the prefix); sample or decode greedily")
         if len(prompt_ids) + max_tokens > self.context:
             raise GenerationError(f"the prompt has {len(prompt_ids)} tokens and {max_tokens} new tokens were "
                                   f"asked for, but the context is {self.context} tokens")

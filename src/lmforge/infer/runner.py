@@ -25,6 +25,18 @@ Both read the model's weights (sharing their memory except for the fused
 concatenations) and are checked against `Transformer.forward` for every architecture
 variant (`tests/infer/test_runner.py`). Quantized layers (`lmforge.infer.quant`) are
 used as they are, fused the same way.
+
+**Adapters that do not merge into the weights** (`lmforge.tune.apply.load_adapter`
+merges LoRA and (IA)^3; these two stay), found on the model by duck typing since
+`infer` does not import `tune`:
+- bottleneck adapters (tune/adapters.py): a block's `attn_adapter` / `mlp_adapter`
+  module maps the sublayer's output h to adapter(h) before the residual add. The
+  PyTorch path calls them (the residual add is then not folded into the projection);
+  the C kernel does not know them, so a model that has any runs without it.
+- a prefix (tune/prefix.py): `model.prefix_tuning.key_values()` gives N keys and values
+  per layer. They are not computed here but cached: `prefix` holds them for the engine,
+  which writes them into each sequence's cache before its prompt, so that both paths
+  (the C kernel too) see them as N tokens already cached, at positions 0..N-1.
 """
 
 from __future__ import annotations
@@ -108,6 +120,9 @@ class _Layer:
             swiglu = mlp.kind == "swiglu"
             self.up = _Projection(interleave_linears(mlp.gate_proj, mlp.up_proj) if swiglu else mlp.up_proj)
             self.down = _Projection(mlp.down_proj)
+        # bottleneck adapters after the sublayers (tune/adapters.py), if the block has them
+        self.attn_adapter = block._modules.get("attn_adapter")
+        self.mlp_adapter = block._modules.get("mlp_adapter")
 
 
 class ModelRunner:
@@ -135,9 +150,14 @@ class ModelRunner:
         self.head = _Projection(head if head is not None else _tied_head(model.embed))
         self.inv_freq = model.rotary.inv_freq if cfg.position == "rope" else None
         self.alibi = alibi_slopes(cfg.n_heads).to(self.device) if cfg.position == "alibi" else None
+        prefix = model._modules.get("prefix_tuning")
+        with torch.no_grad():  # (keys, values), each [n_layers, kv_heads, N, head_dim], for the engine
+            self.prefix = (None if prefix is None else
+                           tuple(t.detach().to(self.dtype).contiguous() for t in prefix.key_values()))
+        adapters = any(la.attn_adapter is not None or la.mlp_adapter is not None for la in self.layers)
         self.fast = (self._fast_decode is not False and self.device.type == "cpu"
                      and self.dtype == torch.float32 and cfg.position != "alibi" and not cfg.n_experts
-                     and kernels.available())
+                     and not adapters and kernels.available())
         if self.fast:
             self._build_kernel_layers()
         self._weights_version = self._version()
@@ -198,13 +218,19 @@ class ModelRunner:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=KV != H)
-            layer.o_proj.add_to(x, out.transpose(1, 2).reshape(B * T, H * hd))
+            out = out.transpose(1, 2).reshape(B * T, H * hd)
+            if layer.attn_adapter is None:
+                layer.o_proj.add_to(x, out)
+            else:
+                x.add_(layer.attn_adapter(layer.o_proj(out)))
 
             h = layer.mlp_norm(x)
-            if layer.moe is not None:
+            if layer.moe is not None:  # the model's own module: its adapter's hook (if any) applies it
                 x.add_(layer.moe(h)[0])
-            else:
+            elif layer.mlp_adapter is None:
                 layer.down.add_to(x, self._act(layer, h))
+            else:
+                x.add_(layer.mlp_adapter(layer.down(self._act(layer, h))))
         cache.advance(positions)
 
         if last_only:
