@@ -56,6 +56,14 @@ def test_the_run_folder_is_a_model(first_hour, capsys):
     out = _json_out(capsys, ["generate", "--model", str(first_hour / "run"), "--prompt", PROMPT,
                              "--max-new-tokens", "8", "--json"])
     assert out["completion_tokens"] == 8 and out["prompt_tokens"] > 0
+    # more new tokens than the model's 256 positions hold: the reply is cut to fit, and the user told why
+    capsys.readouterr()
+    assert main(["generate", "--model", str(first_hour / "run"), "--prompt", PROMPT,
+                 "--max-new-tokens", "1000", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["completion_tokens"] <= 256 - out["prompt_tokens"]
+    assert f"limited to {256 - out['prompt_tokens']} tokens" in captured.err
 
 
 def test_the_run_exports_and_llama_cpp_agrees(first_hour, capsys):

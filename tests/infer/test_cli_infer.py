@@ -48,9 +48,8 @@ def test_generate_beam_stop_and_logprobs(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--max-new-tokens", "9000"], "context is 8192"),
-        (["--min-p", "2"], "min_p"),
-        (["--repetition-penalty", "0"], "repetition_penalty"),
+        (["--min-p", "2"], "--min-p"),
+        (["--repetition-penalty", "0"], "--repetition-penalty"),
         (["--beam", "-1", "--max-new-tokens", "2"], "beam width"),
     ],
 )
