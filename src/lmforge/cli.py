@@ -49,6 +49,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, *, default_temperature:
     parser.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
                         help="quantize the draft model (e.g. --draft-model smollm2 --draft-quantize int4)")
     parser.add_argument("--num-speculative", type=int, default=4, help="draft tokens proposed per round")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a fine-tuned adapter on the model: an lmforge finetune OUTPUT/adapter or any "
+                             "PEFT LoRA, IA3 or prefix-tuning folder")
     add_threads_flag(parser)
 
 
@@ -85,12 +88,13 @@ def _load(args: argparse.Namespace):
     import torch
 
     from lmforge.infer.engine import Engine
+    from lmforge.tune.apply import adapter_step
 
     apply_threads(args.threads)
     return Engine.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
                                   quantize=args.quantize, draft=args.draft_model,
                                   draft_quantize=args.draft_quantize, max_batch_size=1,
-                                  num_speculative=args.num_speculative)
+                                  num_speculative=args.num_speculative, prepare=adapter_step(args.adapter))
 
 
 def _fit_reply(params, prompt_tokens: int, context: int, *, say) -> object:

@@ -74,7 +74,9 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
 
 def _args(base: tuple[Path, Path], output: Path, method: str, *extra: str) -> list[str]:
     model, data = base
-    lr = "3e-3" if method == "full" else "1e-2"
+    lr = {"full": "3e-3", "ia3": "3e-2", "prefix": "3e-2"}.get(method, "1e-2")
+    if method == "prefix":  # a prefix sits in front of one conversation: no packing
+        extra = ("--data.pack=false", "--prefix.num_virtual_tokens=8", *extra)
     return ["finetune", "--model", str(model), "--data", str(data), "--method", method, "-o", str(output),
             "-q", "--train.seq_len=64", "--train.batch_tokens=512", "--train.micro_batch=8",
             "--train.steps=40", "--train.eval_interval=20", "--train.eval_batches=2",
@@ -82,7 +84,12 @@ def _args(base: tuple[Path, Path], output: Path, method: str, *extra: str) -> li
             "--lora.alpha=16", "--lora.dropout=0", "--schedule.warmup_steps=2", "--train.device=cpu", *extra]
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+# how far each method's held-out loss falls in 40 steps, as a share of the first step's loss: prefix
+# tuning, with 8 trained positions per layer and no packing, is the slowest learner
+LEARNS = {"full": 0.1, "lora": 0.1, "qlora": 0.1, "adapter": 0.2, "ia3": 0.3, "prefix": 0.85}
+
+
+@pytest.mark.parametrize("method", list(LEARNS))
 def test_each_method_learns_the_replies(base, tmp_path, capsys, method):
     torch.set_num_threads(1)
     assert main([*_args(base, tmp_path / "run", method), "--json"]) == 0
@@ -90,7 +97,7 @@ def test_each_method_learns_the_replies(base, tmp_path, capsys, method):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if "val_loss" in r]
     # rule A's colours are confidently wrong at first; rule B's are learnt, judged on held-out rows
-    assert records[0]["loss"] > 1.0 and len(val) == 2 and val[-1] < 0.1
+    assert records[0]["loss"] > 1.0 and len(val) == 2 and val[-1] < LEARNS[method] * records[0]["loss"]
     total = summary["parameters"]
     if method == "full":
         assert summary["trainable_parameters"] == total
@@ -98,7 +105,9 @@ def test_each_method_learns_the_replies(base, tmp_path, capsys, method):
     else:
         assert summary["trainable_parameters"] < 0.2 * total
         config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-        assert config["peft_type"] == "LORA" and config["r"] == 8
+        peft_type = {"lora": "LORA", "qlora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING",
+                     "adapter": "LMFORGE_BOTTLENECK"}[method]
+        assert config["peft_type"] == peft_type
         assert (tmp_path / "run" / "adapter" / "tokenizer.json").is_file()
     if method == "qlora":
         assert summary["nf4_base_bytes"] < 0.3 * summary["fp32_base_bytes"]
@@ -148,3 +157,65 @@ def test_kill_9_then_resume_gives_the_same_run(base, tmp_path):
         return [(r["step"], r["loss"]) for r in records]
 
     assert losses(killed) == losses(tmp_path / "straight")
+
+
+@pytest.fixture(scope="module")
+def lora_run(base, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("lora-run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_args(base, output, "lora", "--train.steps=80")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return output
+
+
+def _generate(capsys, *args: str) -> str:
+    capsys.readouterr()
+    assert main(["generate", "--chat", "--prompt", "Which colour goes with Kai's cow?",
+                 "--max-new-tokens", "6", "--json", "-q", *args]) == 0
+    return json.loads(capsys.readouterr().out)["completion"]
+
+
+def test_generate_runs_a_base_with_an_adapter(base, lora_run, capsys):
+    with_adapter = _generate(capsys, "--model", str(base[0]), "--adapter", str(lora_run / "adapter"))
+    assert "brown" in with_adapter  # rule B for the cow (rule A said yellow)
+    assert "brown" not in _generate(capsys, "--model", str(base[0]))
+
+
+def test_serve_offers_each_adapter_as_a_model(base, lora_run, capsys):
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", f"base={base[0]}",
+                               "--adapter", f"rule-b={lora_run / 'adapter'}", "--port", str(port),
+                               "--threads", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        models = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        assert models == {"base", "rule-b"}
+        replies = {}
+        for model in models:
+            response = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": model, "max_tokens": 6, "temperature": 0,
+                "messages": [{"role": "user", "content": "Which colour goes with Kai's cow?"}]})
+            replies[model] = response.json()["choices"][0]["message"]["content"]
+        assert replies["rule-b"] == _generate(capsys, "--model", str(base[0]), "--adapter",
+                                              str(lora_run / "adapter"))
+        assert replies["base"] != replies["rule-b"]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)

@@ -225,22 +225,26 @@ class Engine:
     @classmethod
     def from_pretrained(cls, spec, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                         quantize: str | None = None, draft=None, draft_quantize: str | None = None,
-                        **kwargs) -> Engine:
+                        prepare: Callable[[Transformer], object] | None = None, **kwargs) -> Engine:
         """An engine for a checkpoint folder, `.gguf` file or sample name (`smollm2`).
 
-        `quantize` ("int8", "int4") quantizes the model's linear layers; `draft` names a draft
-        model for speculative decoding (loaded the same way, quantized with `draft_quantize`).
-        Other keywords go to `Engine(...)`. `engine.path` is the file or folder loaded."""
+        `prepare(model)` runs on the loaded model before anything else (the CLI puts a
+        fine-tuned adapter on it here); `quantize` ("int8", "int4") then quantizes the
+        model's linear layers; `draft` names a draft model for speculative decoding (loaded
+        the same way, quantized with `draft_quantize`). Other keywords go to `Engine(...)`.
+        `engine.path` is the file or folder loaded."""
         from lmforge.infer.loading import load_model
         from lmforge.infer.quant import quantize_model
 
-        def load(spec, mode):
+        def load(spec, mode, prepare=None):
             loaded = load_model(spec, dtype=dtype, device=device)
+            if prepare is not None:
+                prepare(loaded.model)
             if mode:
                 quantize_model(loaded.model, mode)
             return loaded
 
-        loaded = load(spec, quantize)
+        loaded = load(spec, quantize, prepare)
         draft_model = load(draft, draft_quantize).model if draft is not None else None
         engine = cls(loaded.model, loaded.tokenizer, stop_ids=loaded.stop_ids(), draft_model=draft_model,
                      **kwargs)

@@ -1,7 +1,8 @@
 """`lmforge serve`: load one or more models and serve them over OpenAI's HTTP API.
 
     lmforge serve --model smollm2
-    lmforge serve --model chat=runs/sft/final --model base=runs/pretrain/final --api-key secret --port 8080
+    lmforge serve --model tiny=runs/tiny-cpu --model smollm2 --api-key secret --port 8080
+    lmforge serve --model smollm2 --adapter identity=runs/smollm2-lora/adapter
 
 `register(sub)` adds the verb to the `lmforge` command; this module imports nothing
 heavy (torch, FastAPI, uvicorn load when the verb runs). `python -m lmforge serve` runs
@@ -21,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
                    help="checkpoint or run folder, .gguf file or sample name (smollm2); repeat to serve "
                         "several. The model id is NAME, else the sample name or the folder/file name")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the first --model with this fine-tuned adapter as model NAME (repeatable; as "
+                        "vLLM's --lora-modules; each adapter holds its own copy of the merged weights)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
@@ -70,6 +74,13 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
             "port can use the models (set --api-key or LMFORGE_API_KEY, or --host 127.0.0.1)")
 
 
+def _adapter_spec(spec: str) -> tuple[str, str]:
+    name, sep, folder = spec.partition("=")
+    if not sep or not name or not folder:
+        raise ValueError(f"--adapter {spec!r}: give NAME=DIR (the model id clients ask for, and the adapter)")
+    return name, folder
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
@@ -87,16 +98,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     specs = [model_id_for(spec) for spec in args.model]
-    names = [name for name, _ in specs]
+    adapters = [_adapter_spec(spec) for spec in args.adapter]
+    names = [name for name, _ in specs] + [name for name, _ in adapters]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"two --model flags give the id {duplicates[0]!r}: name them with --model NAME=PATH")
+        raise ValueError(f"two models are called {duplicates[0]!r}: name them with --model NAME=PATH or "
+                         "--adapter NAME=DIR")
+    from lmforge.tune.apply import adapter_step
+
     engines = {}
-    for name, path in specs:
-        print(f"lmforge serve: loading {name} from {path}", file=sys.stderr)
+    loads = [(name, path, None) for name, path in specs]
+    loads += [(name, specs[0][1], folder) for name, folder in adapters]
+    for name, path, adapter in loads:
+        with_adapter = f" with the adapter {adapter}" if adapter else ""
+        print(f"lmforge serve: loading {name} from {path}{with_adapter}", file=sys.stderr)
         engines[name] = Engine.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
                                                quantize=args.quantize, max_batch_size=args.max_batch_size,
-                                               max_seq_len=args.max_seq_len, cache=args.cache)
+                                               max_seq_len=args.max_seq_len, cache=args.cache,
+                                               prepare=adapter_step(adapter))
     from lmforge.serve.limits import header_timeout_protocol
 
     app = create_app(engines, api_key=args.api_key or None, max_queue=args.max_queue,

@@ -18,6 +18,7 @@ LoRA and (IA)^3 merge into floating-point weights.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from torch import nn
 
@@ -55,3 +56,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str]) -> str:
     freeze(model)  # nothing trains at inference
     model.eval()
     return METHODS[peft_type]
+
+
+def adapter_step(folder: str | os.PathLike[str] | None) -> Callable[[nn.Module], str] | None:
+    """What puts `--adapter DIR` on a freshly loaded model (`Engine.from_pretrained(prepare=)`), or None."""
+    if folder is None:
+        return None
+    return lambda model: load_adapter(model, folder)

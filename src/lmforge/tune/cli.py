@@ -11,7 +11,7 @@ import json
 
 from lmforge.cli_parser import add_config_command, add_threads_flag, apply_threads
 
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora", "ia3", "prefix", "adapter")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `finetune` to the `lmforge` subcommands."""
     p = add_config_command(
         sub, "finetune", config_help="YAML recipe, e.g. configs/finetune/smollm2-lora.yaml",
-        help="supervised fine-tuning on conversations: full, LoRA or QLoRA (adapters in PEFT's format)",
+        help="supervised fine-tuning on conversations: full, LoRA, QLoRA, (IA)^3, prefix tuning or "
+             "bottleneck adapters (in PEFT's format)",
         description="Fine-tune a model on chat data with the loss on the assistant's replies only. Any "
                     "recipe key can be overridden as --section.key=value (--lora.r=8, --train.steps=200). "
                     "Rerunning into the same output resumes from its newest checkpoint.")

@@ -7,7 +7,9 @@ Methods:
 - `full`: every weight trains (the most memory: weights, gradients and two Adam moments);
 - `lora`: low-rank updates on the frozen base (tune/lora.py);
 - `qlora`: the same over a base stored in NF4 (tune/qlora.py);
-- `ia3`, `prefix`, `adapter`: see their modules.
+- `ia3`: learned rescaling of keys, values and the feed-forward input (tune/ia3.py);
+- `prefix`: trained keys and values every query may attend to (tune/prefix.py);
+- `adapter`: bottleneck adapters after each sublayer (tune/adapters.py).
 
 Outputs, under `output`: `checkpoints/step-N/` (resumable: each an adapter folder or a
 model folder, plus trainer_state/), `adapter/` (a PEFT folder with the tokenizer) or
@@ -38,11 +40,25 @@ from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.pretrain import schedule_change_note, seed_everything
 from lmforge.train.schedule import ScheduleConfig, lr_at
 from lmforge.train.trainer import TrainConfig, Trainer, resolve_device
+from lmforge.tune.adapters import BottleneckConfig, add_bottleneck
+from lmforge.tune.ia3 import IA3Config, add_ia3, merge_ia3
 from lmforge.tune.lora import LoRAConfig, add_lora, merge_lora
-from lmforge.tune.peft_io import AdapterStore, lora_adapter_config, save_lora
+from lmforge.tune.peft_io import (
+    AdapterStore,
+    bottleneck_adapter_config,
+    ia3_adapter_config,
+    lora_adapter_config,
+    prefix_adapter_config,
+    save_bottleneck,
+    save_ia3,
+    save_lora,
+    save_prefix,
+)
+from lmforge.tune.prefix import PrefixConfig, add_prefix
 from lmforge.tune.qlora import add_qlora, base_weight_bytes
 
-Method = Literal["full", "lora", "qlora"]
+Method = Literal["full", "lora", "qlora", "ia3", "prefix", "adapter"]
+MERGEABLE = ("lora", "qlora", "ia3")  # the others add computation that no single matrix holds
 
 
 @dataclass
@@ -58,7 +74,10 @@ class FinetuneConfig:
     model: str = ""  # checkpoint folder, run folder, .gguf file, or a sample name (smollm2)
     method: Method = "lora"
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # lora and qlora
+    ia3: IA3Config = field(default_factory=IA3Config)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    adapter: BottleneckConfig = field(default_factory=BottleneckConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.0))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=10))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -76,14 +95,24 @@ def apply_method(model: nn.Module, config: FinetuneConfig) -> ModelStore:
         for p in model.parameters():
             p.requires_grad_(True)
         return FullModel(source="lmforge finetune")
-    if config.method == "lora":
-        names = add_lora(model, config.lora)
-    elif config.method == "qlora":
-        names = add_qlora(model, config.lora)
+    if config.method in ("lora", "qlora"):
+        names = (add_lora if config.method == "lora" else add_qlora)(model, config.lora)
+        adapter_config = lora_adapter_config(config.lora, names, config.model)
+    elif config.method == "ia3":
+        names = add_ia3(model, config.ia3)
+        adapter_config = ia3_adapter_config(config.ia3, names, config.model)
+    elif config.method == "prefix":
+        config.prefix.validate(pack=config.data.pack)
+        add_prefix(model, config.prefix)
+        adapter_config = prefix_adapter_config(config.prefix, model.config, config.model)
+    elif config.method == "adapter":
+        add_bottleneck(model, config.adapter)
+        adapter_config = bottleneck_adapter_config(config.adapter, config.model)
     else:
-        raise ConfigKeyError(f"method: {config.method!r} is not one of full, lora, qlora")
+        raise ConfigKeyError(f"method: {config.method!r} is not one of full, lora, qlora, ia3, prefix, "
+                             "adapter")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    return AdapterStore(lora_adapter_config(config.lora, names, config.model), trainable)
+    return AdapterStore(adapter_config, trainable)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -110,6 +139,9 @@ def finetune(config: FinetuneConfig, *, quiet: bool = False) -> dict[str, Any]:
     if not config.data.source:
         raise ConfigKeyError("data.source is required: --data FILE or a sample (chitchat, squad, hotpotqa, "
                              "identity, mtbench)")
+    if config.merge and config.method not in (*MERGEABLE, "full"):
+        raise ConfigKeyError(f"merge: a {config.method} adapter cannot be merged into the weights (it adds "
+                             "computation of its own); run it with --adapter instead")
     config.schedule.validate()
     cfg = config.train
     cfg.accumulation()
@@ -181,7 +213,10 @@ def _write_outputs(model: nn.Module, config: FinetuneConfig, tokenizer: Any, out
         save_checkpoint(output / "model", model, tokenizer=tokenizer, extra=extra)
         written["model"] = str(output / "model")
         return written
-    save_lora(model, output / "adapter", config.lora, base_model=config.model, tokenizer=tokenizer)
+    save, settings = {"lora": (save_lora, config.lora), "qlora": (save_lora, config.lora),
+                      "ia3": (save_ia3, config.ia3), "prefix": (save_prefix, config.prefix),
+                      "adapter": (save_bottleneck, config.adapter)}[config.method]
+    save(model, output / "adapter", settings, base_model=config.model, tokenizer=tokenizer)
     written["adapter"] = str(output / "adapter")
     if config.merge:
         if config.method == "qlora":  # merge onto the full-precision base, not its NF4 copy
@@ -192,7 +227,7 @@ def _write_outputs(model: nn.Module, config: FinetuneConfig, tokenizer: Any, out
             load_lora(base, output / "adapter")
             model = base
         with torch.no_grad():
-            merged = merge_lora(model)
+            merged = merge_ia3(model) if config.method == "ia3" else merge_lora(model)
         save_checkpoint(output / "merged", merged, tokenizer=tokenizer, extra=extra)
         written["merged"] = str(output / "merged")
     return written
