@@ -182,6 +182,19 @@ def latest_checkpoint(checkpoints: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_point(resume: str, output: str | Path) -> Path | None:
+    """A run's `resume` setting -> the checkpoint to continue from: "auto" (the newest under
+    output/checkpoints, if any), "never", or a checkpoint folder."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(Path(output) / "checkpoints")
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise ResumeError(f"resume: {folder} is not a checkpoint folder")
+    return folder
+
+
 def check_same_architecture(folder: Path, config: ModelConfig) -> None:
     saved = {k: v for k, v in load_config(folder).to_dict().items() if k != "extra"}
     wanted = {k: v for k, v in config.to_dict().items() if k != "extra"}

@@ -23,7 +23,7 @@ from lmforge.config import ConfigKeyError, build
 from lmforge.data.shards import load_shard_set
 from lmforge.model.config import ModelConfig, human_count, preset
 from lmforge.model.transformer import Transformer
-from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.train.checkpoint import resume_point
 from lmforge.train.curriculum import CurriculumConfig, attach_curriculum
 from lmforge.train.data import TokenWindows
 from lmforge.train.objectives import CausalLMObjective
@@ -114,7 +114,7 @@ def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
                       val_data=val_data, bytes_per_token=bytes_per_token,
                       run_config=_jsonable(dataclasses.asdict(config)), tokenizer=tokenizer, quiet=quiet,
                       parallel=parallel)
-    start = _resume_point(config)
+    start = resume_point(config.resume, config.output)
     if start is not None:
         trainer.resume(start)
         note = schedule_change_note(trainer.resumed_state, trainer.step, cfg.steps, config.schedule)
@@ -179,15 +179,6 @@ def shards_tokenizer(data: DataConfig, meta: dict[str, Any], *, quiet: bool = Fa
         return None
 
 
-def _resume_point(config: PretrainConfig) -> Path | None:
-    if config.resume == "never":
-        return None
-    if config.resume == "auto":
-        return latest_checkpoint(Path(config.output) / "checkpoints")
-    folder = Path(config.resume)
-    if not folder.is_dir():
-        raise ConfigKeyError(f"resume: {folder} is not a checkpoint folder")
-    return folder
 
 
 def _jsonable(value: Any) -> Any:

@@ -34,7 +34,7 @@ from torch import nn
 from lmforge.atomic import atomic_write
 from lmforge.config import ConfigKeyError
 from lmforge.model.config import human_count
-from lmforge.train.checkpoint import FullModel, ModelStore, latest_checkpoint
+from lmforge.train.checkpoint import FullModel, ModelStore, resume_point
 from lmforge.train.objectives import CausalLMObjective
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.pretrain import schedule_change_note, seed_everything
@@ -173,7 +173,7 @@ def finetune(config: FinetuneConfig, *, quiet: bool = False) -> dict[str, Any]:
                       val_data=val_data, run_config=run_config, tokenizer=tokenizer, quiet=quiet,
                       model_store=store)
     output = Path(config.output)
-    start = _resume_point(config)
+    start = resume_point(config.resume, config.output)
     if start is not None:
         trainer.resume(start)
         note = schedule_change_note(trainer.resumed_state, trainer.step, cfg.steps, config.schedule)
@@ -233,12 +233,3 @@ def _write_outputs(model: nn.Module, config: FinetuneConfig, tokenizer: Any, out
     return written
 
 
-def _resume_point(config: FinetuneConfig) -> Path | None:
-    if config.resume == "never":
-        return None
-    if config.resume == "auto":
-        return latest_checkpoint(Path(config.output) / "checkpoints")
-    folder = Path(config.resume)
-    if not folder.is_dir():
-        raise ConfigKeyError(f"resume: {folder} is not a checkpoint folder")
-    return folder

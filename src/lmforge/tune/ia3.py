@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lmforge.model.layers.linear import linear
-from lmforge.tune.lora import LoRAError, freeze, replace_module, target_module_names
+from lmforge.tune.lora import LoRAError, freeze, replace_module, replace_with_linear, target_module_names
 
 
 class IA3Error(ValueError):
@@ -145,11 +145,5 @@ def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
 def merge_ia3(model: nn.Module) -> nn.Module:
     """Replace every `IA3Linear` by a plain linear holding its merged weight (for inference, export)."""
     for name, layer in ia3_layers(model).items():
-        weight, bias = layer.merged_weight(), layer.merged_bias()
-        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                          device=weight.device, dtype=weight.dtype)
-        plain.weight.copy_(weight)
-        if bias is not None:
-            plain.bias.copy_(bias)
-        replace_module(model, name, plain)
+        replace_with_linear(model, name, layer.merged_weight(), layer.merged_bias())
     return model

@@ -218,14 +218,19 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 @torch.no_grad()
+def replace_with_linear(model: nn.Module, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Put a plain `nn.Linear` holding `weight` (and `bias`) where module `name` was: a merged adapter."""
+    plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                      dtype=weight.dtype)
+    plain.weight.copy_(weight)
+    if bias is not None:
+        plain.bias.copy_(bias)
+    replace_module(model, name, plain)
+
+
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every `LoRALinear` by a plain linear holding its merged weight (for saving, export)."""
     for name, layer in lora_layers(model).items():
-        weight = layer.merged_weight()
-        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None,
-                          device=weight.device, dtype=weight.dtype)
-        plain.weight.copy_(weight)
-        if layer.bias is not None:
-            plain.bias.copy_(layer.bias)
-        replace_module(model, name, plain)
+        replace_with_linear(model, name, layer.merged_weight(), layer.bias)
     return model

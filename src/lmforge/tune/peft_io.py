@@ -175,18 +175,7 @@ def lora_config_from_peft(peft: dict[str, Any]) -> LoRAConfig:
 
 def load_lora(model: nn.Module, folder: str | os.PathLike[str]) -> LoRAConfig:
     """Add the PEFT LoRA in `folder` to `model` (made by lmforge or by `peft`); its config."""
-    peft = read_adapter_config(folder)
-    if peft["peft_type"] != "LORA":
-        raise AdapterError(f"{folder} holds a {peft['peft_type']} adapter, not LoRA")
-    weights = Path(folder) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterError(f"{folder} has no {WEIGHTS_NAME}")
-    from lmforge.formats.safetensors_reader import SafetensorsError, load_tensors
-
-    try:
-        tensors, _ = load_tensors(weights)
-    except SafetensorsError as err:
-        raise AdapterError(f"{folder}: {err}") from err
+    peft, tensors = _read_weights(folder, "LORA")
     modules = sorted({key.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for key in tensors})
     by_hf = {hf_module_name(name, model.config): name
              for name, module in model.named_modules() if isinstance(module, nn.Linear)}
@@ -217,12 +206,17 @@ def _copy(target: torch.Tensor, tensors: dict[str, torch.Tensor], key: str, fold
     target.copy_(value.to(target.dtype))
 
 
+# how a message names each peft_type
+TYPE_NAMES = {"LORA": "LoRA"}
+
+
 def _read_weights(folder: str | os.PathLike[str],
                   peft_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The adapter config (checked to be `peft_type`) and every tensor of the folder."""
     peft = read_adapter_config(folder)
     if peft["peft_type"] != peft_type:
-        raise AdapterError(f"{folder} holds a {peft['peft_type']} adapter, not {peft_type}")
+        wanted = TYPE_NAMES.get(peft_type, peft_type)
+        raise AdapterError(f"{folder} holds a {peft['peft_type']} adapter, not {wanted}")
     weights = Path(folder) / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterError(f"{folder} has no {WEIGHTS_NAME}")

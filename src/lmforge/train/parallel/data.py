@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,12 +18,7 @@ from torch import nn
 from lmforge.train.batch import Batch, BatchSource
 from lmforge.train.objectives import Objective
 from lmforge.train.parallel.base import Autocast, Parallel, ParallelError
-from lmforge.train.parallel.sharding import (
-    clip_grad_norm_across_ranks,
-    gather_dtensor_state,
-    scatter_dtensor_state,
-    shard_holding,
-)
+from lmforge.train.parallel.sharding import DTensorParallel
 
 
 class RankShare:
@@ -101,7 +95,7 @@ class DDPParallel(DataParallel):
             return super().forward_backward(objective, model, batch, accum, autocast, last)
 
 
-class FSDPParallel(DataParallel):
+class FSDPParallel(DTensorParallel, DataParallel):
     """FSDP2 (`fully_shard`): each block's weights, gradients and optimizer state sharded over the ranks."""
 
     name = "FSDP"
@@ -117,14 +111,3 @@ class FSDPParallel(DataParallel):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_across_ranks(model.parameters(), max_norm, shard_holding, self.device)
-
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return gather_dtensor_state(model, optimizer)
-
-    def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
-        scatter_dtensor_state(model, optimizer, model_state, optimizer_state)

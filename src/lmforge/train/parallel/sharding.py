@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.train.checkpoint import ResumeError
+from lmforge.train.parallel.base import Parallel
 
 Holding = Literal["own", "shared", "copy"]
 
@@ -128,3 +129,19 @@ def scatter_dtensor_state(model: nn.Module, optimizer: torch.optim.Optimizer,
     set_model_state_dict(model, model_state, options=options)
     named = by_name(optimizer_state, optimizer_param_names(model, optimizer))
     set_optimizer_state_dict(model, optimizer, named, options=options)
+
+
+class DTensorParallel(Parallel):
+    """What strategies whose parameters are DTensors sharded over the ranks (FSDP, tensor
+    parallel) share: the gradient norm over the pieces, and gathering/scattering state."""
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_across_ranks(model.parameters(), max_norm, shard_holding, self.device)
+
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return gather_dtensor_state(model, optimizer)
+
+    def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
+        scatter_dtensor_state(model, optimizer, model_state, optimizer_state)

@@ -22,16 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from lmforge.train.parallel.base import Parallel, ParallelError
-from lmforge.train.parallel.sharding import (
-    clip_grad_norm_across_ranks,
-    gather_dtensor_state,
-    scatter_dtensor_state,
-    shard_holding,
-)
+from lmforge.train.parallel.base import ParallelError
+from lmforge.train.parallel.sharding import DTensorParallel
 
 
 def block_plan(config: Any) -> dict[str, Any]:
@@ -61,7 +55,7 @@ def check_splittable(config: Any, ranks: int) -> None:
         raise ParallelError("tensor parallelism cannot split this model: " + "; ".join(problems))
 
 
-class TensorParallel(Parallel):
+class TensorParallel(DTensorParallel):
     """Every rank sees the same batch and computes its slice of each block; the loss is the same on all."""
 
     name = "tensor parallel"
@@ -76,14 +70,3 @@ class TensorParallel(Parallel):
         for block in model.blocks:
             parallelize_module(block, mesh, plan)
         return model
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_across_ranks(model.parameters(), max_norm, shard_holding, self.device)
-
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return gather_dtensor_state(model, optimizer)
-
-    def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
-        scatter_dtensor_state(model, optimizer, model_state, optimizer_state)
