@@ -135,3 +135,21 @@ def test_data_parallel_ranks_split_a_masked_packed_batch():
         shares.append(dp.rank_batches(Source()).next_batch(2))  # type: ignore[arg-type]
     assert torch.equal(torch.cat([s.input_ids for s in shares]), ids)
     assert torch.equal(torch.cat([s.positions for s in shares]), positions)
+
+
+def test_the_head_only_where_labelled_gives_the_same_loss_and_gradients():
+    """SFT's objective skips the LM head on unlabelled positions: same loss, same gradients."""
+    ids = torch.randint(0, VOCAB, (3, 12))
+    labels = torch.randint(0, VOCAB, (3, 12))
+    labels[:, :7] = IGNORE_INDEX
+    labels[1, 9] = IGNORE_INDEX
+    grads = []
+    for only_labelled in (False, True):
+        model = _model()
+        loss, _ = CausalLMObjective(only_labelled=only_labelled).loss(model, Batch(ids, labels))
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (full_loss, full_grads), (head_loss, head_grads) = grads
+    torch.testing.assert_close(head_loss, full_loss)
+    for a, b in zip(full_grads, head_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -92,11 +92,15 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         *,
         logits_for: str = "all",
+        logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T]; positions [B, T] (default 0..T-1, or after the cache's content).
 
         `logits_for="last"` computes the LM head for the final position only, which is
-        all that decoding needs and saves a [T, vocab] matmul during prefill.
+        all that decoding needs and saves a [T, vocab] matmul during prefill. `logits_at`
+        (bool [B, T]) computes it only where True, logits [n, vocab] in row-major order:
+        fine-tuning takes a loss on the assistant's tokens alone, and the head over a
+        49,152-token vocabulary is a fifth of a small model's work per token.
         """
         B, T = input_ids.shape
         # Default positions are known to be 0..T-1 without looking at them, which keeps the
@@ -132,6 +136,8 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if logits_for == "last":
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[logits_at]
         # an `lm_head` module wins even when embeddings are tied: inference may install a
         # quantized copy of the tied matrix there (lmforge.infer.quant.quantize_model)
         head = self._modules.get("lm_head")

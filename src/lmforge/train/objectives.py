@@ -28,11 +28,23 @@ class CausalLMObjective:
     For one position the loss is -log p(correct next token): if the model gives
     "Paris" probability 0.8 after "The capital of France is", the loss there is
     -ln 0.8 = 0.22 nats. A Mixture-of-Experts model adds its load-balancing loss.
+
+    `only_labelled=True` computes the LM head only at the labelled positions (the same
+    loss, less work where most positions take none: SFT's prompts); pretraining labels
+    every position, and selecting them would only add a gather.
     """
 
+    def __init__(self, *, only_labelled: bool = False) -> None:
+        self.only_labelled = only_labelled
+
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = model(batch.input_ids, batch.positions)
-        ce = next_token_loss(out.logits, batch.labels)
+        if self.only_labelled:
+            labelled = batch.labels != IGNORE_INDEX
+            out = model(batch.input_ids, batch.positions, logits_at=labelled)
+            ce = next_token_loss(out.logits, batch.labels[labelled])
+        else:
+            out = model(batch.input_ids, batch.positions)
+            ce = next_token_loss(out.logits, batch.labels)
         metrics = {"ce": ce.detach()}
         loss = ce
         if getattr(out, "aux_loss", None) is not None:

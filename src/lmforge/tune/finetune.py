@@ -169,7 +169,8 @@ def finetune(config: FinetuneConfig, *, quiet: bool = False) -> dict[str, Any]:
         return lr_at(step, cfg.steps, 1.0, config.schedule)
 
     run_config = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    trainer = Trainer(model, CausalLMObjective(), optimizer, lr_factor, train_data, cfg, config.output,
+    objective = CausalLMObjective(only_labelled=True)  # the LM head where a loss is taken, not on prompts
+    trainer = Trainer(model, objective, optimizer, lr_factor, train_data, cfg, config.output,
                       val_data=val_data, run_config=run_config, tokenizer=tokenizer, quiet=quiet,
                       model_store=store)
     output = Path(config.output)
