@@ -37,8 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
 BLOCK = 64  # weights per absmax
 STATS_BLOCK = 256  # absmaxes per second-level absmax (double quantization)
@@ -76,6 +76,13 @@ def dynamic_code() -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).sort().values
 
 
+@cache
+def _byte_pairs(device: torch.device) -> torch.Tensor:
+    """[256, 2]: the two NF4 values a packed byte holds (high nibble first)."""
+    byte = torch.arange(256)
+    return torch.stack([nf4_code()[byte >> 4], nf4_code()[byte & 0x0F]], dim=1).to(device)
+
+
 @dataclass
 class NF4Tensor:
     """A weight matrix in NF4 with double-quantized scales (what QLoRA stores for a frozen linear)."""
@@ -94,15 +101,16 @@ class NF4Tensor:
 
     def absmax(self) -> torch.Tensor:
         """The first-level scales, recovered from their 8-bit codes."""
-        code = dynamic_code()
-        values = code[self.absmax_codes.long()]
-        scales = self.absmax_scales.repeat_interleave(STATS_BLOCK)[:values.numel()]
-        return values * scales + self.offset
+        values = dynamic_code().to(self.absmax_codes.device)[self.absmax_codes.long()]
+        n, blocks = values.numel(), self.absmax_scales.numel()
+        padded = F.pad(values, (0, blocks * STATS_BLOCK - n)).view(blocks, STATS_BLOCK)
+        scaled = padded * self.absmax_scales[:, None]
+        return scaled.view(-1)[:n] + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        indices = torch.stack([self.packed >> 4, self.packed & 0x0F], dim=-1).reshape(-1).long()
-        n = int(np.prod(self.shape))
-        values = nf4_code()[indices[:n]].view(-1, BLOCK) * self.absmax().view(-1, 1)
+        """code[index] * absmax, for every weight: a byte is looked up as its two values at once."""
+        pairs = _byte_pairs(self.packed.device)[self.packed.long()]  # [numel / 2, 2]: high nibble, low nibble
+        values = pairs.view(-1, BLOCK) * self.absmax().view(-1, 1)
         return values.reshape(self.shape).to(dtype or self.dtype)
 
     def to(self, device: torch.device | str) -> NF4Tensor:

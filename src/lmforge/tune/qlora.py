@@ -46,13 +46,33 @@ class NF4Linear(nn.Module):
         return self.nf4.dequantize(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _NF4Matmul.apply(x, self, bias)
 
     def nbytes(self) -> int:
         return self.nf4.nbytes + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, NF4"
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x W^T + b with W dequantized from NF4 when needed, and not kept in between.
+
+    Autograd would save the dequantized W (4 bytes a weight) for the backward pass of every
+    layer, holding the whole model in fp32 at the peak of a step and undoing what NF4 saved.
+    W is frozen, so the backward needs it only for dL/dx = dL/dy W: it is dequantized again
+    there, a second gather-and-scale for each layer (cheap next to the matmul)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        grad_x = grad @ ctx.layer.weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
 
 
 def quantize_base(model: nn.Module, names: list[str]) -> None:
