@@ -349,16 +349,20 @@ def concurrent(args) -> list[dict]:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else loaded.stop_ids()[0]
         contenders[f"transformers `generate`, one left-padded batch of {len(prompts)}"] = (
             lambda tokens: hf_generate_batch(hf, prompts, tokens, pad_id))
-    for run in contenders.values():
+    for label, run in contenders.items():
+        start = time.perf_counter()
         run(4)  # warm-up: the same batch, 4 tokens each
+        print(f"  warmed up: {label} ({time.perf_counter() - start:.1f}s)", flush=True)
     best: dict[str, tuple[float, int, float]] = {}  # label -> (tokens/s, tokens, seconds)
     outputs: dict[str, list[list[int]]] = {}
-    for _ in range(args.concurrent_rounds):
+    for round_no in range(1, args.concurrent_rounds + 1):
         for label, run in contenders.items():
             start = time.perf_counter()
             outputs[label] = run(n)
             seconds = time.perf_counter() - start
             total = sum(map(len, outputs[label]))
+            print(f"  round {round_no}/{args.concurrent_rounds}: {label}: {total / seconds:.1f} tok/s",
+                  flush=True)
             if total / seconds > best.get(label, (0.0,))[0]:
                 best[label] = (total / seconds, total, seconds)
     if hf is not None and not args.skip_hf_sequential:  # one request at a time: an extra row
