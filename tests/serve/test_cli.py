@@ -48,7 +48,7 @@ def test_model_ids(tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--model", "a=smollm2", "--model", "a=other"], "two --model flags give the id 'a'"),
+    (["--model", "a=smollm2", "--model", "a=other"], "two models are called 'a'"),
     (["--model", "smollm2", "--port", "70000"], "--port must be in 0..65535"),
     (["--model", "smollm2", "--max-body-mb", "0"], "--max-body-mb must be > 0"),
     (["--model", "/no/such/folder"], "neither an existing path nor a known sample"),
