@@ -74,11 +74,10 @@ from lmforge.model.config import human_count
 from lmforge.model.hf import state_dict_to_hf
 from lmforge.model.transformer import Transformer
 from lmforge.train.batch import IGNORE_INDEX, Batch
-from lmforge.train.objectives import CausalLMObjective
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.schedule import ScheduleConfig, lr_at
 from lmforge.train.trainer import TrainConfig, Trainer
-from lmforge.tune.finetune import FinetuneConfig, apply_method, parameter_counts
+from lmforge.tune.finetune import SFT_OBJECTIVE, FinetuneConfig, apply_method, parameter_counts
 from lmforge.tune.lora import LoRAConfig, add_lora
 from lmforge.tune.peft_io import peft_tensor_name
 from lmforge.tune.qlora import base_weight_bytes
@@ -386,7 +385,7 @@ def run_lmforge(folder: Path, recipe: SFTRecipe, batches: dict[str, list[Batch]]
     config = TrainConfig(steps=recipe.steps, batch_tokens=rows * seq_len, micro_batch=rows, seq_len=seq_len,
                          grad_clip=recipe.grad_clip, eval_interval=0, checkpoint_interval=0,
                          log_interval=10**9, device="cpu")
-    trainer = Trainer(model, CausalLMObjective(), optimizer, lr_factor, FixedBatches(train), config, run_dir,
+    trainer = Trainer(model, SFT_OBJECTIVE, optimizer, lr_factor, FixedBatches(train), config, run_dir,
                       quiet=True)
     losses, lrs, seconds = [], [], []
     for _ in range(recipe.steps):

@@ -58,6 +58,34 @@ def test_merge_is_exact_and_unmerge_restores_the_adapter(dora):
     torch.testing.assert_close(plain(IDS).logits, unmerged, rtol=1e-5, atol=1e-5)
 
 
+def test_dora_reuses_the_base_output_only_when_nothing_is_dropped():
+    """Without dropout DoRA takes W x from the base's output (bias removed) instead of a second
+    matmul; the answer is the merged weight's, with a bias, and dropout still sees its own x."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6, bias=True)
+    x = torch.randn(3, 8)
+    for dropout in (0.0, 0.5):
+        layer = LoRALinear(base, LoRAConfig(r=2, alpha=4, dropout=dropout, dora=True))
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.1)
+            layer.lora_magnitude_vector.mul_(1.1)
+        layer.eval()  # dropout off: the reused path
+        unmerged = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-6)
+        layer.unmerge()
+    layer.train()  # dropout 0.5 on: A sees a dropped x, W x is recomputed on it
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)
+    dropped = layer.lora_dropout(x)
+    norm = (layer.base_weight() + layer.delta_weight()).norm(dim=1).detach()
+    scale = layer.lora_magnitude_vector / norm
+    update = layer.lora_B(layer.lora_A(dropped)) * layer.scaling
+    expected = base(x) + (scale - 1) * torch.nn.functional.linear(dropped, base.weight) + scale * update
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_targets_are_checked():
     with pytest.raises(LoRAError, match="no linear layer named qkv"):
         add_lora(tiny_llama(), LoRAConfig(target_modules=["qkv"]))

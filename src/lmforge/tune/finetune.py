@@ -89,6 +89,10 @@ class FinetuneConfig:
     merge: bool = False  # also write output/merged: base + adapter as one checkpoint
 
 
+#: the LM head only where a loss is taken, not on prompts (the same loss and gradients)
+SFT_OBJECTIVE = CausalLMObjective(only_labelled=True)
+
+
 def apply_method(model: nn.Module, config: FinetuneConfig) -> ModelStore:
     """Make `model` trainable the way `config.method` says; what its checkpoints hold."""
     if config.method == "full":
@@ -169,8 +173,7 @@ def finetune(config: FinetuneConfig, *, quiet: bool = False) -> dict[str, Any]:
         return lr_at(step, cfg.steps, 1.0, config.schedule)
 
     run_config = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    objective = CausalLMObjective(only_labelled=True)  # the LM head where a loss is taken, not on prompts
-    trainer = Trainer(model, objective, optimizer, lr_factor, train_data, cfg, config.output,
+    trainer = Trainer(model, SFT_OBJECTIVE, optimizer, lr_factor, train_data, cfg, config.output,
                       val_data=val_data, run_config=run_config, tokenizer=tokenizer, quiet=quiet,
                       model_store=store)
     output = Path(config.output)

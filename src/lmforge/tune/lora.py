@@ -149,7 +149,10 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             norm = (self.base_weight().float() + self.delta_weight().float()).norm(dim=1).to(x.dtype)
         scale = (self.lora_magnitude_vector / norm).to(x.dtype)
-        base_part = F.linear(dropped, self.base_weight().to(x.dtype))
+        if dropped is x:  # no dropout: W x is already in `result`, as peft reuses its base_result
+            base_part = result if self.bias is None else result - self.bias.to(x.dtype)
+        else:
+            base_part = F.linear(dropped, self.base_weight().to(x.dtype))
         return result + (scale - 1) * base_part + scale * update
 
     def extra_repr(self) -> str:
