@@ -347,3 +347,27 @@ def test_saved_folder_is_what_lmforge_and_the_store_read(tmp_path):
     assert set(state) == set(model.state_dict())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["lmforge"]["step"] == 7
+
+
+def _reward_trainer(model: RewardModel, pairs: list[Pair], run: Path, steps: int) -> Trainer:
+    config = TrainConfig(steps=steps, batch_tokens=8 * 16, micro_batch=4, seq_len=16, eval_interval=0,
+                         checkpoint_interval=10, log_interval=10, device="cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    return Trainer(model, RewardObjective(center_rewards_coefficient=0.01), optimizer, lambda step: 1.0,
+                   PairSource(pairs), config, run, quiet=True, model_store=RewardModelStore(PAD))
+
+
+def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
+    """Two micro-batches a step; resumed at step 10, a run ends with the weights of one never stopped."""
+    pairs = sorted_preference(200, seed=5)
+    straight = RewardModel(tiny_model(vocab=64, seed=5), pad_token_id=PAD)
+    _reward_trainer(straight, pairs, tmp_path / "straight", 20).fit()
+    resumed = RewardModel(tiny_model(vocab=64, seed=6), pad_token_id=PAD)  # other weights: all must come back
+    trainer = _reward_trainer(resumed, pairs, tmp_path / "resumed", 20)
+    trainer.resume(tmp_path / "straight" / "checkpoints" / "step-000010")
+    assert trainer.step == 10
+    trainer.fit()
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
