@@ -21,6 +21,8 @@ from lmforge.align.grpo import (
 )
 from lmforge.align.rollout import RolloutConfig, RolloutError, sample_rollouts
 from lmforge.train.trainer import TrainConfig, Trainer
+from lmforge.tune.finetune import FinetuneConfig, apply_method
+from lmforge.tune.lora import LoRAConfig
 
 TRAIN_PROMPTS = [f"q{i}:" for i in range(40)]
 HELD_OUT = [f"held {i} >" for i in range(16)]
@@ -116,17 +118,18 @@ def test_first_update_has_ratio_one_and_kl_zero(tiny, tokenizer):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
 
 
-def _fit(policy, config: GRPOConfig, run_dir, steps: int, *, tokenizer, checkpoint_interval: int = 0,
+def _fit(policy, store, config: GRPOConfig, run_dir, steps: int, *, tokenizer, checkpoint_interval: int = 0,
          resume=None, lr: float = 1e-2) -> Trainer:
     source = grpo_source(policy, TRAIN_PROMPTS, tokenizer.encode, digit_fraction, config, tokenizer=tokenizer,
                          rows_per_step=32)
     train = TrainConfig(steps=steps, batch_tokens=32 * 16, micro_batch=16, seq_len=16, eval_interval=0,
                         checkpoint_interval=checkpoint_interval, log_interval=100)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     trainer = Trainer(policy, GRPOObjective(config), optimizer, lambda step: 1.0, source, train, run_dir,
-                      quiet=True, tokenizer=tokenizer)
+                      quiet=True, tokenizer=tokenizer, model_store=store)
     if resume is not None:
         trainer.resume(resume)
     trainer.fit()
@@ -137,7 +140,7 @@ def _fit(policy, config: GRPOConfig, run_dir, steps: int, *, tokenizer, checkpoi
 def test_grpo_raises_the_reward_on_held_out_prompts(tiny, tokenizer, tmp_path, seed):
     policy = tiny(seed)
     before = held_out_reward(policy, tokenizer)
-    trainer = _fit(policy, _config(seed), tmp_path, 20, tokenizer=tokenizer)
+    trainer = _fit(policy, None, _config(seed), tmp_path, 20, tokenizer=tokenizer)
     after = held_out_reward(policy, tokenizer)
     assert after > before + 0.3, (before, after)  # ~0.04 (10 digits of 259 bytes) -> most of them
     history = trainer.history
@@ -146,21 +149,32 @@ def test_grpo_raises_the_reward_on_held_out_prompts(tiny, tokenizer, tmp_path, s
             "entropy"} <= set(history[0])
 
 
-def test_resume_after_interruption_gives_the_same_losses(tiny, tokenizer, tmp_path):
+def _policy(tiny, method: str):
+    """A tiny policy, full or LoRA (as `lmforge finetune` makes it), and what its checkpoints hold."""
+    policy = tiny(5)
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.05)  # the dropout is switched off by grpo_source
+    return policy, apply_method(policy, FinetuneConfig(model="tiny", method=method, lora=lora))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_after_interruption_gives_the_same_losses(tiny, tokenizer, tmp_path, method):
     """Checkpoint at step 3, mid-buffer (a buffer is 2 epochs of one step each: step 3 is the second
     buffer's first epoch), resume in new objects, and match a straight run loss for loss."""
     config = _config(3, beta=0.04, epsilon_high=0.28)
     config.rollout.epochs = 2
-    straight = _fit(tiny(5), config, tmp_path / "a", 6, tokenizer=tokenizer)
-    _fit(tiny(5), config, tmp_path / "b", 3, tokenizer=tokenizer, checkpoint_interval=3)
-    resumed = _fit(tiny(5), config, tmp_path / "b", 6, tokenizer=tokenizer, checkpoint_interval=3,
-                   resume=tmp_path / "b" / "checkpoints" / "step-000003")
+    straight = _fit(*_policy(tiny, method), config, tmp_path / "a", 6, tokenizer=tokenizer)
+    _fit(*_policy(tiny, method), config, tmp_path / "b", 3, tokenizer=tokenizer, checkpoint_interval=3)
+    resumed = _fit(*_policy(tiny, method), config, tmp_path / "b", 6, tokenizer=tokenizer,
+                   checkpoint_interval=3, resume=tmp_path / "b" / "checkpoints" / "step-000003")
+    assert straight.history[-1]["kl"] > 0  # the policy left the reference
     losses = [r["loss"] for r in straight.history]
     assert [r["loss"] for r in resumed.history] == losses
     assert len(set(losses)) > 1
     state = json.loads((tmp_path / "b/checkpoints/step-000003/trainer_state/state.json").read_text())
     assert state["data"]["round"] == 1 and state["data"]["served"] == 2  # mid-buffer, buffer saved
     assert state["data"]["buffer"] is not None
+    adapter = (tmp_path / "b/checkpoints/step-000003/adapter_config.json").is_file()
+    assert adapter == (method == "lora")  # a LoRA run checkpoints only its adapter, a PEFT folder
 
 
 def test_config_is_checked():
