@@ -179,7 +179,7 @@ def read_preferences(path: str | Path, limit: int | None = None) -> list[Example
         try:
             example = example_from_row(row)
             if examples and type(example) is not type(examples[0]):
-                raise ValueError(f"a {_kind(example)} row in a file of {_kind(examples[0])} rows")
+                raise ValueError(f"this row is {_kind(example)}, the rows before it {_kind(examples[0])}")
             if examples and _is_chat(example) != _is_chat(examples[0]):
                 raise ValueError("a file mixes string rows and conversational rows")
         except ValueError as err:
