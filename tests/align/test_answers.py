@@ -38,6 +38,7 @@ from lmforge.align.answers import (
     ("The answer is $\\frac{3}{4}$.", r"\frac{3}{4}"),
     ("The answer is 4\\!\\,000", "4000"),
     ("Answer: (C)", "(C)"),
+    ("Answer: let me think about it. 3 + 4 = 7", "7"),  # prose after "Answer:": the last number
     # no marker: the last number, negatives and fractions included, not an operator's minus sign
     ("First 3 apples, then 4, so 12 in all.", "12"),
     ("5-3=2", "2"),

@@ -10,7 +10,8 @@ from lmforge.align.tasks import (
     ReasoningGymTask,
     TaskError,
     get_task,
-    split_of_question,
+    problem_identity,
+    split_of,
 )
 
 
@@ -23,10 +24,12 @@ def test_held_out_problems_are_never_in_a_train_split(name):
     assert {p.id for p in train}.isdisjoint(p.id for p in test)
     assert all(p.metadata["key"] < 2**31 for p in train)
     assert all(2**31 <= p.metadata["key"] < 2**32 for p in test)
-    # the question texts: each split holds only its own side of the hash
+    # the problems themselves: each split holds only its own side of the hash, by question and by identity
     assert {p.question for p in train}.isdisjoint(p.question for p in test)
-    assert {split_of_question(p.question) for p in train} == {"train"}
-    assert {split_of_question(p.question) for p in test} == {"test"}
+    identities = [{problem_identity(p.metadata["entry"]) for p in side} for side in (train, test)]
+    assert identities[0].isdisjoint(identities[1])
+    assert {split_of(i) for i in identities[0]} == {"train"}
+    assert {split_of(i) for i in identities[1]} == {"test"}
 
 
 def test_a_small_problem_space_still_keeps_the_splits_apart():
@@ -43,11 +46,29 @@ def test_a_small_problem_space_still_keeps_the_splits_apart():
         task.problems("test", 60, seed=0)  # the test side has about 200 / HOLDOUT_EVERY questions
 
 
-def test_about_one_question_in_holdout_every_is_held_out():
-    task = get_task("basic_arithmetic")
-    questions = {task.entry(key)["question"] for key in range(3000)}
-    share = sum(split_of_question(q) == "test" for q in questions) / len(questions)
-    assert abs(share - 1 / HOLDOUT_EVERY) < 0.02
+def test_two_phrasings_of_one_sum_are_one_problem():
+    """basic_arithmetic's natural style asks "What is X?" or "Compute X.": the expression decides."""
+    natural = get_task("basic_arithmetic", format_style="natural", min_terms=2, max_terms=2, max_digits=1,
+                       allow_parentheses=False)
+    test = natural.problems("test", 10, seed=0)
+    train = natural.problems("train", 120, seed=0)
+    expressions = [{p.metadata["entry"]["metadata"]["expression"] for p in side} for side in (train, test)]
+    assert expressions[0].isdisjoint(expressions[1])
+    assert len(expressions[0]) == 120  # one phrasing of each sum per split
+    phrasings = {}
+    for key in range(3000):  # the generator does phrase one sum in several ways
+        entry = natural.entry(key)
+        phrasings.setdefault(entry["metadata"]["expression"], set()).add(entry["question"])
+    assert max(len(q) for q in phrasings.values()) > 1
+    assert problem_identity({"question": "What is 3 + 4?", "metadata": {"expression": "3 + 4"}}) == \
+        problem_identity({"question": "Compute 3+4.", "metadata": {"expression": "3+4"}})
+
+
+def test_about_one_problem_in_holdout_every_is_held_out():
+    task = get_task("gsm_symbolic")
+    identities = {problem_identity(task.entry(key)) for key in range(2000)}
+    share = sum(split_of(i) == "test" for i in identities) / len(identities)
+    assert abs(share - 1 / HOLDOUT_EVERY) < 0.025
 
 
 def test_problems_are_reproducible_and_seeds_differ():

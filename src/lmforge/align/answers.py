@@ -105,7 +105,10 @@ def _last_stated(text: str) -> str | None:
     if parse_number(value) is not None or "$" in value or "\\" in value:
         return value
     leading = _NUMBER.match(value.strip())  # "42 because 6 x 7 = 42": the number it opens with
-    return leading.group(0) if leading else value
+    if leading:
+        return leading.group(0)
+    # a short word answer ("(C)", "yes") stands; "Answer: let me think ..." is prose, not an answer
+    return value if len(value.split()) <= 3 else None
 
 
 # a number as written in prose: -1,234.5 or 3/4 or 0.25 (not the "3" of "x3" or of "5-3" 's minus sign)

@@ -16,11 +16,13 @@ all need the same three things, which a `Task` gives:
 
 **Held-out problems are never trained on.** A procedural task (reasoning-gym) draws a
 problem from an integer key; train keys lie in [0, 2^31), test keys in [2^31, 2^32), so
-ids never coincide. Different keys can still produce the same question ("1 + 5"), so the
-split is also decided by the question itself: a stable hash of its normalised text puts
-one question in `HOLDOUT_EVERY` on the test side, and each split keeps only its own.
-A question is therefore on one side for every seed, `n` and key, and a training run
-cannot meet a test question, whatever it asks for. (gsm_symbolic's problems come from
+ids never coincide. Different keys can still produce the same problem ("1 + 5"), so the
+split is also decided by the problem itself: a stable hash of its identity (the
+arithmetic expression where reasoning-gym records one, so that two phrasings of one sum
+are one problem; else the question text) puts one problem in `HOLDOUT_EVERY` on the test
+side, and each split keeps only its own. A problem is therefore on one side for every
+seed, `n`, key and phrasing, and a training run cannot meet a test problem, whatever it
+asks for. (gsm_symbolic's problems come from
 GSM8K templates: a test problem is a new instance, numbers and names drawn afresh, of a
 template that training also sees.)
 
@@ -50,7 +52,7 @@ from lmforge.align.answers import answers_match, canonical_answer, extract_answe
 from lmforge.align.mmath import LANGUAGES, SOURCES, load_mmath
 
 __all__ = ["HOLDOUT_EVERY", "REASONING_GYM_TASKS", "SPLITS", "SYSTEM_PROMPT", "TASKS", "Grade", "MMathTask",
-           "Problem", "ReasoningGymTask", "Task", "TaskError", "get_task", "split_of_question"]
+           "Problem", "ReasoningGymTask", "Task", "TaskError", "get_task", "problem_identity", "split_of"]
 
 Message = dict[str, str]
 
@@ -125,11 +127,21 @@ class Task(ABC):
             raise TaskError(f"n must be a positive number of problems, got {n!r}")
 
 
-def split_of_question(question: str) -> str:
-    """"test" for one question in `HOLDOUT_EVERY` (a stable hash of its normalised text), else "train"."""
-    text = re.sub(r"\s+", " ", question).strip().casefold()
-    bucket = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") % HOLDOUT_EVERY
+def split_of(identity: str) -> str:
+    """The split a problem belongs to, from a stable hash of what identifies it (`problem_identity`):
+    "test" for one problem in `HOLDOUT_EVERY`, else "train"."""
+    bucket = int.from_bytes(hashlib.sha256(identity.encode("utf-8")).digest()[:8], "big") % HOLDOUT_EVERY
     return "test" if bucket == 0 else "train"
+
+
+def problem_identity(entry: dict[str, Any]) -> str:
+    """What makes two reasoning-gym problems the same problem: the arithmetic expression where there
+    is one (so "What is 3 + 4?" and "Compute 3+4." are one problem), else the question text;
+    whitespace and case do not count."""
+    expression = entry.get("metadata", {}).get("expression")
+    if expression:
+        return "expression:" + re.sub(r"\s+", "", str(expression))
+    return "question:" + re.sub(r"\s+", " ", entry["question"]).strip().casefold()
 
 
 # ============================================================================ reasoning-gym
@@ -167,7 +179,7 @@ class ReasoningGymTask(Task):
         low, high = _KEY_RANGE[split]
         rng = random.Random(f"{self.name}/{split}/{seed}")  # a str seed is hashed with sha512: stable
         keys: set[int] = set()
-        questions: set[str] = set()
+        identities: set[str] = set()
         problems: list[Problem] = []
         attempts = 20 * HOLDOUT_EVERY * n + 1000
         for _ in range(attempts):
@@ -176,13 +188,13 @@ class ReasoningGymTask(Task):
                 continue
             keys.add(key)
             entry = self.entry(key)
-            question = entry["question"]
-            if split_of_question(question) != split or question in questions:
+            identity = problem_identity(entry)
+            if split_of(identity) != split or identity in identities:
                 continue
-            questions.add(question)
+            identities.add(identity)
             problems.append(Problem(
-                id=f"{self.name}/{key}", question=question, answer=str(entry["answer"]),
-                prompt=chat_prompt(question),
+                id=f"{self.name}/{key}", question=entry["question"], answer=str(entry["answer"]),
+                prompt=chat_prompt(entry["question"]),
                 metadata={"task": self.name, "split": split, "key": key, "entry": entry}))
             if len(problems) == n:
                 return problems
