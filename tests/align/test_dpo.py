@@ -38,8 +38,14 @@ PAIRS = [{"prompt": f"Question {i}: is {i} even?", "chosen": " yes" if i % 2 == 
           "rejected": " no" if i % 2 == 0 else " yes, it is even" + "!" * (i % 3)} for i in range(6)]
 
 
-def pairs() -> list[PreferencePair]:
-    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in PAIRS]
+CHAT_PAIRS = [{"prompt": [{"role": "system", "content": "Answer yes or no."},
+                          {"role": "user", "content": row["prompt"]}],
+               "chosen": [{"role": "assistant", "content": row["chosen"].strip()}],
+               "rejected": [{"role": "assistant", "content": row["rejected"].strip()}]} for row in PAIRS]
+
+
+def pairs(rows: list[dict] = PAIRS) -> list[PreferencePair]:
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
 
 
 # ============================================================================ first principles
@@ -123,8 +129,11 @@ def _ours_unpadded(ids: torch.Tensor, lengths: torch.Tensor) -> list[tuple[int, 
     return sorted(tuple(row[:n].tolist()) for row, n in zip(ids, lengths.tolist(), strict=True))
 
 
-@pytest.mark.parametrize(("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.1)])
-def test_dpo_losses_equal_trls_dpo_trainer(hf, tokenizer, loss_type, label_smoothing):
+@pytest.mark.parametrize(("loss_type", "label_smoothing", "rows"), [
+    ("sigmoid", 0.0, PAIRS), ("ipo", 0.0, PAIRS), ("robust", 0.1, PAIRS),
+    ("sigmoid", 0.0, CHAT_PAIRS),  # rendered by the chat template, by trl and by us
+], ids=["sigmoid", "ipo", "robust", "sigmoid-chat"])
+def test_dpo_losses_equal_trls_dpo_trainer(hf, tokenizer, loss_type, label_smoothing, rows):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     load, hf_tokenizer, root = hf
@@ -135,13 +144,13 @@ def test_dpo_losses_equal_trls_dpo_trainer(hf, tokenizer, loss_type, label_smoot
         warnings.simplefilter("ignore")
         trainer = trl.DPOTrainer(load("policy"), ref_model=load("ref"), args=args,
                                  processing_class=hf_tokenizer,
-                                 train_dataset=datasets.Dataset.from_list(PAIRS))
+                                 train_dataset=datasets.Dataset.from_list(rows))
     trl_batch = next(iter(trainer.get_train_dataloader()))  # trl's own tokenization and collation
     trainer.model.train()  # trl files metrics by the model's mode (dropout is off in both)
     trl_loss = trainer.compute_loss(trainer.model, trl_batch).item()
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    source = PreferenceSource.from_examples(tokenizer, pairs(), 1024, shuffle=False)
+    source = PreferenceSource.from_examples(tokenizer, pairs(rows), 1024, shuffle=False)
     cache_reference_logps(source, tiny_llama(1))
     batch = source.batch(range(len(PAIRS)))
     # the same token sequences went in (trl's batch is [chosen; rejected], in its sampler's order)
