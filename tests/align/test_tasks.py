@@ -103,6 +103,9 @@ def test_grade_uses_the_extracted_answer_in_canonical_form():
     assert wrong.score == pytest.approx(len(problem.answer) / (len(problem.answer) + 1))
     nothing = task.grade(problem, "I cannot say.")
     assert (nothing.answer, nothing.score, nothing.correct) == (None, 0.0, False)
+    strict = get_task("basic_arithmetic", partial_credit=False)  # 1 or 0, as a reward may prefer
+    assert strict.grade(problem, f"\\boxed{{{gold}7}}").score == 0.0
+    assert strict.grade(problem, f"\\boxed{{{gold}}}").score == 1.0
 
 
 def test_gsm_symbolic_scores_like_reasoning_gym():

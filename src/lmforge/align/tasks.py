@@ -22,9 +22,8 @@ arithmetic expression where reasoning-gym records one, so that two phrasings of 
 are one problem; else the question text) puts one problem in `HOLDOUT_EVERY` on the test
 side, and each split keeps only its own. A problem is therefore on one side for every
 seed, `n`, key and phrasing, and a training run cannot meet a test problem, whatever it
-asks for. (gsm_symbolic's problems come from
-GSM8K templates: a test problem is a new instance, numbers and names drawn afresh, of a
-template that training also sees.)
+asks for. (gsm_symbolic's problems come from GSM8K templates: a test problem is a new
+instance, numbers and names drawn afresh, of a template that training also sees.)
 
 Tasks (`get_task(name, **options)`):
 
@@ -33,7 +32,8 @@ Tasks (`get_task(name, **options)`):
   `score_answer` on the extracted answer in canonical form ("1,200.00" -> "1200"), which
   gives 1.0 when right and, by reasoning-gym's design, partial credit when not
   (gsm_symbolic: 0.01 for any number; basic_arithmetic: len(gold)/len(answer) when the
-  answer contains the gold, e.g. 0.67 for "-12" against "12"). `Grade.correct` is score 1.0.
+  answer contains the gold, e.g. 0.67 for "-12" against "12"). `Grade.correct` is score 1.0;
+  ``partial_credit=False`` makes the score 1 or 0 (a reward that pays nothing for "-12").
 - ``mmath``: MMATH's 374 competition problems (`lmforge.align.mmath`), evaluation only;
   options ``lang`` and ``sources``; scored 1/0 by `answers_match`.
 """
@@ -57,7 +57,7 @@ __all__ = ["HOLDOUT_EVERY", "REASONING_GYM_TASKS", "SPLITS", "SYSTEM_PROMPT", "T
 Message = dict[str, str]
 
 SPLITS = ("train", "test")  # "test": the held-out problems
-HOLDOUT_EVERY = 10  # one question text in ten is held out
+HOLDOUT_EVERY = 10  # one problem in ten is held out
 SYSTEM_PROMPT = ("Solve the problem step by step. Put your final answer within \\boxed{}, "
                  "for example \\boxed{42}.")
 _KEY_RANGE = {"train": (0, 2**31), "test": (2**31, 2**32)}
@@ -151,8 +151,10 @@ REASONING_GYM_TASKS = ("gsm_symbolic", "basic_arithmetic", "chain_sum")
 class ReasoningGymTask(Task):
     """A reasoning-gym procedural dataset: problem `key` is its generator run with seed `key`."""
 
-    def __init__(self, dataset: str, *, format_weight: float = 0.0, **config: Any) -> None:
+    def __init__(self, dataset: str, *, format_weight: float = 0.0, partial_credit: bool = True,
+                 **config: Any) -> None:
         super().__init__(format_weight=format_weight)
+        self.partial_credit = partial_credit
         from reasoning_gym.factory import DATASETS, create_dataset
 
         if dataset not in DATASETS:
@@ -206,7 +208,9 @@ class ReasoningGymTask(Task):
         answer = extract_answer(completion)
         entry = problem.metadata.get("entry") or self.entry(problem.metadata["key"])
         score = float(self._scorer.score_answer(canonical_answer(answer), entry))
-        return Grade(answer=answer, score=score, correct=score >= 1.0, formatted=has_boxed_answer(completion))
+        correct = score >= 1.0
+        return Grade(answer=answer, score=score if self.partial_credit else float(correct), correct=correct,
+                     formatted=has_boxed_answer(completion))
 
 
 # ============================================================================ MMATH
