@@ -319,3 +319,30 @@ def test_dpo_steps_raise_held_out_reward_accuracy(tmp_path, seed):
     print(f"seed {seed}: held-out accuracy {after['rewards/accuracies']:.2f}, margin "
           f"{after['rewards/margins']:.2f}, loss {after['loss']:.3f} ({len(val)} pairs)")
     assert trainer.history[-1]["rewards/margins"] > trainer.history[0]["rewards/margins"]
+
+
+def test_a_dpo_run_resumed_from_its_checkpoint_ends_where_an_unbroken_run_does(tmp_path):
+    from lmforge.train.optim import OptimConfig, build_optimizer
+    from lmforge.train.trainer import TrainConfig, Trainer
+
+    tokenizer = byte_tokenizer()
+    small = dict(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+
+    def run(folder, steps: int, resume: bool = False):
+        data = PreferenceSource.from_examples(tokenizer, _rule_pairs(20, 0), 64, seed=5)
+        cache_reference_logps(data, tiny_llama(0, **small))  # recomputed by every process: the same numbers
+        model = tiny_llama(0, **small)
+        config = TrainConfig(steps=steps, batch_tokens=3 * 64, micro_batch=3, seq_len=64, eval_interval=0,
+                             checkpoint_interval=2, log_interval=100, device="cpu")
+        trainer = Trainer(model, PreferenceObjective(beta=0.2), build_optimizer(model, OptimConfig(lr=1e-2)),
+                          lambda step: 1.0, data, config, folder, quiet=True)
+        if resume:
+            trainer.resume(folder / "checkpoints" / "step-000004")
+        trainer.fit()
+        return model
+
+    whole = run(tmp_path / "whole", 9)  # 27 rows: the source wraps into its second epoch
+    run(tmp_path / "broken", 4)
+    resumed = run(tmp_path / "broken", 9, resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
