@@ -30,6 +30,8 @@ from lmforge.align.answers import (
     ("Reasoning...\n<answer>17", "17"),  # stopped at the closing tag
     ("We add 2 and 3. The answer is 5.", "5"),
     ("The answer is 3.5.", "3.5"),
+    ("The answer is 5. No wait, the answer is 6.", "6"),  # two on one line: the last
+    ("The answer is\n7", "7"),  # nothing after the marker on its line: the last number
     ("The answer is 3.50", "3.50"),
     ("The answer is $1,200.00.", "1,200.00"),
     ("Final answer: -12", "-12"),

@@ -89,17 +89,18 @@ def _last_hashes(text: str) -> str | None:
 
 
 # "The answer is 42", "Final answer: 42", "**Answer:** 42", "the answer is: 42", "Answer = 42"
-_STATED = re.compile(r"\banswer\b\s*(?:\*\*|__)?\s*(?:is\b|:|=)\s*:?\s*(?:\*\*|__)?\s*([^\n]+)",
-                     re.IGNORECASE)
+_STATED = re.compile(r"\banswer\b\s*(?:\*\*|__)?\s*(?:is\b|:|=)\s*:?\s*(?:\*\*|__)?[ \t]*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?:\s|$)")
 
 
 def _last_stated(text: str) -> str | None:
     """The value after the last "answer is / answer:", up to the end of its sentence."""
-    found = _STATED.findall(text)
+    found = list(_STATED.finditer(text))  # the markers only: two on one line are both found
     if not found:
         return None
-    value = found[-1]
+    value = text[found[-1].end():].split("\n", 1)[0]
+    if not value.strip():
+        return None
     end = _SENTENCE_END.search(value)  # "3.5." ends at the last dot; "$1,200.00" keeps its cents
     value = value[:end.start()] if end else value
     if parse_number(value) is not None or "$" in value or "\\" in value:
