@@ -210,7 +210,8 @@ class PreferenceObjective:
             return sequence_logps(self.ref_model, ids, labels).float().chunk(2)
 
     def _orpo(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Odds-ratio loss on average log-probs plus the chosen rows' NLL (all logits: it may read prompts)"""
+        """The odds-ratio loss on average log-probs, plus the chosen rows' NLL (full logits: it may cover
+        the prompt)."""
         ids, labels = _pair_inputs(batch)
         out = model(ids)
         logits = out.logits.float()

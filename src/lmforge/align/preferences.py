@@ -26,9 +26,11 @@
 6. `cache_reference_logps` runs the frozen reference model once over every example; from
    then on each batch carries its reference log-probs and training needs no second model.
 
-KTO's reference point is a KL estimate from mismatched pairs (prompt i with the completion
-of example i-1, as trl builds them): each unpaired example carries that mismatched
-completion from the start, so its reference log-prob is cached like the others.
+KTO's reference point is a KL estimate from mismatched pairs: prompt i with the completion of
+example i-1 (the first with the last's). trl rotates completions the same way within each
+chunk of a batch's size; here the rotation runs over the whole file, once, so every unpaired
+example carries its mismatched completion from the start and its reference log-prob is
+cached like the others.
 """
 
 from __future__ import annotations
@@ -552,20 +554,16 @@ def cache_reference_logps(source: PreferenceSource, ref_model: nn.Module, *, row
     was_training = ref_model.training
     ref_model.eval()
     out = np.zeros((len(source), 2), dtype=np.float32)
-    saved, source.reference_logps = source.reference_logps, None
+    second = "rejected" if source.paired else "kl"
     try:
         for begin in range(0, len(source), rows):
             indices = range(begin, min(begin + rows, len(source)))
             batch = source.batch(indices).to(device)
-            second = "rejected" if source.paired else "kl"
-            ids = torch.cat([batch.input_ids, batch.extras[f"{second}_ids"]])
+            ids = torch.cat([batch.input_ids, batch.extras[f"{second}_ids"]])  # both sides in one forward
             labels = torch.cat([batch.labels, batch.extras[f"{second}_labels"]])
             logps = sequence_logps(ref_model, ids, labels).float().cpu().numpy()
             n = len(indices)
             out[begin:begin + n, 0], out[begin:begin + n, 1] = logps[:n], logps[n:]
-    except BaseException:
-        source.reference_logps = saved
-        raise
     finally:
         ref_model.train(was_training)
     source.set_reference_logps(out)
