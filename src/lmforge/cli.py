@@ -311,6 +311,7 @@ INTERRUPT_HINTS = {
     "demo": "rerun `lmforge demo` to continue: finished stages are reused",
     "export": "nothing half-written was left",
     "finetune": "rerun the same command to resume from the newest checkpoint",
+    "align": "rerun the same command to resume from the newest checkpoint",
 }
 
 
@@ -381,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--quiet", "-q", action="store_true", help="no fetch messages on stderr")
     samples.set_defaults(func=cmd_samples)
 
+    from lmforge.align.cli import register as register_align
     from lmforge.data.cli import register as register_data
     from lmforge.data.crawl import register as register_crawl
     from lmforge.demo import register as register_demo
@@ -396,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_pretrain(sub)
     register_scaling(sub)
     register_finetune(sub)
+    register_align(sub)
     register_serve(sub)
     register_demo(sub)
     return parser

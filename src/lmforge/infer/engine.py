@@ -166,6 +166,14 @@ class _Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
+def _vocabulary_bytes(tokenizer) -> Callable[[int], bytes]:
+    """The tokenizer's bytes of a token, and b"" for ids past its vocabulary: models often pad
+    their embedding matrix beyond the tokenizer (to a multiple of 64, say), and a sampled
+    (or untrained) model can draw those rows, which then print as nothing."""
+    size = tokenizer.vocab_size
+    return lambda token: tokenizer.token_bytes(token) if token < size else b""
+
+
 class Engine:
     """Continuous-batching generation over one model.
 
@@ -194,7 +202,7 @@ class Engine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.token_bytes = token_bytes or (tokenizer.token_bytes if tokenizer is not None else None)
+        self.token_bytes = token_bytes or (_vocabulary_bytes(tokenizer) if tokenizer is not None else None)
         self.runner = ModelRunner(model)
         self.context = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_batch_size = max_batch_size

@@ -194,7 +194,7 @@ def finetune(config: FinetuneConfig, *, quiet: bool = False) -> dict[str, Any]:
               + (f"  held out: {val_data.stats.describe()}" if val_data else "  held out: none"),
               file=sys.stderr, flush=True)
     summary = trainer.fit()
-    summary.update(_write_outputs(model, config, tokenizer, output))
+    summary.update(write_outputs(model, config, tokenizer, output))
     stored, fp32 = base_weight_bytes(model)
     summary.update(method=config.method, trainable_parameters=trainable, parameters=total,
                    peak_rss_mb=round(peak_rss_mb(), 1), train_examples=train_data.stats.examples,
@@ -207,7 +207,7 @@ def finetune(config: FinetuneConfig, *, quiet: bool = False) -> dict[str, Any]:
     return summary
 
 
-def _write_outputs(model: nn.Module, config: FinetuneConfig, tokenizer: Any, output: Path) -> dict[str, str]:
+def write_outputs(model: nn.Module, config: FinetuneConfig, tokenizer: Any, output: Path) -> dict[str, str]:
     """The final adapter or model folder, and with `merge` the merged checkpoint."""
     from lmforge.model.checkpoint import save_checkpoint
 
