@@ -103,14 +103,19 @@ def _config(seed: int = 0, **overrides) -> GRPOConfig:
     return GRPOConfig(rollout=rollout, **overrides)
 
 
-def test_first_update_has_ratio_one_and_kl_zero(tiny, tokenizer):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_first_update_has_ratio_one_and_kl_zero(tiny, tokenizer, precision):
+    """Old, reference and new log-probs come from the same forward (bf16 autocast on both sides when
+    training in bf16), so before any update rho = 1, the clip is idle and the KL is 0."""
     policy = tiny(0)
     config = _config(beta=0.04)
+    config.rollout.precision = precision
     source = grpo_source(policy, TRAIN_PROMPTS, tokenizer.encode, digit_fraction, config, tokenizer=tokenizer,
                          rows_per_step=32)
     batch = source.next_batch(16)
     policy.train()
-    loss, metrics = GRPOObjective(config).loss(policy, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss, metrics = GRPOObjective(config).loss(policy, batch)
     assert abs(float(metrics["ratio"]) - 1) < 1e-5
     assert float(metrics["kl"]) < 1e-6 and float(metrics["clip_ratio"]) == 0.0
     assert batch.extras["advantages"].abs().sum() > 0  # there is something to learn

@@ -145,13 +145,12 @@ class GRPOPrepare:
                                "completions")
         advantages, std = group_advantages(rewards, cfg.rollout.samples_per_prompt, cfg.scale_rewards)
         ids, labels = rollouts.rows(self.pad_id)
-        t = cfg.rollout.temperature
+        r = cfg.rollout
+        options = dict(temperature=r.temperature, micro_batch=r.logprob_batch, precision=r.precision)
         extras = {"advantages": advantages, "reward": rewards, "reward_std": std,
-                  "old_logps": token_logps(self.policy, ids, labels, temperature=t,
-                                           micro_batch=cfg.rollout.logprob_batch)}
+                  "old_logps": token_logps(self.policy, ids, labels, **options)}
         if self.reference is not None:
-            extras["ref_logps"] = token_logps(self.reference, ids, labels, temperature=t,
-                                              micro_batch=cfg.rollout.logprob_batch)
+            extras["ref_logps"] = token_logps(self.reference, ids, labels, **options)
         return Batch(ids, labels, None, extras)
 
 

@@ -63,6 +63,7 @@ from lmforge.align.rollout import (
     RolloutError,
     Rollouts,
     RolloutSource,
+    autocast_for,
     disable_dropout,
     frozen_copy,
     label_logps,
@@ -233,7 +234,8 @@ class PPOPrepare:
                 rows = slice(start, start + cfg.rollout.logprob_batch)
                 lab = labels[rows].to(device)
                 mask = lab != IGNORE_INDEX
-                logits, v = model(ids[rows].to(device), logits_at=mask)
+                with autocast_for(device, cfg.rollout.precision):
+                    logits, v = model(ids[rows].to(device), logits_at=mask)
                 logps[rows][mask.cpu()] = label_logps(logits, lab[mask], cfg.rollout.temperature).cpu()
                 values[rows] = (v * mask).cpu()
         finally:
@@ -250,7 +252,7 @@ class PPOPrepare:
                                "completions")
         old_logps, old_values = self.old_logps_and_values(ids, labels)
         ref_logps = token_logps(self.reference, ids, labels, temperature=cfg.rollout.temperature,
-                                micro_batch=cfg.rollout.logprob_batch)
+                                micro_batch=cfg.rollout.logprob_batch, precision=cfg.rollout.precision)
         kl = kl_per_token(old_logps, ref_logps, cfg.kl_estimator) * mask
         non_score = -cfg.kl_coef * kl
         width = int(mask.sum(1).max())

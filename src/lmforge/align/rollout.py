@@ -33,10 +33,11 @@ chose token t+1 having seen tokens 0..t".
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,7 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)  # stop strings, besides the model's stop tokens
     max_batch_size: int = 64  # requests the engine runs at once
     logprob_batch: int = 16  # rows per no-grad forward when recomputing log-probs
+    precision: Literal["fp32", "bf16"] = "fp32"  # of that forward: set it to the training's (train.precision)
     seed: int = 0
 
     def validate(self) -> None:
@@ -129,6 +131,8 @@ class RolloutConfig:
                      "max_batch_size", "logprob_batch"):
             if getattr(self, name) < 1:
                 raise RolloutError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise RolloutError(f"rollout.precision must be fp32 or bf16, got {self.precision!r}")
         if not self.temperature > 0:
             raise RolloutError(f"rollout.temperature must be > 0 (RL needs a sampled policy), got "
                                f"{self.temperature}")
@@ -212,9 +216,17 @@ def label_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     return logp.gather(-1, targets[:, None]).squeeze(-1)
 
 
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The training loop's precision for a no-grad forward: the ratio pi/pi_old is 1 only if both
+    sides are computed alike (bf16 autocast on one side alone would start it off by rounding noise)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
-                micro_batch: int = 16) -> torch.Tensor:
+                micro_batch: int = 16, precision: str = "fp32") -> torch.Tensor:
     """Per-token log-probs [N, T] fp32 of the labels under `model` (0 where unlabelled), batched.
 
     The LM head runs only on labelled positions (`Transformer.forward(logits_at=...)`)."""
@@ -227,7 +239,8 @@ def token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
             ids = input_ids[start:start + micro_batch].to(device)
             lab = labels[start:start + micro_batch].to(device)
             mask = lab != IGNORE_INDEX
-            logits = model(ids, logits_at=mask).logits
+            with autocast_for(device, precision):
+                logits = model(ids, logits_at=mask).logits
             rows = out[start:start + micro_batch]
             rows[mask.cpu()] = label_logps(logits, lab[mask], temperature).cpu()
     finally:
