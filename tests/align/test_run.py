@@ -7,13 +7,14 @@ import json
 import math
 
 import pytest
+from tests.align.conftest import save_hf_folder, tiny_llama
 
 from lmforge.align.reward import is_reward_folder
 from lmforge.cli import main
-from tests.align.conftest import save_hf_folder, tiny_llama
 
-TINY_TRAIN = ["--train.seq_len=128", "--train.batch_tokens=512", "--train.micro_batch=4", "--train.eval_interval=0",
-              "--train.log_interval=1", "--train.checkpoint_interval=2", "--data.eval_problems=0"]
+TINY_TRAIN = ["--train.seq_len=128", "--train.batch_tokens=512", "--train.micro_batch=4",
+              "--train.eval_interval=0", "--train.log_interval=1", "--train.checkpoint_interval=2",
+              "--data.eval_problems=0"]
 
 
 @pytest.fixture
@@ -50,7 +51,8 @@ def test_dpo_trains_an_adapter_from_ln2_and_resumes(model_folder, tmp_path, caps
 
 
 def test_kto_reads_labelled_rows_and_refuses_pairs(model_folder, tmp_path, capsys):
-    rows = [{"prompt": f"Q{i}: ", "completion": "yes" if i % 2 else "no", "label": bool(i % 2)} for i in range(24)]
+    rows = [{"prompt": f"Q{i}: ", "completion": "yes" if i % 2 else "no", "label": bool(i % 2)}
+            for i in range(24)]
     data = tmp_path / "kto.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = _run(["kto", "--model", str(model_folder), "--data", str(data), "-o", str(tmp_path / "kto"),
@@ -63,8 +65,9 @@ def test_kto_reads_labelled_rows_and_refuses_pairs(model_folder, tmp_path, capsy
 
 def test_reward_writes_a_classifier_folder_with_held_out_accuracy(model_folder, tmp_path, capsys):
     out = tmp_path / "rm"
-    summary = _run(["reward", "--model", str(model_folder), "--data", str(_pairs_file(tmp_path)), "-o", str(out),
-                    *TINY_TRAIN, "--train.steps=3", "--optim.lr=1e-3", "--data.val_fraction=0.25"], capsys)
+    summary = _run(["reward", "--model", str(model_folder), "--data", str(_pairs_file(tmp_path)),
+                    "-o", str(out), *TINY_TRAIN, "--train.steps=3", "--optim.lr=1e-3",
+                    "--data.val_fraction=0.25"], capsys)
     assert is_reward_folder(out / "model")
     assert 0.0 <= summary["val_accuracy_before"] <= 1.0 and 0.0 <= summary["val_accuracy"] <= 1.0
 
@@ -75,8 +78,9 @@ def test_rl_on_a_task_measures_held_out_pass_at_1(algorithm, model_folder, tmp_p
     rollout = f"--{algorithm}.rollout"
     summary = _run([algorithm, "--model", str(model_folder), "--data", "basic_arithmetic", "-o", str(out),
                     *TINY_TRAIN, "--train.steps=1", "--data.train_problems=8", "--data.eval_problems=4",
-                    "--data.eval_max_tokens=8", f"{rollout}.samples_per_prompt=2", f"{rollout}.prompts_per_rollout=2",
-                    f"{rollout}.max_new_tokens=8", "--method=full"], capsys)
+                    "--data.eval_max_tokens=8", f"{rollout}.samples_per_prompt=2",
+                    f"{rollout}.prompts_per_rollout=2", f"{rollout}.max_new_tokens=8", "--method=full"],
+                   capsys)
     # a random model gets nothing right; the numbers are measured, not assumed
     assert summary["pass_at_1_before"] == 0.0 and summary["pass_at_1_after"] == 0.0
     assert summary["eval_task"] == "basic_arithmetic" and summary["eval_problems"] == 4

@@ -54,6 +54,7 @@ class AlignDataConfig:
     source: str = ""  # preference file/sample (reward, dpo, kto), a task (grpo, ppo), or onpolicy:TASK (dpo)
     limit: int | None = None  # use only the first N examples of a preference file
     val_fraction: float = 0.1  # preference data held out, by a hash of the prompt
+    task_options: dict[str, Any] = field(default_factory=dict)  # the task's settings (min_terms, ...)
     train_problems: int = 256  # task problems drawn from its train split (grpo, ppo, onpolicy)
     eval_problems: int = 64  # held-out task problems for pass@1 before and after (0: skip)
     eval_max_tokens: int = 128
@@ -143,6 +144,8 @@ def _validate(config: AlignConfig) -> None:
         raise ConfigKeyError(f"data.source {config.data.source!r}: on-policy pairs are for dpo only")
     if config.reward_model and config.algorithm not in ("grpo", "ppo"):
         raise ConfigKeyError("reward_model is for grpo and ppo (the reward of a rollout)")
+    # the old-policy log-probs must come from the same computation as training's, bf16 included
+    config.grpo.rollout.precision = config.ppo.rollout.precision = config.train.precision
     config.schedule.validate()
     config.train.accumulation()
 
@@ -188,7 +191,8 @@ def _say(quiet: bool, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _finish(config: AlignConfig, summary: dict[str, Any], trained: nn.Module, **fields: Any) -> dict[str, Any]:
+def _finish(config: AlignConfig, summary: dict[str, Any], trained: nn.Module, **fields: Any
+            ) -> dict[str, Any]:
     trainable, total = parameter_counts(trained)
     summary.update(algorithm=config.algorithm, method=config.method, trainable_parameters=trainable,
                    parameters=total, peak_rss_mb=round(peak_rss_mb(), 1), **fields)
@@ -260,7 +264,7 @@ def _align_preferences(config: AlignConfig, model: nn.Module, tokenizer: Any, st
         from lmforge.align.onpolicy import onpolicy_pairs
         from lmforge.align.tasks import get_task
 
-        task = get_task(config.data.source.removeprefix(ONPOLICY))
+        task = get_task(config.data.source.removeprefix(ONPOLICY), **config.data.task_options)
         problems = task.problems("train", config.data.train_problems, config.seed)
         examples, made = onpolicy_pairs(model, tokenizer, task, problems,
                                         samples=config.data.onpolicy_samples,
@@ -315,7 +319,7 @@ def _align_rl(config: AlignConfig, model: nn.Module, tokenizer: Any, stop_ids: l
     from lmforge.align.rollout import per_item
     from lmforge.align.tasks import get_task
 
-    task = get_task(config.data.source)
+    task = get_task(config.data.source, **config.data.task_options)
     problems = task.problems("train", config.data.train_problems, config.seed)
     reward_fn, reward_name = per_item(task.reward), f"{task.name}'s checker"
     if config.reward_model:
@@ -382,7 +386,7 @@ def _task_eval(config: AlignConfig, model: nn.Module, tokenizer: Any, quiet: boo
         return None
     if when == "before" and resume_point(config.resume, config.output) is not None:
         return None  # a resumed run measured its "before" when it started
-    task = get_task(name)
+    task = get_task(name, **config.data.task_options)
     problems = task.problems("test", config.data.eval_problems, config.seed)
     result = pass_at_1(sampling_model(model), tokenizer, task, problems,
                        max_tokens=config.data.eval_max_tokens)
