@@ -191,3 +191,16 @@ def test_engine_batch_on_smollm2_equals_transformers_greedy(smollm2, hf_smollm2)
                                        eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         assert result.token_ids == expected
     assert "Paris" in results[0].text
+
+
+def test_ids_past_the_tokenizers_vocabulary_print_as_nothing(tiny):
+    # models pad their embedding beyond the tokenizer (SmolLM2's 49,152 rows, GPT-2's 50,257
+    # padded to 50,304): a sampled model can draw those ids, which have no bytes
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer.pretokenize import GPT2_PATTERN
+
+    tokenizer = Tokenizer.from_tiktoken({bytes([97 + i]): i for i in range(26)}, GPT2_PATTERN, {})
+    model = tiny()  # 97 ids, 26 of them known to the tokenizer
+    [result] = Engine(model, tokenizer).complete([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=10))
+    assert any(t >= 26 for t in result.token_ids), "the test needs a reply with unknown ids"
+    assert result.text == "".join(chr(97 + t) for t in result.token_ids if t < 26)

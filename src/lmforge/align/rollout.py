@@ -185,7 +185,7 @@ def sample_rollouts(policy: nn.Module, prompts: Sequence[Any], prompt_ids: Seque
     model = sampling_model(policy)
     requests = [list(p) for p in prompt_ids for _ in range(k)]
     engine = Engine(model, tokenizer, max_batch_size=min(len(requests), config.max_batch_size),
-                    stop_ids=stop_ids, token_bytes=_token_bytes(tokenizer))
+                    stop_ids=stop_ids)
     params = [SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                              seed=int(s), max_tokens=config.max_new_tokens, stop=tuple(config.stop))
               for s in seeds]
@@ -198,15 +198,6 @@ def sample_rollouts(policy: nn.Module, prompts: Sequence[Any], prompt_ids: Seque
     return Rollouts(prompts=[p for p in prompts for _ in range(k)], prompt_ids=requests,
                     completion_ids=[c.token_ids for c in done], texts=[c.text for c in done],
                     finish_reasons=[c.finish_reason or "length" for c in done], seconds=seconds)
-
-
-def _token_bytes(tokenizer: Any) -> Callable[[int], bytes] | None:
-    """The tokenizer's bytes of a token; b"" for ids past its vocabulary (models often pad the
-    embedding matrix, and a sampled policy can draw those rows)."""
-    if tokenizer is None:
-        return None
-    size = tokenizer.vocab_size
-    return lambda token: tokenizer.token_bytes(token) if token < size else b""
 
 
 # ---------------------------------------------------------------------------------- log-probabilities
