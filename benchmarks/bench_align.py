@@ -271,11 +271,11 @@ def run_lmforge_dpo(folder: Path, recipe: SFTRecipe, settings: DPOSettings, rows
 
     loaded = load_model(folder)
     model, tokenizer = loaded.model, loaded.tokenizer
+    started = time.perf_counter()
     examples = [example_from_row(r) for r in rows]
     source = PreferenceSource.from_examples(tokenizer, examples, settings.max_length, shuffle=False)
-    started = time.perf_counter()
     cache_reference_logps(source, model, rows=settings.rows)
-    reference_seconds = time.perf_counter() - started
+    prepare_seconds = time.perf_counter() - started  # tokenization and the reference pass
     digests = [lmforge_batch_digests(source.batch(range(i * settings.rows, (i + 1) * settings.rows)))
                for i in range(recipe.steps)]
     optimizer, lr_factor = lmforge_recipe(model, recipe, init)
@@ -297,7 +297,7 @@ def run_lmforge_dpo(folder: Path, recipe: SFTRecipe, settings: DPOSettings, rows
         chosen.append(record["logps/chosen"])
         rejected.append(record["logps/rejected"])
     return {"trainable_parameters": trainable, "parameters": total, "losses": losses, "logps_chosen": chosen,
-            "logps_rejected": rejected, "step_seconds": seconds, "reference_seconds": reference_seconds,
+            "logps_rejected": rejected, "step_seconds": seconds, "prepare_seconds": prepare_seconds,
             "digests": digests, "pairs": len(source), "stats": source.stats.describe()}
 
 
@@ -350,7 +350,7 @@ def run_trl_dpo(folder: Path, recipe: SFTRecipe, settings: DPOSettings, rows: li
     trainer = RecordingDPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer,
                                   train_dataset=datasets.Dataset.from_list(rows),
                                   optimizers=(optimizer, scheduler), callbacks=[clock])
-    setup_seconds = time.perf_counter() - started  # tokenization and the reference pass
+    prepare_seconds = time.perf_counter() - started  # tokenization and the reference pass
     loader = iter(trainer.get_train_dataloader())
     digests = [trl_batch_digests(next(loader)) for _ in range(recipe.steps)]
     trainer.train()
@@ -358,7 +358,7 @@ def run_trl_dpo(folder: Path, recipe: SFTRecipe, settings: DPOSettings, rows: li
             "losses": [float(x) for x in trainer.losses], "logps_chosen": trainer.logps["logps/chosen"],
             "logps_rejected": trainer.logps["logps/rejected"],
             "step_seconds": [b - a for a, b in zip(clock.marks, clock.marks[1:])],
-            "reference_seconds": setup_seconds, "digests": digests, "pairs": len(trainer.train_dataset)}
+            "prepare_seconds": prepare_seconds, "digests": digests, "pairs": len(trainer.train_dataset)}
 
 
 DPO_RUNNERS = {"lmforge": run_lmforge_dpo, "trl": run_trl_dpo}
@@ -519,8 +519,9 @@ def dpo_part(args: argparse.Namespace, work: Path, loaded: Any) -> dict[str, Any
             r = runs[tool] = spawn(args, work, f"dpo:{tool}:{method}")
             timed = r["step_seconds"][args.skip:]
             print(f"  {method:<4} {LABELS[tool]:<16} step median {statistics.median(timed):6.2f} s (best "
-                  f"{min(timed):.2f}, worst {max(timed):.2f}); reference pass {r['reference_seconds']:.1f} "
-                  f"s; losses {', '.join(f'{x:.5f}' for x in r['losses'])}; {r['trainable_parameters']:,} "
+                  f"{min(timed):.2f}, worst {max(timed):.2f}); tokenization + reference pass "
+                  f"{r['prepare_seconds']:.1f} s; losses {', '.join(f'{x:.5f}' for x in r['losses'])}; "
+                  f"{r['trainable_parameters']:,} "
                   f"trainable; peak RSS {r['peak_rss_mb']:,.0f} MB (load {r['load_before']:.1f})", flush=True)
         checks = compare_dpo(runs["lmforge"], runs["trl"])
         medians = {tool: statistics.median(runs[tool]["step_seconds"][args.skip:]) for tool in DPO_TOOLS}
