@@ -387,7 +387,7 @@ def _task_eval(config: AlignConfig, model: nn.Module, tokenizer: Any, quiet: boo
     if when == "before" and resume_point(config.resume, config.output) is not None:
         return None  # a resumed run measured its "before" when it started
     task = get_task(name, **config.data.task_options)
-    problems = task.problems("test", config.data.eval_problems, config.seed)
+    problems = task.problems("test", config.data.eval_problems, 0)  # the same for every training seed
     result = pass_at_1(sampling_model(model), tokenizer, task, problems,
                        max_tokens=config.data.eval_max_tokens)
     _say(quiet, f"align: held-out {name} pass@1 {when}: {result.accuracies[0]:.3f} "
