@@ -46,8 +46,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.formats.strictjson import JSONInputError, parse_json, read_json
 from lmforge.train.batch import IGNORE_INDEX, Batch
+from lmforge.tune.datasets import json_rows
+from lmforge.tune.sft_data import hash_split
 
 __all__ = ["EncodedCompletion", "EncodedPair", "LabelledCompletion", "PreferenceDataError", "PreferencePair",
            "PreferenceSource", "PreferenceStats", "cache_reference_logps", "encode_completion", "encode_pair",
@@ -177,7 +178,7 @@ def read_preferences(path: str | Path, limit: int | None = None) -> list[Example
     """The examples of a JSONL file (one row a line) or a ``.json`` list: all pairs or all unpaired."""
     path = Path(path)
     examples: list[Example] = []
-    for where, row in _rows(path):
+    for where, row in json_rows(path, PreferenceDataError):
         try:
             example = example_from_row(row)
             if examples and type(example) is not type(examples[0]):
@@ -202,31 +203,6 @@ def _is_chat(example: Example) -> bool:
     return isinstance(example.prompt, list)
 
 
-def _rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, row) for each row, `where` being "file:line" or "file: row N"."""
-    try:
-        if path.suffix.lower() == ".json":
-            data = read_json(path)
-            if not isinstance(data, list):
-                raise PreferenceDataError(f"{path}: a .json file must hold a list of rows (JSONL: one row a "
-                                          f"line), not a {type(data).__name__}")
-            for i, row in enumerate(data):
-                yield f"{path}: row {i}", row
-            return
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, start=1):
-                if line := line.strip():
-                    yield f"{path}:{number}", parse_json(line, f"{path}:{number}")
-    except JSONInputError as err:
-        raise PreferenceDataError(str(err)) from None
-    except UnicodeDecodeError as err:
-        raise PreferenceDataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except IsADirectoryError:
-        raise PreferenceDataError(f"{path} is a folder; give a .jsonl or .json file") from None
-    except OSError as err:
-        raise PreferenceDataError(f"{path}: cannot read it ({err.strerror or err})") from None
-
-
 def load_preferences(spec: str | Path, limit: int | None = None, *, quiet: bool = False) -> list[Example]:
     """Examples from a file or a named sample (`lmforge.align.champ.PREFERENCE_SAMPLES`); a file wins."""
     from lmforge.align.champ import PREFERENCE_SAMPLES, preference_sample_path
@@ -247,22 +223,9 @@ def _prompt_key(example: Example) -> str:
 
 def split_preferences(examples: Sequence[Example], val_fraction: float, seed: int = 0
                       ) -> tuple[list[Example], list[Example]]:
-    """(train, val): an example goes to val when a hash of (seed, its prompt) falls under `val_fraction`.
-
-    Stable across runs and machines; all pairs about one prompt land together, so a prompt
-    seen in training is never scored as held out. If all fell in val, the first one trains.
-    """
-    if not 0 <= val_fraction < 1:
-        raise PreferenceDataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    train: list[Example] = []
-    val: list[Example] = []
-    for example in examples:
-        key = f"{seed}\0{_prompt_key(example)}".encode()
-        draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64
-        (val if draw < val_fraction else train).append(example)
-    if not train and val:
-        train.append(val.pop(0))
-    return train, val
+    """(train, val) by a hash of (seed, the prompt) (`hash_split`): all pairs about one prompt
+    land together, so a prompt seen in training is never scored as held out."""
+    return hash_split(examples, _prompt_key, val_fraction, seed, error=PreferenceDataError)
 
 
 # ============================================================================ 2-3. tokens

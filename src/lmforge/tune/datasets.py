@@ -140,7 +140,7 @@ def read_conversations(path: str | Path, limit: int | None = None) -> list[Conve
     if limit is not None and limit < 1:
         raise SFTDataError(f"limit must be at least 1, got {limit}")
     conversations: list[Conversation] = []
-    for where, row in _rows(path):
+    for where, row in json_rows(path):
         try:
             conversations.append(conversation_from_row(row))
         except ValueError as err:
@@ -152,14 +152,15 @@ def read_conversations(path: str | Path, limit: int | None = None) -> list[Conve
     return conversations
 
 
-def _rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, row) for each row of the file, `where` being "file:line" or "file: row N"."""
+def json_rows(path: Path, error: type[Exception] = SFTDataError) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a JSONL file or a .json list, `where` being "file:line" or
+    "file: row N"; anything unreadable is an `error` naming the file (and line)."""
     try:
         if path.suffix.lower() == ".json":
             data = read_json(path)
             if not isinstance(data, list):
-                raise SFTDataError(f"{path}: a .json file must hold a list of rows (JSONL: one row a line), "
-                                   f"not a {type(data).__name__}")
+                raise error(f"{path}: a .json file must hold a list of rows (JSONL: one row a line), "
+                            f"not a {type(data).__name__}")
             for i, row in enumerate(data):
                 yield f"{path}: row {i}", row
             return
@@ -168,13 +169,13 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
                 if line := line.strip():
                     yield f"{path}:{number}", parse_json(line, f"{path}:{number}")
     except JSONInputError as err:
-        raise SFTDataError(str(err)) from None
+        raise error(str(err)) from None
     except UnicodeDecodeError as err:
-        raise SFTDataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except IsADirectoryError:
-        raise SFTDataError(f"{path} is a folder; give a .jsonl or .json file") from None
+        raise error(f"{path} is a folder; give a .jsonl or .json file") from None
     except OSError as err:
-        raise SFTDataError(f"{path}: cannot read it ({err.strerror or err})") from None
+        raise error(f"{path}: cannot read it ({err.strerror or err})") from None
 
 
 def load_conversations(spec: str | Path, limit: int | None = None, *,

@@ -24,15 +24,17 @@ assistant's replies only, packed into rows without attention between examples.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from lmforge.train.batch import IGNORE_INDEX, Batch
 from lmforge.tune.datasets import SFTDataError
+
+T = TypeVar("T")
 
 __all__ = ["PackedSFT", "SFTDataError", "SFTExample", "SFTStats", "encode_example", "encode_examples",
            "pack_first_fit", "split_examples"]
@@ -91,25 +93,30 @@ def conversation_text(messages: Conversation) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-def split_examples(conversations: Sequence[Conversation], val_fraction: float, seed: int = 0
-                   ) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, val): each conversation goes to val when a hash of (seed, its text) falls under `val_fraction`.
+def hash_split(items: Sequence[T], key: Callable[[T], str], val_fraction: float, seed: int = 0, *,
+               error: type[Exception] = SFTDataError) -> tuple[list[T], list[T]]:
+    """(train, val): an item goes to val when a hash of (seed, key(item)) falls under `val_fraction`.
 
-    Like `data.shards.is_validation`: stable across runs and machines, and duplicates land
-    together, so a repeated conversation cannot leak from training into validation. If
-    every conversation fell in val, the first one trains instead.
+    Like `data.shards.is_validation`: stable across runs and machines, and items with one
+    key land together, so a repeated example cannot leak from training into validation. If
+    every item fell in val, the first one trains instead.
     """
     if not 0 <= val_fraction < 1:
-        raise SFTDataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    train: list[Conversation] = []
-    val: list[Conversation] = []
-    for messages in conversations:
-        key = f"{seed}\0{conversation_text(messages)}".encode()
-        draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64
-        (val if draw < val_fraction else train).append(messages)
+        raise error(f"val_fraction must be in [0, 1), got {val_fraction}")
+    train: list[T] = []
+    val: list[T] = []
+    for item in items:
+        digest = hashlib.blake2b(f"{seed}\0{key(item)}".encode(), digest_size=8).digest()
+        (val if int.from_bytes(digest, "little") / 2**64 < val_fraction else train).append(item)
     if not train and val:
         train.append(val.pop(0))
     return train, val
+
+
+def split_examples(conversations: Sequence[Conversation], val_fraction: float, seed: int = 0
+                   ) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, val) of conversations, by a hash of each one's text (`hash_split`)."""
+    return hash_split(conversations, conversation_text, val_fraction, seed)
 
 
 # ============================================================================ 4. packing
