@@ -25,7 +25,9 @@ memory, caches or thread pools:
      training) + the one `Trainer` with `PreferenceObjective`, one `train_step` at a time.
    - trl: `DPOTrainer`'s own loop (`train()`), `precompute_ref_log_probs=True` (its
      reference pass, also once before training), `bf16=False` (transformers turns bf16
-     autocast on by default on CPUs that have it), no logging, saving or evaluation.
+     autocast on by default on CPUs that have it), `gradient_checkpointing=False` (DPOConfig
+     turns it on by default; lmforge does not recompute activations), no logging, saving or
+     evaluation.
    The recipe is bench_finetune's `SFTRecipe`, shared: AdamW (torch's fused kernel) with
    betas (0.9, 0.999), eps 1e-8, no weight decay, a constant lr, gradients clipped at 1.0;
    `--method lora`: r=16, alpha=32, all linear layers of the blocks, dropout 0, the same
@@ -316,6 +318,9 @@ def run_trl_dpo(folder: Path, recipe: SFTRecipe, settings: DPOSettings, rows: li
         output_dir=str(run_dir), per_device_train_batch_size=settings.rows, gradient_accumulation_steps=1,
         max_steps=recipe.steps, max_length=settings.max_length, beta=settings.beta, loss_type=["sigmoid"],
         precompute_ref_log_probs=True, precompute_ref_batch_size=settings.rows, learning_rate=recipe.lr,
+        # DPOConfig's default is True (TrainingArguments' is False): recomputing activations in the
+        # backward halves the memory for about a third more compute; lmforge does not checkpoint
+        gradient_checkpointing=False,
         max_grad_norm=recipe.grad_clip, bf16=False, use_cpu=True, train_sampling_strategy="sequential",
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], dataloader_num_workers=0,
         dataloader_pin_memory=False, disable_tqdm=True, seed=recipe.seed)
