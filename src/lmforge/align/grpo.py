@@ -49,8 +49,8 @@ from lmforge.align.rollout import (
     RolloutSource,
     disable_dropout,
     frozen_copy,
-    label_logps,
     masked_mean,
+    position_logps,
     token_logps,
 )
 from lmforge.train.batch import IGNORE_INDEX, Batch
@@ -166,8 +166,7 @@ class GRPOObjective:
         mask = batch.labels != IGNORE_INDEX
         temperature = cfg.rollout.temperature
         logits = model(batch.input_ids, logits_at=mask).logits
-        logps = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        logps = logps.masked_scatter(mask, label_logps(logits, batch.labels[mask], temperature))
+        logps = position_logps(logits, batch.labels, mask, temperature)
         advantages = x["advantages"].float()[:, None].expand_as(logps)
         eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
         per_token, ratio, active = clipped_surrogate(logps, x["old_logps"], advantages, cfg.epsilon, eps_high)

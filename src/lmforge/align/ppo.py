@@ -68,6 +68,7 @@ from lmforge.align.rollout import (
     frozen_copy,
     label_logps,
     masked_mean,
+    position_logps,
     token_logps,
 )
 from lmforge.formats.safetensors_reader import load_tensors
@@ -284,8 +285,7 @@ class PPOObjective:
         mask = batch.labels != IGNORE_INDEX
         m = mask.float()
         logits, values = model(batch.input_ids, logits_at=mask)
-        logps = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        logps = logps.masked_scatter(mask, label_logps(logits, batch.labels[mask], cfg.rollout.temperature))
+        logps = position_logps(logits, batch.labels, mask, cfg.rollout.temperature)
         pg, ratio, pg_clipped = clipped_surrogate(logps, x["old_logps"], x["advantages"], cfg.cliprange,
                                                   cfg.cliprange)
         vf, vf_clipped = value_loss(values, x["old_values"], x["returns"], cfg.cliprange_value)

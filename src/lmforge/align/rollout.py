@@ -207,6 +207,13 @@ def label_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     return logp.gather(-1, targets[:, None]).squeeze(-1)
 
 
+def position_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Per-position log-probs [B, T] from logits computed at `mask` only (`logits_at=mask`); 0 elsewhere."""
+    logps = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return logps.masked_scatter(mask, label_logps(logits, labels[mask], temperature))
+
+
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The training loop's precision for a no-grad forward: the ratio pi/pi_old is 1 only if both
     sides are computed alike (bf16 autocast on one side alone would start it off by rounding noise)."""
