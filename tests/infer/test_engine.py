@@ -138,6 +138,47 @@ def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(tiny):
     assert len(unseeded) > 1
 
 
+@pytest.mark.parametrize("cache", ["static", "paged"])
+def test_requests_sharing_a_prompt_are_prefilled_once_and_sample_as_if_alone(tiny, cache):
+    model = tiny()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    params = [SamplingParams(temperature=1.0, top_k=20, seed=s, max_tokens=8) for s in range(4)]
+    alone = [Engine(model, cache=cache).complete([prompt], p)[0].token_ids for p in params]
+    engine = Engine(model, max_batch_size=8, cache=cache, block_size=4, num_blocks=40)
+    prompt_forwards: list[int] = []
+    engine.runner = _CountingRunner(engine.runner, prompt_forwards)
+    together = engine.complete([prompt] * 4 + [[7, 7]], params + [params[0]])
+    assert [r.token_ids for r in together[:4]] == alone
+    assert len(set(map(tuple, alone))) > 1  # the seeds do give different replies
+    assert prompt_forwards == [len(prompt), 2]  # the shared prompt ran once
+
+
+class _CountingRunner:
+    """A `ModelRunner` that records the length of every multi-token forward pass."""
+
+    def __init__(self, runner, lengths: list[int]) -> None:
+        self._runner, self._lengths = runner, lengths
+
+    def __call__(self, ids, cache, **kwargs):
+        if ids.shape[1] > 1:
+            self._lengths.append(ids.shape[1])
+        return self._runner(ids, cache, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+
+def test_a_batch_mixing_settings_samples_each_row_as_if_alone(tiny):
+    model = tiny()
+    params = [SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=6),
+              SamplingParams(temperature=0, max_tokens=6),
+              SamplingParams(temperature=1.2, top_k=5, repetition_penalty=1.5, seed=2, max_tokens=6),
+              SamplingParams(temperature=1.0, min_p=0.1, frequency_penalty=0.5, seed=3, max_tokens=6)]
+    prompts = [[1, 2], [3, 4, 5], [6], [7, 8, 9, 10]]
+    alone = [Engine(model).complete([q], p)[0].token_ids for q, p in zip(prompts, params)]
+    assert [r.token_ids for r in Engine(model).complete(prompts, params)] == alone
+
+
 def test_logprobs_are_the_models_own(tiny):
     model = tiny()
     engine = Engine(model)

@@ -6,6 +6,7 @@ from lmforge.infer.sampling import (
     SamplingParams,
     TokenCounts,
     apply_penalties,
+    draw,
     filter_logits,
     logprobs_of,
     probabilities,
@@ -43,6 +44,25 @@ def test_sampling_follows_the_distribution_and_the_seed():
     a = sample(logits[:10], SamplingParams(), torch.Generator().manual_seed(7))
     b = sample(logits[:10], SamplingParams(), torch.Generator().manual_seed(7))
     assert a.tolist() == b.tolist()
+
+
+def test_draw_gives_each_row_its_own_generator_and_never_a_zero_probability_token():
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0], [2.0, 0.0, 2.0, 0.0]])  # not normalised
+    counts = torch.zeros(2, 4)
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    for _ in range(4000):
+        tokens = draw(weights, gens)
+        counts[0, tokens[0]] += 1
+        counts[1, tokens[1]] += 1
+    assert counts[0, 0] == counts[0, 2] == counts[1, 1] == counts[1, 3] == 0
+    assert counts[0, 1] / 4000 == pytest.approx(0.75, abs=0.03)
+    assert counts[1, 0] / 4000 == pytest.approx(0.5, abs=0.03)
+    # row 1's draws depend on its own generator only, not on what row 0 holds or draws
+    alone = draw(weights[1:], [torch.Generator().manual_seed(5)])
+    paired = draw(weights[[0, 1]], [torch.Generator().manual_seed(9), torch.Generator().manual_seed(5)])
+    assert int(paired[1]) == int(alone[0])
+    with pytest.raises(ValueError, match="generators"):
+        draw(weights, gens[:1])
 
 
 @pytest.mark.parametrize(

@@ -162,6 +162,16 @@ class StaticKVCache:
             slot = last
         self._clear(slot, 0)
 
+    def fork(self, source: Hashable, seq: Hashable) -> None:
+        """Give `seq` a slot holding a copy of everything `source` has cached (a shared prompt)."""
+        self.allocate(seq)
+        src, dst = self._slot_of[source], self._slot_of[seq]
+        n = self.lengths[src]
+        self.keys[:, dst, :, :n] = self.keys[:, src, :, :n]
+        self.values[:, dst, :, :n] = self.values[:, src, :, :n]
+        self.key_pos[dst, :n] = self.key_pos[src, :n]
+        self.lengths[dst] = n
+
     def _clear(self, slot: int, length: int) -> None:
         self.key_pos[slot, length:] = -1
         self.lengths[slot] = length
@@ -287,6 +297,24 @@ class PagedKVCache:
 
     def allocate(self, seq: Hashable) -> None:
         self.tables[seq], self.lengths[seq] = [], 0
+
+    def fork(self, source: Hashable, seq: Hashable) -> None:
+        """Give `seq` blocks holding a copy of everything `source` has cached (a shared prompt).
+        The blocks are copied, not shared: sharing them would need reference counts."""
+        n = self.lengths[source]
+        self.allocate(seq)
+        self._grow(seq, n)
+        src, dst = self._token_slots(source, n), self._token_slots(seq, n)
+        self.keys[:, dst] = self.keys[:, src]
+        self.values[:, dst] = self.values[:, src]
+        self.key_pos[dst] = self.key_pos[src]
+        self.lengths[seq] = n
+
+    def _token_slots(self, seq: Hashable, n: int) -> torch.Tensor:
+        """Where `seq`'s first n tokens are in the pool."""
+        table = torch.tensor(self.tables[seq], dtype=torch.long, device=self.key_pos.device)
+        i = torch.arange(n, device=self.key_pos.device)
+        return table[i // self.block_size] * self.block_size + i % self.block_size
 
     def free(self, seq: Hashable) -> None:
         """Give a sequence's blocks back to the pool at once."""

@@ -50,6 +50,7 @@ from lmforge.infer.sampling import (
     TokenCounts,
     TokenLogprob,
     apply_penalties,
+    draw,
     filter_logits,
     logprobs_of,
 )
@@ -345,8 +346,17 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Admit what fits, then decode one token for every running request."""
         events: list[TokenEvent] = []
+        prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]] = {}
         while self.waiting and len(self.running) < self.max_batch_size and self._fits(self.waiting[0]):
-            events += self._prefill(self.waiting.popleft())
+            seq = self.waiting.popleft()
+            key = tuple(seq.all_ids)
+            twin = prefilled.get(key)
+            if twin is not None and not twin[0].finished:  # the same prompt was just prefilled: copy it
+                events.append(self._fork(seq, *twin))
+            else:
+                event, logits = self._prefill(seq)
+                events.append(event)
+                prefilled[key] = (seq, logits)
         if not self.running:
             if self.waiting:  # nothing runs and the first request cannot fit even alone
                 seq = self.waiting.popleft()
@@ -381,8 +391,9 @@ class Engine:
             self.cache.free(seq.id)
             self.waiting.appendleft(seq)
 
-    def _prefill(self, seq: _Sequence) -> list[TokenEvent]:
-        """Run the prompt (plus anything generated before a preemption) and take the next token."""
+    def _prefill(self, seq: _Sequence) -> tuple[TokenEvent, torch.Tensor]:
+        """Run the prompt (plus anything generated before a preemption) and take the next token;
+        also returns the logits it was drawn from, which a request with the same prompt reuses."""
         self.runner.refresh()
         seq.admitted = time.perf_counter()
         self.cache.allocate(seq.id)
@@ -392,8 +403,17 @@ class Engine:
         self.running.sort(key=lambda s: self.cache.order(s.id))
         ids = torch.tensor([seq.all_ids], device=self.device)
         logits = self.runner(ids, self.cache.view([seq.id]))
-        token = self._choose(logits[0], seq)
-        return [self._emit(seq, token, logits[0])]
+        return self._emit(seq, self._choose(logits[:1], [seq])[0], logits[0]), logits[0]
+
+    def _fork(self, seq: _Sequence, twin: _Sequence, logits: torch.Tensor) -> TokenEvent:
+        """Admit a request whose tokens are exactly those `twin` was just prefilled with (k samples
+        of one prompt, as RL rollouts and `n > 1` ask for): copy twin's cache instead of running
+        the prompt again, and draw its own first token from the same logits with its own seed."""
+        seq.admitted = time.perf_counter()
+        self.cache.fork(twin.id, seq.id)
+        self.running.append(seq)
+        self.running.sort(key=lambda s: self.cache.order(s.id))
+        return self._emit(seq, self._choose(logits[None], [seq])[0], logits)
 
     def _decode(self) -> list[TokenEvent]:
         batch = self.running
@@ -402,17 +422,30 @@ class Engine:
         if all(s.params.plain_greedy for s in batch):
             tokens = self.runner.greedy(logits)
         else:
-            tokens = [self._choose(logits[i], s) for i, s in enumerate(batch)]
+            tokens = self._choose(logits, batch)
         return [self._emit(s, t, logits[i]) for i, (s, t) in enumerate(zip(list(batch), tokens))]
 
-    def _choose(self, logits: torch.Tensor, seq: _Sequence) -> int:
-        """One row's next token: penalties, temperature, top-k/p, min-p, then a seeded draw."""
-        params = seq.params
-        logits = apply_penalties(logits.float(), params, seq.counts)
-        if params.greedy:
-            return int(logits.argmax())
-        probs = filter_logits(logits[None], params).softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
+    def _choose(self, logits: torch.Tensor, seqs: Sequence[_Sequence]) -> list[int]:
+        """Each row's next token: penalties, temperature, top-k/p, min-p, then a seeded draw.
+
+        Batched: rows that share their filtering settings are filtered together, and every
+        sampled row is drawn in one `draw` (one random number from each row's generator)."""
+        logits = logits.float()
+        if any(s.params.penalized for s in seqs):  # a copy: the raw logits still give the reported logprobs
+            logits = torch.stack([apply_penalties(row, s.params, s.counts) for row, s in zip(logits, seqs)])
+        tokens = logits.argmax(-1).tolist()
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            p = s.params
+            if not p.greedy:
+                groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+        if groups:
+            rows = [i for members in groups.values() for i in members]
+            probs = torch.cat([filter_logits(logits[members], seqs[members[0]].params).softmax(-1)
+                               for members in groups.values()])
+            for i, token in zip(rows, draw(probs, [seqs[i].generator for i in rows]).tolist()):
+                tokens[i] = token
+        return tokens
 
     def _emit(self, seq: _Sequence, token: int, logits: torch.Tensor | None) -> TokenEvent:
         """Record a token, turn it into text, and decide whether the request is done."""

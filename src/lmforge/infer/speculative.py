@@ -34,7 +34,7 @@ import torch
 
 from lmforge.infer.cache import StaticKVCache
 from lmforge.infer.runner import ModelRunner
-from lmforge.infer.sampling import SamplingParams, TokenCounts, apply_penalties, probabilities
+from lmforge.infer.sampling import SamplingParams, TokenCounts, apply_penalties, draw, probabilities
 from lmforge.model.transformer import Transformer
 
 # The model under test, as the engine runs it: token ids [1, k + 1] -> logits [k + 1, V]
@@ -89,7 +89,7 @@ class Drafter:
                 dists.append(None)
             else:
                 q = probabilities(logits, params, counts)
-                token = int(torch.multinomial(q, 1, generator=generator))
+                token = int(draw(q[None], [generator]))
                 dists.append(q)
             drafts.append(token)
             if counts is not None:
@@ -116,11 +116,11 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int],
         if u * q[i, d] >= p[i, d]:  # rejected, with probability 1 - min(1, p(d) / q(d))
             residual = (p[i] - q[i]).clamp(min=0)
             weights = residual if residual.sum() > 0 else p[i]
-            return i, int(torch.multinomial(weights, 1, generator=generator))
+            return i, int(draw(weights[None], [generator]))
     last = p[len(drafts)]  # every draft accepted: a bonus token from the model's next distribution
     if q is None:
         return len(drafts), int(last.argmax())
-    return len(drafts), int(torch.multinomial(last, 1, generator=generator))
+    return len(drafts), int(draw(last[None], [generator]))
 
 
 @dataclass
