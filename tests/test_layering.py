@@ -30,6 +30,9 @@ ALLOWED = {
     "lmforge.train": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer"},
     "lmforge.tune": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer",
                               "lmforge.train"},
+    "lmforge.eval": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer"},
+    "lmforge.compress": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer",
+                                  "lmforge.eval"},
 }
 
 

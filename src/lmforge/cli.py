@@ -312,6 +312,8 @@ INTERRUPT_HINTS = {
     "export": "nothing half-written was left",
     "finetune": "rerun the same command to resume from the newest checkpoint",
     "align": "rerun the same command to resume from the newest checkpoint",
+    "quantize": "nothing half-written was left",
+    "prune": "nothing half-written was left",
 }
 
 
@@ -383,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     samples.set_defaults(func=cmd_samples)
 
     from lmforge.align.cli import register as register_align
+    from lmforge.compress.cli import register as register_compress
     from lmforge.data.cli import register as register_data
     from lmforge.data.crawl import register as register_crawl
     from lmforge.demo import register as register_demo
@@ -399,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_scaling(sub)
     register_finetune(sub)
     register_align(sub)
+    register_compress(sub)
     register_serve(sub)
     register_demo(sub)
     return parser

@@ -1,6 +1,7 @@
 """Open a model for generation from whatever the user points at.
 
 A checkpoint folder (Hugging Face layout, written by lmforge or by transformers), a
+quantized folder (`lmforge quantize`: loaded into the engine's int8/int4 layers), a
 `.gguf` file (llama.cpp's format, weights dequantized on load), or the short name of a
 packaged sample such as `smollm2`.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lmforge.hub import resolve_model_path
+from lmforge.infer.quantized_folder import is_quantized_folder, load_quantized
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
@@ -40,6 +42,9 @@ def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         config, state_dict, metadata = load_gguf_model(path)
         model = Transformer.from_state_dict(config, state_dict, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)  # already parsed: don't read the file twice
+    elif path.is_dir() and is_quantized_folder(path):  # `lmforge quantize` output: int8/int4 layers as stored
+        model = load_quantized(path, device=device)
+        tokenizer = load_tokenizer(path)
     elif path.is_dir():
         from lmforge.model.checkpoint import load_checkpoint
 

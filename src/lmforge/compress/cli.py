@@ -1,0 +1,83 @@
+"""`lmforge quantize` and `lmforge prune`: argument parsing only (the work is `lmforge.compress.run`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lmforge.cli_parser import add_threads_flag, apply_threads
+
+MODEL_HELP = "checkpoint folder, run folder, .gguf file, or a sample name (smollm2)"
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lmforge.compress.run import describe, quantize_command
+
+    apply_threads(args.threads)
+    summary = quantize_command(args.model, args.method, args.bits, args.output, group_size=args.group_size,
+                               calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
+                               act_order=args.act_order, damp=args.damp, head=args.head,
+                               measure=args.measure, heldout=args.heldout, seed=args.seed, quiet=args.quiet)
+    print(json.dumps(summary, indent=2) if args.json else describe(summary))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from lmforge.compress.run import describe, prune_command
+
+    apply_threads(args.threads)
+    summary = prune_command(args.model, args.method, args.sparsity, args.output, calibration=args.calibration,
+                            samples=args.samples, seq_len=args.seq_len, damp=args.damp, measure=args.measure,
+                            heldout=args.heldout, seed=args.seed, quiet=args.quiet)
+    print(json.dumps(summary, indent=2) if args.json else describe(summary))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--output", "-o", required=True, help="the folder to write (replaced atomically)")
+    p.add_argument("--calibration", nargs="+", default=None, metavar="PATH",
+                   help="text files, folders of .txt/.rst/.md, or token shard folders (default: the Python "
+                        "HOWTOs from the web sample)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="GPTQ/SparseGPT: fraction of mean(diag H) added to H's diagonal (default 0.01)")
+    p.add_argument("--measure", action="store_true",
+                   help="perplexity before and after on held-out text (default: the Python tutorial)")
+    p.add_argument("--heldout", nargs="+", default=None, metavar="PATH", help="held-out text for --measure")
+    p.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_threads_flag(p)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `quantize` and `prune` to the `lmforge` subcommands."""
+    p = sub.add_parser("quantize", help="round a model's weights to 8, 4 or 3 bits (rtn, gptq, awq) into a "
+                                        "folder the engine runs",
+                       description="Quantize every linear layer of a model into the engine's int8/int4 "
+                                   "layers. rtn rounds each group to nearest (no data); gptq and awq use "
+                                   "calibration text. The output folder loads with generate, chat and serve.")
+    p.add_argument("--method", required=True, choices=("rtn", "gptq", "awq"))
+    p.add_argument("--bits", type=int, required=True, choices=(8, 4, 3, 2),
+                   help="8: per output channel, symmetric; 4/3/2: groups of --group-size inputs, asymmetric")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="inputs per step/offset for 2-4 bits: a multiple of 32 dividing every layer's inputs "
+                        "(default 64; SmolLM2's 576 inputs rule out 128)")
+    p.add_argument("--act-order", action="store_true",
+                   help="gptq: round the inputs with the largest activations first")
+    p.add_argument("--head", choices=("int8", "same", "none"), default="int8",
+                   help="the LM head: int8 per channel (default, as GGUF files keep it), the body's grid by "
+                        "round-to-nearest, or float")
+    _common(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("prune", help="set half (or 2 of every 4) of a model's weights to zero: magnitude, "
+                                     "wanda or sparsegpt",
+                       description="Prune every linear layer of every block (embeddings and head untouched). "
+                                   "The output is a float checkpoint with the zeros in place.")
+    p.add_argument("--method", required=True, choices=("magnitude", "wanda", "sparsegpt"))
+    p.add_argument("--sparsity", required=True, help="a fraction (0.5) or an n:m pattern (2:4)")
+    _common(p)
+    p.set_defaults(func=cmd_prune)

@@ -1,0 +1,142 @@
+"""`lmforge quantize` and `lmforge prune` as functions: load, calibrate, compress, measure, write.
+
+Both return a summary dict (what `--json` prints) and write the output folder atomically.
+With `measure=True` the model's perplexity on held-out text (the Python tutorial by
+default, never used for calibration) is computed before and after, so a user sees what
+the compression cost in the same command.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmforge.compress.calibration import (
+    calibration_windows,
+    default_calibration_files,
+    default_heldout_files,
+    heldout_windows,
+    token_stream,
+)
+from lmforge.compress.grid import Grid
+from lmforge.compress.prune import PruneError, Sparsity, prune_model
+from lmforge.compress.quantize import CALIBRATED, quantize_model
+from lmforge.eval.perplexity import perplexity
+from lmforge.infer.quant import QuantizedLinear
+from lmforge.infer.quantized_folder import save_quantized
+from lmforge.model.checkpoint import save_checkpoint
+
+HELDOUT_WINDOWS = 32  # x seq_len tokens of held-out text for --measure
+
+
+def _say(quiet: bool):
+    return (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+
+
+def _load(spec: str):
+    from lmforge.infer.loading import load_model
+
+    loaded = load_model(spec)
+    if any(isinstance(m, QuantizedLinear) for m in loaded.model.modules()):
+        raise ValueError(f"{spec} is already quantized: compress a float model (a checkpoint, a GGUF file "
+                         f"or a sample)")
+    return loaded
+
+
+def _calibration(tokenizer, files: Sequence[str] | None, samples: int, seq_len: int, seed: int):
+    sources = list(files) if files else default_calibration_files()
+    return calibration_windows(token_stream(tokenizer, sources), samples, seq_len, seed), sources
+
+
+def _folder_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def _measure(model, tokenizer, heldout: Sequence[str] | None, seq_len: int, say) -> dict[str, float]:
+    windows = heldout_windows(token_stream(tokenizer, list(heldout) if heldout else default_heldout_files()),
+                              seq_len, limit=HELDOUT_WINDOWS)
+    result = perplexity(model, windows, progress=say)
+    return {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens}
+
+
+def _finish(summary: dict[str, Any], loaded, output: str, report: dict[str, Any], measure: bool,
+            heldout, seq_len: int, before: dict | None, say) -> dict[str, Any]:
+    if measure:
+        say("measuring the compressed model on held-out text")
+        summary["heldout_after"] = _measure(loaded.model, loaded.tokenizer, heldout, seq_len, say)
+        summary["heldout_before"] = before
+    if any(isinstance(m, QuantizedLinear) for m in loaded.model.modules()):
+        folder = save_quantized(output, loaded.model, tokenizer=loaded.tokenizer, report=report,
+                                source=str(loaded.path))
+    else:  # pruned: an ordinary float checkpoint (transformers loads it), zeros in place
+        folder = save_checkpoint(output, loaded.model, tokenizer=loaded.tokenizer,
+                                 extra={"source": str(loaded.path), "compression": report})
+    summary["output"] = str(folder)
+    summary["bytes_before"] = _folder_bytes(loaded.path)
+    summary["bytes_after"] = _folder_bytes(folder)
+    return summary
+
+
+def quantize_command(model: str, method: str, bits: int, output: str, *, group_size: int = 64,
+                     calibration: Sequence[str] | None = None, samples: int = 128, seq_len: int = 512,
+                     act_order: bool = False, damp: float = 0.01, head: str = "int8",
+                     measure: bool = False, heldout: Sequence[str] | None = None, seed: int = 0,
+                     quiet: bool = False) -> dict[str, Any]:
+    say = _say(quiet)
+    grid = Grid(bits, group_size)
+    loaded = _load(model)
+    before = _measure(loaded.model, loaded.tokenizer, heldout, seq_len, say) if measure else None
+    windows = None
+    if method in CALIBRATED:
+        windows, sources = _calibration(loaded.tokenizer, calibration, samples, seq_len, seed)
+        say(f"calibrating on {windows.shape[0]} windows of {windows.shape[1]} tokens from {len(sources)} "
+            f"source(s)")
+    report = quantize_model(loaded.model, method, grid, calibration=windows, head=head, act_order=act_order,
+                            damp=damp, progress=say)
+    summary = {"command": "quantize", "model": model, "method": method, "bits": bits,
+               "group_size": report.group_size, "head": head, "act_order": act_order,
+               "layers": report.layers, "calibration_tokens": report.calibration_tokens,
+               "weight_bytes_per_token_before": report.bytes_before,
+               "weight_bytes_per_token_after": report.bytes_after, "seconds": report.seconds,
+               "description": report.describe()}
+    record = {k: v for k, v in summary.items() if k != "description"} | {"details": report.details}
+    return _finish(summary, loaded, output, record, measure, heldout, seq_len, before, say)
+
+
+def prune_command(model: str, method: str, sparsity: str, output: str, *,
+                  calibration: Sequence[str] | None = None, samples: int = 128, seq_len: int = 512,
+                  damp: float = 0.01, measure: bool = False, heldout: Sequence[str] | None = None,
+                  seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+    say = _say(quiet)
+    pattern = Sparsity.parse(sparsity)
+    loaded = _load(model)
+    before = _measure(loaded.model, loaded.tokenizer, heldout, seq_len, say) if measure else None
+    windows = None
+    if method != "magnitude":
+        windows, sources = _calibration(loaded.tokenizer, calibration, samples, seq_len, seed)
+        say(f"calibrating on {windows.shape[0]} windows of {windows.shape[1]} tokens from {len(sources)} "
+            f"source(s)")
+    elif calibration:
+        raise PruneError("magnitude pruning uses no calibration text (drop --calibration)")
+    report = prune_model(loaded.model, method, pattern, calibration=windows, damp=damp, progress=say)
+    summary = {"command": "prune", "model": model, "method": method, "sparsity": str(pattern),
+               "layers": report.layers, "zeros": report.zeros, "weights": report.weights,
+               "calibration_tokens": report.calibration_tokens, "seconds": report.seconds,
+               "description": report.describe()}
+    record = {k: v for k, v in summary.items() if k != "description"}
+    return _finish(summary, loaded, output, record, measure, heldout, seq_len, before, say)
+
+
+def describe(summary: dict[str, Any]) -> str:
+    lines = [summary["description"],
+             f"size: {summary['bytes_before'] / 1e6:.1f} MB ({summary['model']}) -> "
+             f"{summary['bytes_after'] / 1e6:.1f} MB ({summary['output']})"]
+    before, after = summary.get("heldout_before"), summary.get("heldout_after")
+    if before and after:
+        lines.append(f"held-out perplexity ({after['tokens']:,} tokens never used for calibration): "
+                     f"{before['perplexity']:.3f} -> {after['perplexity']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Scoring models: perplexity on held-out text (more tasks to come)."""

@@ -1,0 +1,82 @@
+"""Quantizing whole models: the engine's layers everywhere, calibrated methods beat rounding, the
+engine decodes the result exactly as its forward pass computes."""
+
+import pytest
+import torch
+
+from lmforge.compress.grid import Grid, GridError
+from lmforge.compress.prune import Sparsity, prune_model
+from lmforge.compress.quantize import quantize_model
+from lmforge.infer.engine import Engine
+from lmforge.infer.quant import Int4Linear, Int8Linear, QuantizedLinear
+from lmforge.infer.sampling import SamplingParams
+
+from .conftest import tiny_lm
+
+HELD_OUT = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(99))
+
+
+def logits_error(model, reference) -> float:
+    with torch.no_grad():
+        return float((model(HELD_OUT).logits - reference(HELD_OUT).logits).square().mean())
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_every_block_layer_becomes_an_engine_layer(method, calibration):
+    model = tiny_lm()
+    report = quantize_model(model, method, Grid(4, 32), calibration=calibration)
+    kinds = (torch.nn.Linear, QuantizedLinear)
+    linears = [m for b in model.blocks for m in b.modules() if isinstance(m, kinds)]
+    assert len(linears) == report.layers == 14 and all(isinstance(m, Int4Linear) for m in linears)
+    assert all(m.group_size == 32 for m in linears)
+    assert isinstance(model.lm_head, Int8Linear)  # the tied head: an int8 copy of the embedding
+    assert report.bytes_after < report.bytes_before / 3
+    assert report.calibration_tokens == (0 if method == "rtn" else calibration.numel())
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_and_awq_lose_less_than_round_to_nearest_on_tokens_never_calibrated_on(bits, calibration):
+    reference = tiny_lm()
+    errors = {}
+    for method in ("rtn", "gptq", "awq"):
+        model = tiny_lm()
+        quantize_model(model, method, Grid(bits, 32), calibration=calibration, head="none")
+        errors[method] = logits_error(model, reference)
+    assert errors["gptq"] < errors["rtn"] and errors["awq"] < errors["rtn"], errors
+
+
+def test_the_engine_decodes_a_quantized_model_as_its_forward_pass_computes(calibration):
+    model = tiny_lm()
+    quantize_model(model, "gptq", Grid(4, 32), calibration=calibration)
+    prompt = [5, 80, 13, 200]
+    tokens = Engine(model).complete([prompt], SamplingParams(temperature=0, max_tokens=12))[0].token_ids
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert tokens == ids[len(prompt):]
+
+
+def test_models_that_cannot_be_quantized_are_refused_before_any_work(calibration):
+    model = tiny_lm(d_ff=96)  # down_proj has 96 inputs: not a multiple of 64
+    with pytest.raises(GridError, match="mlp.down_proj: a layer with 96 inputs"):
+        quantize_model(model, "rtn", Grid(4, 32))
+    model = tiny_lm()
+    quantize_model(model, "rtn", Grid(8))
+    with pytest.raises(GridError, match="already quantized"):
+        quantize_model(model, "rtn", Grid(4, 32))
+    with pytest.raises(GridError, match="calibration"):
+        quantize_model(tiny_lm(), "gptq", Grid(4, 32))
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_pruning_a_model_with_data_keeps_more_of_it_than_magnitude(pattern, calibration):
+    reference = tiny_lm()
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = tiny_lm()
+        report = prune_model(model, method, Sparsity.parse(pattern), calibration=calibration)
+        assert report.zeros / report.weights == pytest.approx(0.5, abs=0.01)
+        assert (model.embed.weight != 0).all()  # embeddings (and the tied head) untouched
+        errors[method] = logits_error(model, reference)
+    assert errors["wanda"] < errors["magnitude"] and errors["sparsegpt"] < errors["magnitude"], errors
