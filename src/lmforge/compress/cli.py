@@ -73,11 +73,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("prune", help="set half (or 2 of every 4) of a model's weights to zero: magnitude, "
-                                     "wanda or sparsegpt",
-                       description="Prune every linear layer of every block (embeddings and head untouched). "
-                                   "The output is a float checkpoint with the zeros in place.")
-    p.add_argument("--method", required=True, choices=("magnitude", "wanda", "sparsegpt"))
-    p.add_argument("--sparsity", required=True, help="a fraction (0.5) or an n:m pattern (2:4)")
+    p = sub.add_parser("prune", help="zero half (or 2 of every 4) of a model's weights (magnitude, wanda, "
+                                     "sparsegpt), or remove MLP channels, head groups or blocks",
+                       description="magnitude, wanda and sparsegpt zero weights of every linear layer of "
+                                   "every block (embeddings and head untouched): a float checkpoint of the "
+                                   "same size with the zeros in place. channels, heads and layers remove "
+                                   "that fraction of the MLP channels, key/value head groups or blocks: a "
+                                   "smaller model that decodes faster.")
+    p.add_argument("--method", required=True,
+                   choices=("magnitude", "wanda", "sparsegpt", "channels", "heads", "layers"))
+    p.add_argument("--sparsity", required=True,
+                   help="a fraction (0.5) or an n:m pattern (2:4); for channels/heads/layers the fraction "
+                        "removed (0.25)")
     _common(p)
     p.set_defaults(func=cmd_prune)

@@ -23,6 +23,7 @@ from lmforge.compress.calibration import (
 from lmforge.compress.grid import Grid
 from lmforge.compress.prune import PruneError, Sparsity, prune_model
 from lmforge.compress.quantize import CALIBRATED, quantize_model
+from lmforge.compress.structured import STRUCTURES, shrink_model
 from lmforge.eval.perplexity import perplexity
 from lmforge.infer.quant import QuantizedLinear
 from lmforge.infer.quantized_folder import save_quantized
@@ -72,7 +73,7 @@ def _finish(summary: dict[str, Any], loaded, output: str, report: dict[str, Any]
     if any(isinstance(m, QuantizedLinear) for m in loaded.model.modules()):
         folder = save_quantized(output, loaded.model, tokenizer=loaded.tokenizer, report=report,
                                 source=str(loaded.path))
-    else:  # pruned: an ordinary float checkpoint (transformers loads it), zeros in place
+    else:  # pruned: an ordinary float checkpoint (transformers loads it), zeros in place or smaller
         folder = save_checkpoint(output, loaded.model, tokenizer=loaded.tokenizer,
                                  extra={"source": str(loaded.path), "compression": report})
     summary["output"] = str(folder)
@@ -113,6 +114,8 @@ def prune_command(model: str, method: str, sparsity: str, output: str, *,
                   seed: int = 0, quiet: bool = False) -> dict[str, Any]:
     say = _say(quiet)
     pattern = Sparsity.parse(sparsity)
+    if method in STRUCTURES and pattern.structured:
+        raise PruneError(f"{method} pruning removes a fraction (0.25), not an n:m pattern")
     loaded = _load(model)
     before = _measure(loaded.model, loaded.tokenizer, heldout, seq_len, say) if measure else None
     windows = None
@@ -122,11 +125,19 @@ def prune_command(model: str, method: str, sparsity: str, output: str, *,
             f"source(s)")
     elif calibration:
         raise PruneError("magnitude pruning uses no calibration text (drop --calibration)")
-    report = prune_model(loaded.model, method, pattern, calibration=windows, damp=damp, progress=say)
-    summary = {"command": "prune", "model": model, "method": method, "sparsity": str(pattern),
-               "layers": report.layers, "zeros": report.zeros, "weights": report.weights,
-               "calibration_tokens": report.calibration_tokens, "seconds": report.seconds,
-               "description": report.describe()}
+    if method in STRUCTURES:
+        loaded.model, shrunk = shrink_model(loaded.model, method, pattern.fraction, windows, progress=say)
+        summary = {"command": "prune", "model": model, "method": method, "sparsity": str(pattern),
+                   "kept": shrunk.kept, "parameters_before": shrunk.parameters_before,
+                   "parameters_after": shrunk.parameters_after,
+                   "calibration_tokens": shrunk.calibration_tokens,
+                   "seconds": shrunk.seconds, "description": shrunk.describe()}
+    else:
+        report = prune_model(loaded.model, method, pattern, calibration=windows, damp=damp, progress=say)
+        summary = {"command": "prune", "model": model, "method": method, "sparsity": str(pattern),
+                   "layers": report.layers, "zeros": report.zeros, "weights": report.weights,
+                   "calibration_tokens": report.calibration_tokens, "seconds": report.seconds,
+                   "description": report.describe()}
     record = {k: v for k, v in summary.items() if k != "description"}
     return _finish(summary, loaded, output, record, measure, heldout, seq_len, before, say)
 
