@@ -78,3 +78,18 @@ def test_prune_heads_writes_a_smaller_checkpoint_transformers_runs_the_same(tmp_
     assert main(["prune", "--model", str(tmp_path / "model"), "--method", "layers", "--sparsity", "2:4", "-o",
                  str(tmp_path / "x"), "-q"]) == 2
     assert "removes a fraction (0.25), not an n:m pattern" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("structure", ["channels", "heads", "layers"])
+def test_the_engine_decodes_a_shrunk_model_as_its_forward_pass_computes(structure, calibration):
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    small, _ = shrink_model(tiny_lm(), structure, 0.5, calibration)  # heads: 2 query heads x 16 != d_model
+    prompt = [5, 80, 13, 200]
+    tokens = Engine(small).complete([prompt], SamplingParams(temperature=0, max_tokens=10))[0].token_ids
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(small(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert tokens == ids[len(prompt):]
