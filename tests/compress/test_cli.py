@@ -56,12 +56,27 @@ def test_prune_writes_a_float_checkpoint_transformers_loads_with_the_zeros(works
     (["prune", "--method", "magnitude", "--sparsity", "0.5", "--calibration", "x.txt"],
      "uses no calibration"),
     (["prune", "--method", "wanda", "--sparsity", "3:2"], "0 < n < m"),
+    (["quantize", "--method", "awq", "--bits", "4", "--group-size", "32", "--act-order"], "GPTQ option"),
+    (["quantize", "--method", "gptq", "--bits", "4", "--group-size", "32", "--damp", "0"], "--damp must be"),
+    (["quantize", "--method", "rtn", "--bits", "8", "--calibration", "x.txt"], "uses no calibration"),
+    (["prune", "--method", "wanda", "--sparsity", "0.5", "--seq-len", "1"], "at least 2 tokens"),
 ])
 def test_bad_settings_are_one_line_errors(workspace, capsys, argv, message):
     assert main([*argv, "--model", str(workspace / "model"), "-o", str(workspace / "out"), "-q"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (workspace / "out").exists()
+
+
+def test_the_output_never_replaces_the_model_or_a_folder_of_other_files(workspace, capsys):
+    (workspace / "mine").mkdir()
+    (workspace / "mine" / "notes.txt").write_text("keep me")
+    for target in (workspace / "mine", workspace / "model"):
+        assert main(["quantize", "--model", str(workspace / "model"), "--method", "rtn", "--bits", "8",
+                     "-o", str(target), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "something other than a model" in err and "is the model being compressed" in err
+    assert (workspace / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_an_already_quantized_model_is_refused(workspace, capsys):

@@ -57,6 +57,25 @@ def test_the_engine_decodes_a_quantized_model_as_its_forward_pass_computes(calib
     assert tokens == ids[len(prompt):]
 
 
+def test_calibration_in_uneven_batches_and_experts_that_see_no_token(calibration):
+    ten = torch.cat([calibration, calibration[:2]])  # batches of 8 and 2
+    quantize_model(tiny_lm(), "gptq", Grid(4, 32), calibration=ten)
+    moe = tiny_lm(n_experts=8, n_experts_per_token=1)
+    one_token = calibration[:1, :2]  # two tokens reach at most two of the eight experts of a block
+    report = quantize_model(moe, "gptq", Grid(4, 32), calibration=one_token)
+    assert report.layers == 2 * (4 + 8 * 3)  # q, k, v, o and 8 experts' gate, up, down in each block
+    assert len(report.details["loss"]) < report.layers  # the experts that saw nothing were rounded
+    for method in ("wanda", "sparsegpt"):
+        prune_model(tiny_lm(n_experts=8, n_experts_per_token=1), method, Sparsity(0.5), calibration=one_token)
+
+
+def test_the_quantized_model_in_memory_is_the_one_saved(calibration):
+    """With tied embeddings only the rounded head is saved; the lookup table follows it at once."""
+    model = tiny_lm()
+    quantize_model(model, "rtn", Grid(4, 32))
+    assert torch.equal(model.embed.weight, model.lm_head.dequantize())
+
+
 def test_models_that_cannot_be_quantized_are_refused_before_any_work(calibration):
     model = tiny_lm(d_ff=96)  # down_proj has 96 inputs: not a multiple of 64
     with pytest.raises(GridError, match="mlp.down_proj: a layer with 96 inputs"):

@@ -63,6 +63,9 @@ def test_draw_gives_each_row_its_own_generator_and_never_a_zero_probability_toke
     assert int(paired[1]) == int(alone[0])
     with pytest.raises(ValueError, match="generators"):
         draw(weights, gens[:1])
+    for bad in ([[float("nan"), 1.0]], [[0.0, 0.0]], [[-1.0, 2.0]], [[float("inf"), 1.0]]):
+        with pytest.raises(ValueError, match="cannot sample"):
+            draw(torch.tensor(bad), gens[:1])
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ j shrinks by about s_j relative to the output, because the group's step barely m
 when one column grows. The scales are s = mean|x|^alpha (normalised), with alpha in
 [0, 1) chosen by a grid search that measures the layers' output error on calibration
 inputs. Then, per group of weights, a clipping search shrinks the range [-max, max] by
-up to 50% where that lowers the output error (outliers in the weights waste levels).
+up to 45% (AWQ's grid: steps of 5%, below 50%) where that lowers the output error
+(outliers in the weights waste levels).
 The weights are finally rounded to nearest on the grid: AWQ changes *what* is rounded.
 
 The scalable pairs, in a pre-norm block (as in AWQ's reference code):

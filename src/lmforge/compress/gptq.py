@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.compress.grid import Grid
+from lmforge.compress.grid import Grid, GridError
 
 
 @dataclass
@@ -48,7 +48,10 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """U, the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1."""
     h = hessian.double().clone()
     h.diagonal().add_(damp * h.diagonal().mean())
-    lower = torch.linalg.cholesky(h)
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        raise GridError(f"the layer's input Hessian is not positive definite even with damping {damp}: "
+                        f"raise --damp, or calibrate on more (and more varied) text")
     inverse = torch.cholesky_inverse(lower)
     return torch.linalg.cholesky(inverse, upper=True).float()
 

@@ -79,9 +79,10 @@ def _drop_lowest(score: torch.Tensor, sparsity: Sparsity, *, per_row: bool) -> t
         k = int(score.shape[1] * sparsity.fraction)
         lowest = score.topk(k, dim=1, largest=False).indices
         return torch.zeros_like(score, dtype=torch.bool).scatter_(1, lowest, True)
-    k = int(score.numel() * sparsity.fraction)
-    threshold = score.flatten().kthvalue(max(k, 1)).values
-    return score <= threshold if k else torch.zeros_like(score, dtype=torch.bool)
+    k = int(score.numel() * sparsity.fraction)  # exactly k, whatever the ties
+    lowest = score.flatten().topk(k, largest=False).indices
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    return mask.scatter_(0, lowest, True).view_as(score)
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
@@ -167,6 +168,9 @@ def prune_model(model, method: str, sparsity: Sparsity, *, calibration: torch.Te
         raise PruneError(f"method must be one of {', '.join(PRUNE_METHODS)}, got {method!r}")
     if method != "magnitude" and calibration is None:
         raise PruneError(f"{method} needs calibration text")
+    if not 0 < damp < 1:
+        raise PruneError(f"damp must be between 0 and 1 (a fraction of the Hessian's mean diagonal), "
+                         f"got {damp}")
     for block in model.blocks:
         for name, layer in linear_layers(block).items():
             try:
@@ -180,7 +184,7 @@ def prune_model(model, method: str, sparsity: Sparsity, *, calibration: torch.Te
     def prune_block(block, inputs) -> None:
         for name, layer in linear_layers(block).items():
             w = layer.weight
-            if method == "magnitude":
+            if method == "magnitude" or not inputs[name].seen:  # unseen: an expert no token was routed to
                 w.masked_fill_(magnitude_mask(w, sparsity), 0.0)
             elif method == "wanda":
                 w.masked_fill_(wanda_mask(w, inputs[name].sq_sum, sparsity), 0.0)

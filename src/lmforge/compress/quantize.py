@@ -89,6 +89,13 @@ def quantize_model(model: Transformer, method: Method, grid: Grid, *,
         raise GridError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method in CALIBRATED and calibration is None:
         raise GridError(f"{method} needs calibration text")
+    if head not in ("int8", "same", "none"):
+        raise GridError(f"head must be int8, same or none, got {head!r}")
+    if act_order and method != "gptq":
+        raise GridError("act-order is a GPTQ option (rtn and awq round every weight on its own)")
+    if not 0 < damp < 1:
+        raise GridError(f"damp must be between 0 and 1 (a fraction of the Hessian's mean diagonal), "
+                        f"got {damp}")
     check_grid(model, grid)
     report = QuantizeReport(method, grid.bits, grid.group_size if grid.bits < 8 else 0, head,
                             bytes_before=weight_bytes(model))
@@ -101,14 +108,18 @@ def quantize_model(model: Transformer, method: Method, grid: Grid, *,
 
         def visit(index, block, inputs):
             for name, layer in linear_layers(block).items():
-                result = gptq(layer.weight, inputs[name].hessian(), grid, damp=damp, act_order=act_order)
-                losses[f"blocks.{index}.{name}"] = result.loss
-                set_module(block, name, grid.layer(result.codes, result.step, result.offset, layer.bias)
-                           .to(layer.weight.device))
+                report.layers += 1
+                if not inputs[name].seen:  # an expert no calibration token was routed to: nothing to fit
+                    codes, step, offset = grid.rtn(layer.weight)
+                else:
+                    result = gptq(layer.weight, inputs[name].hessian(), grid, damp=damp, act_order=act_order)
+                    losses[f"blocks.{index}.{name}"] = result.loss
+                    codes, step, offset = result.codes, result.step, result.offset
+                set_module(block, name, grid.layer(codes, step, offset, layer.bias).to(layer.weight.device))
             inputs.clear()
 
         walk_blocks(model, calibration, visit, batch_size=batch_size, progress=progress)
-        report.layers, report.details = len(losses), {"loss": losses, "act_order": act_order, "damp": damp}
+        report.details = {"loss": losses, "act_order": act_order, "damp": damp}
     else:
         alphas: dict[str, float] = {}
 
@@ -132,16 +143,11 @@ def quantize_model(model: Transformer, method: Method, grid: Grid, *,
 def _quantize_head(model: Transformer, grid: Grid, head: str) -> None:
     if head == "none":
         return
-    if head == "int8":
-        mode, group = "int8", 32
-    elif head == "same":
-        if grid.bits == 8:
-            mode, group = "int8", 32
-        else:  # round-to-nearest on the body's grid
-            weight = model.head_weight
-            layer = grid.layer(*grid.rtn(weight), None).to(weight.device)
-            model.lm_head = layer
-            return
+    weight = model.head_weight
+    if head == "same" and grid.bits < 8:  # round-to-nearest on the body's grid
+        model.lm_head = grid.layer(*grid.rtn(weight), None).to(weight.device)
     else:
-        raise GridError(f"head must be int8, same or none, got {head!r}")
-    model.lm_head = quantize_linear(model.head_weight, mode, group)
+        model.lm_head = quantize_linear(weight, "int8")
+    if model.config.tie_embeddings:  # the saved folder keeps only the rounded head; so does the lookup
+        with torch.no_grad():
+            model.embed.weight.copy_(model.lm_head.dequantize(model.embed.weight.dtype))

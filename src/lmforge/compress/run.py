@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.compress.calibration import (
+    CalibrationError,
     calibration_windows,
     default_calibration_files,
     default_heldout_files,
     heldout_windows,
     token_stream,
 )
-from lmforge.compress.grid import Grid
+from lmforge.compress.grid import Grid, GridError
 from lmforge.compress.prune import PruneError, Sparsity, prune_model
 from lmforge.compress.quantize import CALIBRATED, quantize_model
 from lmforge.compress.structured import STRUCTURES, shrink_model
@@ -36,19 +37,43 @@ def _say(quiet: bool):
     return (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr, flush=True))
 
 
-def _load(spec: str):
+def _check_damp(damp: float) -> None:
+    if not 0 < damp < 1:
+        raise ValueError(f"--damp must be between 0 and 1 (a fraction of the Hessian's mean diagonal), "
+                         f"got {damp}")
+
+
+def _load(spec: str, output: str, samples: int, seq_len: int):
+    """The model to compress, once the settings that need no model have been checked."""
     from lmforge.infer.loading import load_model
 
+    if samples < 1 or seq_len < 2:
+        raise CalibrationError(f"need at least 1 sample of at least 2 tokens, got --samples {samples} "
+                               f"--seq-len {seq_len}")
     loaded = load_model(spec)
+    target = Path(output).expanduser()
+    if target.resolve() == loaded.path.resolve():
+        raise ValueError(f"-o {output} is the model being compressed; write somewhere else")
+    markers = ("lmforge.json", "config.json", "model.safetensors")
+    if target.is_dir() and any(target.iterdir()) and not any((target / m).exists() for m in markers):
+        raise ValueError(f"-o {output} is a folder holding something other than a model; it would be "
+                         f"replaced: choose a new or empty folder")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"-o {output} is a file; the output is a folder")
     if any(isinstance(m, QuantizedLinear) for m in loaded.model.modules()):
         raise ValueError(f"{spec} is already quantized: compress a float model (a checkpoint, a GGUF file "
                          f"or a sample)")
     return loaded
 
 
-def _calibration(tokenizer, files: Sequence[str] | None, samples: int, seq_len: int, seed: int):
+def _calibration(loaded, files: Sequence[str] | None, samples: int, seq_len: int, seed: int):
     sources = list(files) if files else default_calibration_files()
-    return calibration_windows(token_stream(tokenizer, sources), samples, seq_len, seed), sources
+    windows = calibration_windows(token_stream(loaded.tokenizer, sources), samples, seq_len, seed)
+    vocab = loaded.model.config.vocab_size
+    if int(windows.max()) >= vocab:
+        raise CalibrationError(f"the calibration tokens reach id {int(windows.max())}, past the model's "
+                               f"vocabulary ({vocab}): token shards made with another tokenizer?")
+    return windows, sources
 
 
 def _folder_bytes(path: Path) -> int:
@@ -89,13 +114,18 @@ def quantize_command(model: str, method: str, bits: int, output: str, *, group_s
                      quiet: bool = False) -> dict[str, Any]:
     say = _say(quiet)
     grid = Grid(bits, group_size)
-    loaded = _load(model)
-    before = _measure(loaded.model, loaded.tokenizer, heldout, seq_len, say) if measure else None
+    if act_order and method != "gptq":
+        raise GridError("--act-order is a GPTQ option (rtn and awq round every weight on its own)")
+    _check_damp(damp)
+    loaded = _load(model, output, samples, seq_len)
     windows = None
     if method in CALIBRATED:
-        windows, sources = _calibration(loaded.tokenizer, calibration, samples, seq_len, seed)
+        windows, sources = _calibration(loaded, calibration, samples, seq_len, seed)
         say(f"calibrating on {windows.shape[0]} windows of {windows.shape[1]} tokens from {len(sources)} "
             f"source(s)")
+    elif calibration:
+        raise GridError(f"{method} uses no calibration text (drop --calibration)")
+    before = _measure(loaded.model, loaded.tokenizer, heldout, seq_len, say) if measure else None
     report = quantize_model(loaded.model, method, grid, calibration=windows, head=head, act_order=act_order,
                             damp=damp, progress=say)
     summary = {"command": "quantize", "model": model, "method": method, "bits": bits,
@@ -116,15 +146,16 @@ def prune_command(model: str, method: str, sparsity: str, output: str, *,
     pattern = Sparsity.parse(sparsity)
     if method in STRUCTURES and pattern.structured:
         raise PruneError(f"{method} pruning removes a fraction (0.25), not an n:m pattern")
-    loaded = _load(model)
-    before = _measure(loaded.model, loaded.tokenizer, heldout, seq_len, say) if measure else None
+    _check_damp(damp)
+    loaded = _load(model, output, samples, seq_len)
     windows = None
     if method != "magnitude":
-        windows, sources = _calibration(loaded.tokenizer, calibration, samples, seq_len, seed)
+        windows, sources = _calibration(loaded, calibration, samples, seq_len, seed)
         say(f"calibrating on {windows.shape[0]} windows of {windows.shape[1]} tokens from {len(sources)} "
             f"source(s)")
     elif calibration:
         raise PruneError("magnitude pruning uses no calibration text (drop --calibration)")
+    before = _measure(loaded.model, loaded.tokenizer, heldout, seq_len, say) if measure else None
     if method in STRUCTURES:
         loaded.model, shrunk = shrink_model(loaded.model, method, pattern.fraction, windows, progress=say)
         summary = {"command": "prune", "model": model, "method": method, "sparsity": str(pattern),

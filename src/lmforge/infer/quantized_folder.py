@@ -97,6 +97,8 @@ def load_quantized(folder: str | Path, *, device: str = "cpu") -> Transformer:
         info = read_json(info_path, allow_nonfinite=True)
     except JSONInputError as err:
         raise CheckpointError(f"{info_path}: not readable JSON ({err.reason})") from err
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{info_path}: expected a JSON object")
     layers = info.get("quantized_layers")
     if not isinstance(info.get("config"), dict) or not isinstance(layers, dict) or not layers:
         raise CheckpointError(f"{info_path}: a quantized folder needs 'config' and 'quantized_layers'")

@@ -168,6 +168,10 @@ def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> t
     u = torch.stack([torch.rand((), generator=g, device=probs.device, dtype=torch.float64)
                      for g in generators])
     cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1]
+    if not bool(torch.isfinite(total).all() and (total > 0).all() and (probs >= 0).all()):
+        raise ValueError("cannot sample: a row of probabilities is negative, NaN, infinite or all zero "
+                         "(the model produced non-finite logits?)")
     # the first token whose cumulative probability exceeds u (scaled to the row's total, so
     # rounding cannot leave u past the end); zero-probability tokens add nothing and are never it
     tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
