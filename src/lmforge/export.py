@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -23,6 +23,35 @@ GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 class ExportError(ValueError):
     """A model that cannot be written in the format asked for, and why."""
+
+
+def gguf_state(model) -> tuple[dict[str, torch.Tensor], dict[str, tuple[Any, Any]]]:
+    """(float state dict, GGML blocks) for `export_gguf`: a quantized model's int4 layers become Q4_1
+    blocks with the very codes, steps and offsets it holds (any group size that is a multiple of 32
+    is a run of Q4_1 blocks sharing one step and offset; 3-bit codes are 4-bit codes below 8), and
+    its int8 layers Q8_0 blocks (the per-row scale rounded to f16). A float model: no blocks.
+
+    With tied embeddings and a quantized head the head's blocks become `token_embd`, which
+    llama.cpp reads for both the lookup and the output, as lmforge does."""
+    from lmforge.formats.ggml import GGMLType, encode_q4_1, encode_q8_0
+    from lmforge.infer.quant import Int4Linear, Int8Linear, QuantizedLinear
+
+    state = {k: v for k, v in model.state_dict().items()}
+    blocks: dict[str, tuple[Any, Any]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        for buffer in ("qweight", "scale", "packed", "dm"):
+            state.pop(f"{name}.{buffer}", None)
+        key = "embed.weight" if name == "lm_head" and model.config.tie_embeddings else f"{name}.weight"
+        state[key] = module.dequantize()
+        if isinstance(module, Int4Linear):
+            step, offset = (t.repeat_interleave(module.group_size // 32, dim=1).numpy()
+                            for t in module.dm.float().unbind(-1))
+            blocks[key] = (GGMLType.Q4_1, encode_q4_1(module.unpack().numpy(), step, offset))
+        elif isinstance(module, Int8Linear):
+            blocks[key] = (GGMLType.Q8_0, encode_q8_0(module.qweight.numpy(), module.scale.numpy()))
+    return state, blocks
 
 
 @dataclass
@@ -64,7 +93,8 @@ def export_model(spec: str | os.PathLike[str], target: Target, output: str | os.
     if target == "hf":
         from lmforge.model.checkpoint import save_checkpoint
 
-        save_checkpoint(output, model, tokenizer=tokenizer, dtype=HF_DTYPES[dtype],
+        state, _blocks = gguf_state(model)  # a quantized model: its rounded weights, in float
+        save_checkpoint(output, state, model.config, tokenizer=tokenizer, dtype=HF_DTYPES[dtype],
                         extra={"source": f"lmforge export of {source}"})
         size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     else:
@@ -76,8 +106,9 @@ def export_model(spec: str | os.PathLike[str], target: Target, output: str | os.
             tokenizer_metadata = tokenizer.gguf_metadata()
         except ValueError as err:
             raise ExportError(f"the tokenizer cannot be stored in GGUF: {err}") from err
-        export_gguf(output, model.config, model.state_dict(), tokenizer_metadata, dtype,  # type: ignore[arg-type]
-                    name=source.name)
+        state, blocks = gguf_state(model)
+        export_gguf(output, model.config, state, tokenizer_metadata, dtype,  # type: ignore[arg-type]
+                    name=source.name, blocks=blocks)
         size = output.stat().st_size
     return ExportResult(source=str(source), output=str(output), target=target, dtype=dtype,
                         parameters=model.config.num_parameters(), bytes=size)

@@ -129,3 +129,60 @@ def test_variants_of_llama_mean_the_same_in_llama_cpp(overrides, smollm2_tokeniz
     ours, theirs = lmforge_logits(model, ids), llama_cpp_logits(llm, ids)
     assert np.abs(ours - theirs).max() < 1e-4 * np.abs(ours).max()
     llm.close()
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_a_gptq_model_exports_its_own_codes_to_q4_1(bits, smollm2_tokenizer_metadata, tmp_path):
+    """`lmforge quantize` output -> GGUF: the int4 layers' codes, steps and offsets become Q4_1 blocks
+    as they are (groups of 64 are pairs of blocks sharing a step), the int8 head Q8_0: llama.cpp
+    runs the weights GPTQ chose, not a second rounding of them."""
+    from lmforge.compress.grid import Grid
+    from lmforge.compress.quantize import quantize_model
+    from lmforge.export import gguf_state
+    from lmforge.formats.ggml import GGMLType
+
+    config = ModelConfig(vocab_size=49152, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256,
+                         max_seq_len=256, position="rope", norm="rmsnorm", norm_eps=1e-6, mlp="swiglu",
+                         qkv_bias=False, out_bias=False, mlp_bias=False, norm_bias=False, tie_embeddings=True)
+    torch.manual_seed(0)
+    model = Transformer(config).eval().requires_grad_(False)
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.mul_(10.0)
+    calibration = torch.randint(100, 2000, (4, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, "gptq", Grid(bits, 64), calibration=calibration)
+    state, blocks = gguf_state(model)
+    assert {kind for kind, _ in blocks.values()} == {GGMLType.Q4_1, GGMLType.Q8_0}
+    path = export_gguf(tmp_path / "gptq.gguf", config, state, smollm2_tokenizer_metadata, "f16",
+                       blocks=blocks)
+    _, read_back, _ = load_gguf_model(path)
+    for key, (kind, _) in blocks.items():
+        if kind == GGMLType.Q4_1:  # exactly the quantizer's numbers
+            assert torch.equal(read_back[key], state[key]), key
+        else:  # the int8 head's per-row scale, rounded to f16
+            assert torch.allclose(read_back[key], state[key], rtol=2e-3, atol=1e-6), key
+    llm = llama_cpp_model(path)
+    ids = list(range(100, 140))
+    ours, theirs = lmforge_logits(model, ids), llama_cpp_logits(llm, ids)
+    # llama.cpp rounds activations to 8 bits in quantized matmuls (see the Q8_0 test): close, not equal
+    assert np.abs(ours - theirs).max() < 0.1 * np.abs(ours).max()
+    llm.close()
+
+
+def test_a_quantized_smollm2_decodes_the_same_in_llama_cpp(smollm2_lmforge, smollm2_tokenizer_metadata,
+                                                          smollm2_prompt_ids, tmp_path):
+    import copy
+
+    from lmforge.compress.grid import Grid
+    from lmforge.compress.quantize import quantize_model
+    from lmforge.export import gguf_state
+
+    model = copy.deepcopy(smollm2_lmforge)
+    quantize_model(model, "rtn", Grid(4, 64))
+    state, blocks = gguf_state(model)
+    path = export_gguf(tmp_path / "smollm2-rtn4.gguf", model.config, state, smollm2_tokenizer_metadata, "f16",
+                       blocks=blocks)
+    llm = llama_cpp_model(path)
+    ids = smollm2_prompt_ids[0].tolist()
+    assert lmforge_greedy(model, ids, GREEDY_STEPS) == llama_cpp_greedy(llm, ids, GREEDY_STEPS)
+    llm.close()

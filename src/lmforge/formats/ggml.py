@@ -222,6 +222,42 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     return out.reshape(*x.shape[:-1], x.shape[-1] // 32 * 34)
 
 
+def encode_q4_1(codes: np.ndarray, step: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Q4_1 blocks holding given 4-bit codes exactly: codes uint8 [rows, n] (0..15), step and offset
+    [rows, n / 32] (stored as f16) -> uint8 [rows, n / 32 * 20]; w = step * code + offset.
+
+    The inverse of `_dequant_q4_1` for codes that are already chosen (by GPTQ, AWQ, ...): no
+    rounding happens here, so llama.cpp reads exactly the weights the quantizer picked."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    rows, n = codes.shape
+    if n % 32 or codes.max(initial=0) > 15 or step.shape != (rows, n // 32) or offset.shape != step.shape:
+        raise GGMLError(f"Q4_1 needs codes 0..15 in rows of a multiple of 32 and one step/offset per 32, "
+                        f"got codes {codes.shape} and steps {step.shape}")
+    blocks = codes.reshape(rows, n // 32, 32)
+    out = np.empty((rows, n // 32, 20), dtype=np.uint8)
+    out[..., 0:2] = np.asarray(step, dtype="<f2")[..., None].view(np.uint8)
+    out[..., 2:4] = np.asarray(offset, dtype="<f2")[..., None].view(np.uint8)
+    out[..., 4:] = blocks[..., :16] | (blocks[..., 16:] << 4)
+    return out.reshape(rows, n // 32 * 20)
+
+
+def encode_q8_0(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks holding given int8 codes: codes int8 [rows, n], scale [rows] per row (as
+    lmforge's int8 layers keep it) or [rows, n / 32] -> uint8 [rows, n / 32 * 34]; w = scale * code.
+    The scale is stored in f16 (Q8_0's format): the only rounding."""
+    codes = np.asarray(codes, dtype=np.int8)
+    rows, n = codes.shape
+    scale = np.asarray(scale, dtype=np.float32)
+    scale = np.repeat(scale[:, None], n // 32, axis=1) if scale.ndim == 1 else scale
+    if n % 32 or scale.shape != (rows, n // 32):
+        raise GGMLError(f"Q8_0 needs rows of a multiple of 32 and a scale per row or per 32, got codes "
+                        f"{codes.shape} and scales {scale.shape}")
+    out = np.empty((rows, n // 32, 34), dtype=np.uint8)
+    out[..., 0:2] = scale.astype("<f2")[..., None].view(np.uint8)
+    out[..., 2:] = codes.reshape(rows, n // 32, 32).view(np.uint8)
+    return out.reshape(rows, n // 32 * 34)
+
+
 def to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16), rounded to nearest even as ggml and PyTorch do; NaN stays NaN."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)

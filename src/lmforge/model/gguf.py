@@ -339,11 +339,15 @@ def export_gguf(
     dtype: ExportDType = "f16",
     *,
     name: str | None = None,
+    blocks: Mapping[str, tuple[GGMLType, np.ndarray]] | None = None,
 ) -> Path:
     """Write a llama-architecture GGUF v3 that llama.cpp loads, atomically.
 
     `tokenizer_metadata` supplies the `tokenizer.*` keys (`Tokenizer.gguf_metadata()`).
-    Matrices are stored as `dtype`; norms and other 1-D tensors stay F32.
+    Matrices are stored as `dtype`; norms and other 1-D tensors stay F32. `blocks` maps
+    some of lmforge's tensor names to ready-made GGML blocks (rows in lmforge's order; a
+    quantized model's own integers, `formats.ggml.encode_q4_1`), written as they are; the
+    state dict still holds those tensors in float, for the checks.
     """
     if dtype not in _FILE_TYPES:
         raise GGUFError(f"dtype must be one of {', '.join(_FILE_TYPES)}, got {dtype!r}")
@@ -371,7 +375,16 @@ def export_gguf(
         heads = _permuted_heads(ours, config)
         return _permute_rows(w, heads, to_gguf=True) if heads else w
 
-    tensors = [_encode_weight(theirs, array(ours), dtype) for ours, theirs in names.items()]
+    def tensor(ours: str, theirs: str) -> TensorData:
+        if blocks is None or ours not in blocks:
+            return _encode_weight(theirs, array(ours), dtype)
+        kind, data = blocks[ours]
+        array(ours)  # the checks: shape and finite values
+        heads = _permuted_heads(ours, config)
+        return TensorData(theirs, shapes[ours], kind,
+                          _permute_rows(data, heads, to_gguf=True) if heads else data)
+
+    tensors = [tensor(ours, theirs) for ours, theirs in names.items()]
     for i in range(config.n_layers):
         for proj, stacked in _EXPERT_PROJECTIONS.items() if config.n_experts else ():
             for part in ("weight", "bias")[:1 + config.mlp_bias]:
