@@ -89,3 +89,18 @@ def test_an_already_quantized_model_is_refused(workspace, capsys):
     assert main(["quantize", "--model", str(out), "--method", "rtn", "--bits", "8", "-o",
                  str(workspace / "again"), "-q"]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_export_to_hf_writes_the_rounded_weights_transformers_runs_the_same(workspace):
+    transformers = pytest.importorskip("transformers")
+    from lmforge.infer.loading import load_model
+
+    out = workspace / "q"
+    assert main(["quantize", "--model", str(workspace / "model"), "--method", "rtn", "--bits", "4",
+                 "--group-size", "32", "-o", str(out), "-q"]) == 0
+    assert main(["export", "--model", str(out), "--to", "hf", "-o", str(workspace / "hf")]) == 0
+    quantized = load_model(out).model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(workspace / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, quantized(ids).logits, atol=1e-4)
