@@ -99,3 +99,26 @@ def test_pruning_a_model_with_data_keeps_more_of_it_than_magnitude(pattern, cali
         assert (model.embed.weight != 0).all()  # embeddings (and the tied head) untouched
         errors[method] = logits_error(model, reference)
     assert errors["wanda"] < errors["magnitude"] and errors["sparsegpt"] < errors["magnitude"], errors
+
+
+def test_true_sequential_gptq_calibrates_later_layers_on_the_rounded_earlier_ones(calibration, monkeypatch):
+    import lmforge.compress.quantize as quantize
+
+    seen: dict[tuple[bool, str], torch.Tensor] = {}
+    real = quantize.gptq
+
+    def spy(weight, hessian, grid, **kwargs):
+        name = next((n for n, m in model.blocks[0].named_modules() if getattr(m, "weight", None) is weight),
+                    None)  # block 0's layers only
+        if name is not None:
+            seen[sequential, name] = hessian.clone()
+        return real(weight, hessian, grid, **kwargs)
+
+    monkeypatch.setattr(quantize, "gptq", spy)
+    for sequential in (True, False):
+        model = tiny_lm()
+        quantize_model(model, "gptq", Grid(3, 32), calibration=calibration, sequential=sequential)
+    # q sees the block's input either way; o and down see what the rounded q/k/v and gate/up produce
+    assert torch.equal(seen[True, "attn.q_proj"], seen[False, "attn.q_proj"])
+    for later in ("attn.o_proj", "mlp.down_proj"):
+        assert not torch.allclose(seen[True, later], seen[False, later])

@@ -118,7 +118,32 @@ def first_block_inputs(model: Transformer, calibration: torch.Tensor,
     return xs
 
 
-Visit = Callable[[int, Block, dict[str, LinearInputs]], None]
+class BlockInputs(dict):
+    """name -> `LinearInputs` of one block's linear layers, and `refresh(names)`: record those layers'
+    inputs again with the block as it is now (GPTQ's "true sequential" order: o_proj calibrated on
+    what the already-rounded q/k/v produce, down_proj on what the rounded gate/up produce)."""
+
+    def __init__(self, block: Block, batches: list, *, xtx: bool, max_samples: int,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        self.block, self.batches = block, batches
+        self.options = dict(xtx=xtx, max_samples=max_samples, generator=generator)
+        self.refresh(list(linear_layers(block)))
+
+    def refresh(self, names: list[str]) -> None:
+        layers = linear_layers(self.block)
+        for name in names:
+            self[name] = LinearInputs()
+        hooks = [layers[name].register_forward_hook(_Recorder(self[name], **self.options)) for name in names]
+        try:
+            for x, rope, mask in self.batches:
+                self.block(x, rope, mask, None)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+Visit = Callable[[int, Block, BlockInputs], None]
 
 
 @torch.no_grad()
@@ -137,17 +162,8 @@ def walk_blocks(model: Transformer, calibration: torch.Tensor, visit: Visit, *, 
     batches = first_block_inputs(model, calibration, batch_size)
     started = time.perf_counter()
     for index, block in enumerate(model.blocks):
-        stats = {name: LinearInputs() for name in linear_layers(block)}
-        hooks = [layer.register_forward_hook(_Recorder(stats[name], xtx=xtx, max_samples=max_samples,
-                                                       generator=generator))
-                 for name, layer in linear_layers(block).items()]
-        try:
-            for x, rope, mask in batches:
-                block(x, rope, mask, None)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        visit(index, block, stats)
+        inputs = BlockInputs(block, batches, xtx=xtx, max_samples=max_samples, generator=generator)
+        visit(index, block, inputs)
         batches = [(block(x, rope, mask, None)[0], rope, mask) for x, rope, mask in batches]
         if progress is not None:
             done = index + 1

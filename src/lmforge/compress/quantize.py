@@ -8,8 +8,10 @@ sensitive matrix, and a fifth of SmolLM2's weights.
 
 - `rtn`: each group's full range, rounded to nearest. No data. The baseline.
 - `gptq`: block by block over calibration text (`layerwise.walk_blocks`); each layer
-  rounded by GPTQ from its inputs' Hessian (all layers of a block from the inputs the
-  block saw before any of them changed, as AutoGPTQ does without `true_sequential`).
+  rounded by GPTQ from its inputs' Hessian, in "true sequential" order (AutoGPTQ's
+  default): q/k/v, then o_proj on what the rounded q/k/v produce, then gate/up, then
+  down_proj on what the rounded gate/up produce (`sequential=False`: every layer from the
+  inputs the block saw before any of them changed).
 - `awq`: block by block, scales folded in and ranges clipped (`awq.awq_block`), then
   every layer rounded to nearest.
 """
@@ -66,6 +68,18 @@ def _round_to_nearest(block: nn.Module, grid: Grid) -> int:
     return count
 
 
+def sequential_stages(block: nn.Module) -> list[list[str]]:
+    """The block's linear layers in the order their inputs depend on each other: q/k/v (one input),
+    o, gate/up (one input), down; anything else (MoE experts, GPT-2's MLP) in a last stage."""
+    names = list(linear_layers(block))
+    stages = [[n for n in ("attn.q_proj", "attn.k_proj", "attn.v_proj") if n in names], ["attn.o_proj"],
+              [n for n in ("mlp.gate_proj", "mlp.up_proj") if n in names], ["mlp.down_proj"]]
+    stages = [[n for n in stage if n in names] for stage in stages]
+    placed = {n for stage in stages for n in stage}
+    stages.append([n for n in names if n not in placed])
+    return [stage for stage in stages if stage]
+
+
 def check_grid(model: Transformer, grid: Grid) -> None:
     """Fail before any work if some layer cannot be stored on this grid."""
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
@@ -82,7 +96,7 @@ def check_grid(model: Transformer, grid: Grid) -> None:
 def quantize_model(model: Transformer, method: Method, grid: Grid, *,
                    calibration: torch.Tensor | None = None,
                    head: Literal["int8", "same", "none"] = "int8", act_order: bool = False,
-                   damp: float = 0.01, batch_size: int = 8,
+                   damp: float = 0.01, sequential: bool = True, batch_size: int = 8,
                    progress: Callable[[str], None] | None = None) -> QuantizeReport:
     """Quantize `model` in place; `calibration` [samples, tokens] ids for gptq and awq."""
     if method not in METHODS:
@@ -107,19 +121,26 @@ def quantize_model(model: Transformer, method: Method, grid: Grid, *,
         losses: dict[str, float] = {}
 
         def visit(index, block, inputs):
-            for name, layer in linear_layers(block).items():
-                report.layers += 1
-                if not inputs[name].seen:  # an expert no calibration token was routed to: nothing to fit
-                    codes, step, offset = grid.rtn(layer.weight)
-                else:
-                    result = gptq(layer.weight, inputs[name].hessian(), grid, damp=damp, act_order=act_order)
-                    losses[f"blocks.{index}.{name}"] = result.loss
-                    codes, step, offset = result.codes, result.step, result.offset
-                set_module(block, name, grid.layer(codes, step, offset, layer.bias).to(layer.weight.device))
+            for stage, names in enumerate(sequential_stages(block)):
+                if stage and sequential:  # inputs as the layers rounded so far now produce them
+                    inputs.refresh(names)
+                for name in names:
+                    quantize_layer(index, block, name, inputs)
             inputs.clear()
 
+        def quantize_layer(index, block, name, inputs):
+            layer = block.get_submodule(name)
+            report.layers += 1
+            if not inputs[name].seen:  # an expert no calibration token was routed to: nothing to fit
+                codes, step, offset = grid.rtn(layer.weight)
+            else:
+                result = gptq(layer.weight, inputs[name].hessian(), grid, damp=damp, act_order=act_order)
+                losses[f"blocks.{index}.{name}"] = result.loss
+                codes, step, offset = result.codes, result.step, result.offset
+            set_module(block, name, grid.layer(codes, step, offset, layer.bias).to(layer.weight.device))
+
         walk_blocks(model, calibration, visit, batch_size=batch_size, progress=progress)
-        report.details = {"loss": losses, "act_order": act_order, "damp": damp}
+        report.details = {"loss": losses, "act_order": act_order, "damp": damp, "sequential": sequential}
     else:
         alphas: dict[str, float] = {}
 
