@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     decode_by_format: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix="bench-compress-"))
 
+    def save(goals: list | None = None) -> None:  # after every row: a crash keeps what was measured
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine, "settings": vars(args), "rows": rows,
+                                                   "goals": goals or []}, indent=2) + "\n")
+
     def record(label: str, model, folder: Path | None, seconds: float, fmt: str | None, **extra) -> None:
         score = perplexity(model, heldout)
         row = {"label": label, "perplexity": score.perplexity,
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             decode_by_format[fmt] = max(measure() for _ in range(2))
         row["decode_tokens_per_s"] = decode_by_format.get(fmt)
         rows.append(row)
+        save()
         size = f"{row['bytes'] / 1e6:7.1f} MB" if row["bytes"] else "      -   "
         speed = f"{row['decode_tokens_per_s']:6.1f} tok/s" if row["decode_tokens_per_s"] else "     -     "
         print(f"  {label:28s} ppl {row['perplexity']:8.3f}  {size}  {speed}  ({seconds:.0f} s to make)",
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             decode = max(llamacpp_decoder(path, prompt, args.decode_tokens, args.threads)() for _ in range(2))
             rows.append({"label": label, "perplexity": ppl, "bytes": weights_bytes(path),
                          "compress_seconds": made, "eval_seconds": seconds, "decode_tokens_per_s": decode})
+            save()
             print(f"  {label:28s} ppl {ppl:8.3f}  {weights_bytes(path) / 1e6:7.1f} MB  {decode:6.1f} tok/s  "
                   f"({made:.0f} s to make)", flush=True)
     for label, method, pattern in PRUNED:
@@ -248,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for g in goals:
             print(f"  {g['goal']}: ratio {g['ratio']:.3f} -> {'met' if g['met'] else 'NOT met'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "settings": vars(args), "rows": rows,
-                                               "goals": goals}, indent=2) + "\n")
+    save(goals)
     return 0
 
 
