@@ -231,20 +231,20 @@ def main(argv: list[str] | None = None) -> int:
         def loss(label: str) -> float | None:
             return by_label[label] - by_label["fp32"] if label in by_label else None
 
+        def half_of(label: str, baseline: str) -> None:
+            """The goal that `label` loses at most half the perplexity `baseline` loses."""
+            mine, theirs = loss(label), loss(baseline)
+            if mine is not None and theirs is not None:
+                goals.append({"goal": f"{label} loses <= half of {baseline}'s perplexity",
+                              "ratio": mine / theirs, "met": mine <= 0.5 * theirs})
+
         for bits in (4, 3):
-            rtn = loss(f"RTN {bits}-bit g64")
             for method in ("GPTQ", "AWQ"):
-                mine = loss(f"{method} {bits}-bit g64")
-                if rtn is not None and mine is not None:
-                    goals.append({"goal": f"{method} {bits}-bit loses <= half of RTN {bits}-bit's perplexity",
-                                  "ratio": mine / rtn, "met": mine <= 0.5 * rtn})
+                half_of(f"{method} {bits}-bit g64", f"RTN {bits}-bit g64")
+            half_of(f"GPTQ {bits}-bit g64 act-order", f"RTN {bits}-bit g64")
         for pattern in ("0.5", "2:4"):
-            magnitude = loss(f"magnitude {pattern}")
             for method in ("wanda", "sparsegpt"):
-                mine = loss(f"{method} {pattern}")
-                if magnitude is not None and mine is not None:
-                    goals.append({"goal": f"{method} {pattern} loses <= half of magnitude {pattern}'s",
-                                  "ratio": mine / magnitude, "met": mine <= 0.5 * magnitude})
+                half_of(f"{method} {pattern}", f"magnitude {pattern}")
         speed = {r["label"]: r["decode_tokens_per_s"] for r in rows}
         for label, _structure, fraction in STRUCTURED:
             if label in speed and fraction <= 0.26:

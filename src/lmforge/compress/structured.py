@@ -132,6 +132,17 @@ def block_influence(model: Transformer, calibration: torch.Tensor, batch_size: i
     return total / count
 
 
+def _keep_best(model: Transformer, calibration: torch.Tensor, reads: str, score, shrink, keep: int,
+               batch_size: int, progress) -> None:
+    """Walk the blocks; in each, score its parts from the inputs layer `reads` saw and keep the best
+    `keep` of them (in their original order)."""
+    def visit(index, block, inputs):
+        shrink(block, score(block, inputs[reads]).topk(keep).indices.sort().values)
+        inputs.clear()
+
+    walk_blocks(model, calibration, visit, xtx=False, batch_size=batch_size, progress=progress)
+
+
 def _rebuilt(model: Transformer, config, blocks: list[int] | None = None) -> Transformer:
     """A fresh `Transformer` of `config` holding `model`'s (shrunk) tensors; `blocks` renumbers layers."""
     state = model.state_dict()
@@ -179,12 +190,8 @@ def shrink_model(model: Transformer, structure: str, fraction: float, calibratio
             raise StructureError(f"removing {fraction:.0%} of {config.d_ff} channels, rounded to a multiple "
                                  f"of {CHANNEL_MULTIPLE}, removes nothing")
 
-        def visit(index, block, inputs):
-            scores = channel_scores(block.mlp, inputs["mlp.down_proj"])
-            shrink_channels(block.mlp, scores.topk(width).indices.sort().values)
-            inputs.clear()
-
-        walk_blocks(model, calibration, visit, xtx=False, batch_size=batch_size, progress=progress)
+        _keep_best(model, calibration, "mlp.down_proj", lambda b, seen: channel_scores(b.mlp, seen),
+                   lambda b, keep: shrink_channels(b.mlp, keep), width, batch_size, progress)
         new = _rebuilt(model, dataclasses.replace(config, d_ff=width))
         kept = f"{width} of {config.d_ff} MLP channels in every block"
     else:
@@ -197,13 +204,9 @@ def shrink_model(model: Transformer, structure: str, fraction: float, calibratio
             raise StructureError(f"removing {fraction:.0%} of {groups} key/value head groups keeps "
                                  f"{keep_groups}: nothing or everything")
 
-        def visit(index, block, inputs):
-            scores = group_scores(block.attn, inputs["attn.o_proj"])
-            shrink_heads(block.attn, scores.topk(keep_groups).indices.sort().values)
-            inputs.clear()
-
         head_dim = config.dim_per_head
-        walk_blocks(model, calibration, visit, xtx=False, batch_size=batch_size, progress=progress)
+        _keep_best(model, calibration, "attn.o_proj", lambda b, seen: group_scores(b.attn, seen),
+                   lambda b, keep: shrink_heads(b.attn, keep), keep_groups, batch_size, progress)
         per_group = config.n_heads // groups
         new = _rebuilt(model, dataclasses.replace(config, n_heads=keep_groups * per_group,
                                                   n_kv_heads=keep_groups, head_dim=head_dim))
