@@ -241,6 +241,25 @@ def encode_q4_1(codes: np.ndarray, step: np.ndarray, offset: np.ndarray) -> np.n
     return out.reshape(rows, n // 32 * 20)
 
 
+def decode_q4(raw: np.ndarray, ggml_type: GGMLType, rows: int, cols: int) -> tuple[np.ndarray, ...]:
+    """Q4_0 or Q4_1 blocks -> (codes uint8 [rows, cols] in 0..15, step, offset f32 [rows, cols / 32])
+    with w = step * code + offset: Q4_1 as stored, Q4_0's w = d * (q - 8) as offset -8d. The
+    inverse of `encode_q4_1`, and no arithmetic on the weights: an int4 layer can hold them as
+    they are."""
+    width = {GGMLType.Q4_0: 18, GGMLType.Q4_1: 20}.get(ggml_type)
+    if width is None or cols % 32:
+        raise GGMLError(f"decode_q4 reads Q4_0/Q4_1 rows of a multiple of 32, got {ggml_type} x {cols}")
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // 32, width)
+    step = _f16(blocks[..., :2].reshape(-1, 2)).reshape(rows, cols // 32)
+    if ggml_type == GGMLType.Q4_1:
+        offset = _f16(blocks[..., 2:4].reshape(-1, 2)).reshape(rows, cols // 32)
+    else:
+        offset = np.float32(-8) * step
+    nibbles = blocks[..., width - 16:]
+    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # weights 0..15, then 16..31
+    return codes.reshape(rows, cols), step.astype(np.float32), offset.astype(np.float32)
+
+
 def encode_q8_0(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Q8_0 blocks holding given int8 codes: codes int8 [rows, n], scale [rows] per row (as
     lmforge's int8 layers keep it) or [rows, n / 32] -> uint8 [rows, n / 32 * 34]; w = scale * code.

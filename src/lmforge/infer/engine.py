@@ -239,16 +239,20 @@ class Engine:
 
         `prepare(model)` runs on the loaded model before anything else (the CLI puts a
         fine-tuned adapter on it here); `quantize` ("int8", "int4") then quantizes the
-        model's linear layers; `draft` names a draft model for speculative decoding (loaded
+        model's linear layers (int4 from a Q4_0/Q4_1 GGUF keeps the file's own 4-bit
+        weights, exactly); `draft` names a draft model for speculative decoding (loaded
         the same way, quantized with `draft_quantize`). Other keywords go to `Engine(...)`.
         `engine.path` is the file or folder loaded."""
         from lmforge.infer.loading import load_model
-        from lmforge.infer.quant import quantize_model
+        from lmforge.infer.quant import adopt_int4_blocks, quantize_model
+        from lmforge.model.gguf import gguf_int4_blocks
 
         def load(spec, mode, prepare=None):
             loaded = load_model(spec, dtype=dtype, device=device)
             if prepare is not None:
                 prepare(loaded.model)
+            elif mode == "int4" and loaded.path.suffix == ".gguf":  # keep a Q4_0/Q4_1 file's own weights
+                adopt_int4_blocks(loaded.model, gguf_int4_blocks(loaded.path, loaded.model.config))
             if mode:
                 quantize_model(loaded.model, mode)
             return loaded

@@ -199,6 +199,26 @@ def quantize_model(model: nn.Module, mode: QuantMode, *, group_size: int = 32,
     return model
 
 
+def adopt_int4_blocks(model: nn.Module, blocks: dict) -> int:
+    """Replace the linear layers named in `blocks` ({"blocks.0.attn.q_proj.weight": (codes, step,
+    offset)}, numpy, groups of 32: a GGUF's own Q4_0/Q4_1 weights) with int4 layers holding exactly
+    those numbers; returns how many. Quantizing a Q4 file then keeps its weights instead of
+    dequantizing and rounding them a second time."""
+    count = 0
+    for name, (codes, step, offset) in blocks.items():
+        path = name.removesuffix(".weight")
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        if not isinstance(linear, nn.Linear) or tuple(codes.shape) != tuple(linear.weight.shape):
+            continue
+        dm = torch.stack([torch.from_numpy(step), torch.from_numpy(offset)], dim=-1).half()
+        layer = Int4Linear(pack_int4(torch.from_numpy(codes.astype("uint8"))), dm, 32, linear.bias)
+        setattr(parent, child, layer.to(linear.weight.device))
+        count += 1
+    return count
+
+
 def concat_linears(layers: Sequence[nn.Module]) -> nn.Module:
     """One layer computing all of `layers` at once (their outputs side by side).
 

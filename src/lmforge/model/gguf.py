@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lmforge.formats.ggml import GGMLType, quantize_q8_0, to_bf16
+from lmforge.formats.ggml import GGMLType, decode_q4, quantize_q8_0, to_bf16
 from lmforge.formats.gguf import GGUFError, GGUFFile, TensorData, TensorInfo, write_gguf
 from lmforge.model.config import ConfigError, ModelConfig
 
@@ -260,6 +260,27 @@ def load_gguf_model(
         shown = ", ".join(leftover[:8]) + (f" and {len(leftover) - 8} more" if len(leftover) > 8 else "")
         raise GGUFError(f"{path}: lmforge has no place for these tensors: {shown}")
     return config, state, dict(gguf.metadata)
+
+
+def gguf_int4_blocks(path: str | os.PathLike[str],
+                     config: ModelConfig) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The file's Q4_0/Q4_1 projection matrices as (codes, step, offset) per lmforge weight name,
+    rows in lmforge's order (W_q/W_k un-permuted like the float loader does), nothing rounded:
+    what an int4 layer needs to hold the file's own weights (`formats.ggml.decode_q4`)."""
+    gguf = GGUFFile(path)
+    arch = ARCHITECTURES[config.extra.get("gguf", {}).get("architecture", "llama")]
+    found = {}
+    for ours, theirs in tensor_names(config).items():
+        info = gguf.tensors.get(theirs)
+        if info is None or len(info.shape) != 2 or info.ggml_type not in (GGMLType.Q4_0, GGMLType.Q4_1):
+            continue
+        rows, cols = info.shape
+        parts = decode_q4(gguf.raw(theirs), info.ggml_type, rows, cols)
+        heads = _permuted_heads(ours, config)
+        if arch.permute_qk and heads:
+            parts = tuple(_permute_rows(p, heads, to_gguf=False) for p in parts)
+        found[ours] = parts
+    return found
 
 
 def _to_torch(w: np.ndarray) -> torch.Tensor:
