@@ -30,6 +30,7 @@ def test_quantize_writes_a_folder_that_generate_runs_and_reports_as_json(workspa
                  "--json", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "gptq" and summary["layers"] == 14 and summary["calibration_tokens"] == 128
+    assert summary["act_order"] is True  # gptq's default
     assert summary["bytes_after"] < summary["bytes_before"] / 2
     assert summary["heldout_before"]["tokens"] == summary["heldout_after"]["tokens"] > 0
     recorded = json.loads((out / "lmforge.json").read_text())["compression"]

@@ -65,8 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=64,
                    help="inputs per step/offset for 2-4 bits: a multiple of 32 dividing every layer's inputs "
                         "(default 64; SmolLM2's 576 inputs rule out 128)")
-    p.add_argument("--act-order", action="store_true",
-                   help="gptq: round the inputs with the largest activations first")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: round the inputs with the largest activations first (gptq's default: on; "
+                        "it halved the 4-bit loss on SmolLM2, docs/compression.md)")
     p.add_argument("--head", choices=("int8", "same", "none"), default="int8",
                    help="the LM head: int8 per channel (default, as GGUF files keep it), the body's grid by "
                         "round-to-nearest, or float")

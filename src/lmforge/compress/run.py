@@ -109,13 +109,14 @@ def _finish(summary: dict[str, Any], loaded, output: str, report: dict[str, Any]
 
 def quantize_command(model: str, method: str, bits: int, output: str, *, group_size: int = 64,
                      calibration: Sequence[str] | None = None, samples: int = 128, seq_len: int = 512,
-                     act_order: bool = False, damp: float = 0.01, head: str = "int8",
+                     act_order: bool | None = None, damp: float = 0.01, head: str = "int8",
                      measure: bool = False, heldout: Sequence[str] | None = None, seed: int = 0,
                      quiet: bool = False) -> dict[str, Any]:
     say = _say(quiet)
     grid = Grid(bits, group_size)
     if act_order and method != "gptq":
         raise GridError("--act-order is a GPTQ option (rtn and awq round every weight on its own)")
+    act_order = method == "gptq" if act_order is None else act_order  # gptq: on unless --no-act-order
     _check_damp(damp)
     loaded = _load(model, output, samples, seq_len)
     windows = None
