@@ -56,6 +56,7 @@ from lmforge.compress.calibration import (  # noqa: E402
 from lmforge.compress.grid import Grid  # noqa: E402
 from lmforge.compress.prune import Sparsity, prune_model  # noqa: E402
 from lmforge.compress.quantize import quantize_model  # noqa: E402
+from lmforge.compress.run import stored_bytes  # noqa: E402
 from lmforge.compress.structured import shrink_model  # noqa: E402
 from lmforge.eval.perplexity import perplexity  # noqa: E402
 from lmforge.infer.loading import load_model  # noqa: E402
@@ -78,12 +79,6 @@ PRUNED = [(f"{m} {s}", m, s) for s in ("0.5", "2:4") for m in ("magnitude", "wan
 STRUCTURED = [("channels 25%", "channels", 0.25), ("heads 1 of 3 groups", "heads", 0.34),
               ("layers 25%", "layers", 0.25)]
 LLAMACPP = [("llama.cpp Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"), ("llama.cpp Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M")]
-
-
-def weights_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
 def llamacpp_quantize(f32: Path, out: Path, ftype: str, threads: int) -> Path:
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     def record(label: str, model, folder: Path | None, seconds: float, fmt: str | None, **extra) -> None:
         score = perplexity(model, heldout)
         row = {"label": label, "perplexity": score.perplexity,
-               "bytes": weights_bytes(folder) if folder else None, "compress_seconds": seconds,
+               "bytes": stored_bytes(folder) if folder else None, "compress_seconds": seconds,
                "eval_seconds": score.seconds, **extra}
         if fmt is not None and fmt not in decode_by_format:
             measure = lmforge_decoder(model, prompt, args.decode_tokens)
@@ -203,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             made = time.perf_counter() - started
             ppl, seconds = llamacpp_perplexity(path, heldout, args.threads)
             decode = max(llamacpp_decoder(path, prompt, args.decode_tokens, args.threads)() for _ in range(2))
-            rows.append({"label": label, "perplexity": ppl, "bytes": weights_bytes(path),
+            rows.append({"label": label, "perplexity": ppl, "bytes": stored_bytes(path),
                          "compress_seconds": made, "eval_seconds": seconds, "decode_tokens_per_s": decode})
             save()
-            print(f"  {label:28s} ppl {ppl:8.3f}  {weights_bytes(path) / 1e6:7.1f} MB  {decode:6.1f} tok/s  "
+            print(f"  {label:28s} ppl {ppl:8.3f}  {stored_bytes(path) / 1e6:7.1f} MB  {decode:6.1f} tok/s  "
                   f"({made:.0f} s to make)", flush=True)
     for label, method, pattern in PRUNED:
         if not wanted(label):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.infer.quant import Int4Linear, Int8Linear, QuantizedLinear, pack_int4
+from lmforge.infer.quant import Int4Linear, Int8Linear, QuantizedLinear
 
 
 class GridError(ValueError):
@@ -69,14 +69,6 @@ class Grid:
         step = torch.where(step > 0, step, torch.ones_like(step))
         return step, low.half().float()
 
-    def fit_range(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(step, offset) for an explicit range per row (AWQ's clipped ranges)."""
-        if self.symmetric:
-            step = (torch.maximum(low.abs(), high.abs()) / 127).clamp(min=1e-12)
-            return step, torch.zeros_like(step)
-        step = ((high - low) / self.levels).half().float()
-        return torch.where(step > 0, step, torch.ones_like(step)), low.half().float()
-
     def codes(self, w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Nearest codes of `w` [rows, ...] on the grid (step, offset broadcast over its last dims)."""
         while step.dim() < w.dim():
@@ -113,6 +105,4 @@ class Grid:
         bias = None if bias is None else bias.detach().clone()
         if self.symmetric:
             return Int8Linear(codes.to(torch.int8), step.reshape(-1), bias)
-        out_features, in_features = codes.shape
-        dm = torch.stack([step, offset], dim=-1).half()
-        return Int4Linear(pack_int4(codes.to(torch.uint8)), dm, in_features // step.shape[1], bias)
+        return Int4Linear.from_codes(codes, step, offset, bias)

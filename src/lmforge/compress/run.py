@@ -76,7 +76,8 @@ def _calibration(loaded, files: Sequence[str] | None, samples: int, seq_len: int
     return windows, sources
 
 
-def _folder_bytes(path: Path) -> int:
+def stored_bytes(path: Path) -> int:
+    """Bytes of a model's weights on disk: a file (GGUF), or a folder's safetensors files."""
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
@@ -102,8 +103,8 @@ def _finish(summary: dict[str, Any], loaded, output: str, report: dict[str, Any]
         folder = save_checkpoint(output, loaded.model, tokenizer=loaded.tokenizer,
                                  extra={"source": str(loaded.path), "compression": report})
     summary["output"] = str(folder)
-    summary["bytes_before"] = _folder_bytes(loaded.path)
-    summary["bytes_after"] = _folder_bytes(folder)
+    summary["bytes_before"] = stored_bytes(loaded.path)
+    summary["bytes_after"] = stored_bytes(folder)
     return summary
 
 

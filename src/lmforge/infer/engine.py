@@ -399,12 +399,9 @@ class Engine:
         """Run the prompt (plus anything generated before a preemption) and take the next token;
         also returns the logits it was drawn from, which a request with the same prompt reuses."""
         self.runner.refresh()
-        seq.admitted = time.perf_counter()
-        self.cache.allocate(seq.id)
+        self._admit(seq, self.cache.allocate)
         if self.runner.prefix is not None:  # a prefix adapter's keys and values come first
             self.cache.append(seq.id, *self.runner.prefix)
-        self.running.append(seq)
-        self.running.sort(key=lambda s: self.cache.order(s.id))
         ids = torch.tensor([seq.all_ids], device=self.device)
         logits = self.runner(ids, self.cache.view([seq.id]))
         return self._emit(seq, self._choose(logits[:1], [seq])[0], logits[0]), logits[0]
@@ -413,11 +410,15 @@ class Engine:
         """Admit a request whose tokens are exactly those `twin` was just prefilled with (k samples
         of one prompt, as RL rollouts and `n > 1` ask for): copy twin's cache instead of running
         the prompt again, and draw its own first token from the same logits with its own seed."""
+        self._admit(seq, lambda seq_id: self.cache.fork(twin.id, seq_id))
+        return self._emit(seq, self._choose(logits[None], [seq])[0], logits)
+
+    def _admit(self, seq: _Sequence, place: Callable[[int], None]) -> None:
+        """Give `seq` its cache (`place(seq.id)`: a fresh one, or a copy) and a place in the running batch."""
         seq.admitted = time.perf_counter()
-        self.cache.fork(twin.id, seq.id)
+        place(seq.id)
         self.running.append(seq)
         self.running.sort(key=lambda s: self.cache.order(s.id))
-        return self._emit(seq, self._choose(logits[None], [seq])[0], logits)
 
     def _decode(self) -> list[TokenEvent]:
         batch = self.running

@@ -118,9 +118,16 @@ class Int4Linear(QuantizedLinear):
         d = ((high - low) / 15).half().float()
         m = low.half().float()
         d = torch.where(d > 0, d, torch.ones_like(d))
-        q = torch.round((w - m[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)
-        return cls(pack_int4(q.view(out_features, in_features)), torch.stack([d, m], dim=-1).half(),
-                   group_size, bias)
+        q = torch.round((w - m[..., None]) / d[..., None]).clamp(0, 15)
+        return cls.from_codes(q.view(out_features, in_features), d, m, bias)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> Int4Linear:
+        """The layer holding exactly w = step * code + offset: codes [out, in] in 0..15, step and
+        offset [out, in / group] (stored in fp16); the group size follows from their widths."""
+        dm = torch.stack([step, offset], dim=-1).half()
+        return cls(pack_int4(codes.to(torch.uint8)), dm, codes.shape[1] // step.shape[1], bias)
 
     def unpack(self) -> torch.Tensor:
         """The 4-bit codes as uint8 [out, in]."""
@@ -212,8 +219,7 @@ def adopt_int4_blocks(model: nn.Module, blocks: dict) -> int:
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear) or tuple(codes.shape) != tuple(linear.weight.shape):
             continue
-        dm = torch.stack([torch.from_numpy(step), torch.from_numpy(offset)], dim=-1).half()
-        layer = Int4Linear(pack_int4(torch.from_numpy(codes.astype("uint8"))), dm, 32, linear.bias)
+        layer = Int4Linear.from_codes(*(torch.from_numpy(a) for a in (codes, step, offset)), linear.bias)
         setattr(parent, child, layer.to(linear.weight.device))
         count += 1
     return count

@@ -106,20 +106,25 @@ def load_quantized(folder: str | Path, *, device: str = "cpu") -> Transformer:
         config = ModelConfig.from_dict(info["config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{info_path}: bad config: {err}") from err
-    model = Transformer(config)
-    for name, entry in layers.items():
-        if name == "lm_head" and "lm_head" not in model._modules:
-            linear = torch.nn.Linear(config.d_model, config.vocab_size, bias=False, device="meta")
-        else:
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError:
-                raise CheckpointError(f"{info_path}: no layer {name!r} in this architecture") from None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                _empty_layer(entry, linear, name, info_path))
-    expected = model.state_dict()
-    if info.get("embedding_from_head"):
+    def put_layers(model: Transformer) -> None:  # on the meta device: shapes and dtypes only
+        for name, entry in layers.items():
+            if name == "lm_head" and "lm_head" not in model._modules:
+                linear = torch.nn.Linear(config.d_model, config.vocab_size, bias=False)
+            else:
+                try:
+                    linear = model.get_submodule(name)
+                except AttributeError:
+                    raise CheckpointError(f"{info_path}: no layer {name!r} in this architecture") from None
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    _empty_layer(entry, linear, name, info_path))
+
+    with torch.device("meta"):
+        skeleton = Transformer(config)
+        put_layers(skeleton)
+    expected = skeleton.state_dict()
+    from_head = bool(info.get("embedding_from_head"))
+    if from_head:
         expected.pop("embed.weight")
     weights = folder / WEIGHTS_NAME
     try:
@@ -138,8 +143,10 @@ def load_quantized(folder: str | Path, *, device: str = "cpu") -> Transformer:
         if tensor.dtype != expected[name].dtype:
             raise CheckpointError(f"{weights}: {name} is stored as {tensor.dtype}, the layer needs "
                                   f"{expected[name].dtype}")
-    model.load_state_dict(tensors, strict=False)
-    if info.get("embedding_from_head"):
-        with torch.no_grad():
-            model.embed.weight.copy_(model.lm_head.dequantize())
-    return model.to(device).eval().requires_grad_(False)
+    if from_head:  # the lookup table is the rounded head's rows
+        head = skeleton.lm_head.to_empty(device="cpu")
+        head.load_state_dict({k.removeprefix("lm_head."): v for k, v in tensors.items()
+                              if k.startswith("lm_head.")})
+        tensors["embed.weight"] = head.dequantize()
+    model = Transformer.from_state_dict(config, tensors, device=device, prepare=put_layers)
+    return model.eval().requires_grad_(False)

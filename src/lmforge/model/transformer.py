@@ -8,6 +8,7 @@ Everything that differs between families is a field of `ModelConfig`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -170,17 +171,21 @@ class Transformer(nn.Module):
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        prepare: Callable[[Transformer], None] | None = None,
     ) -> Transformer:
         """A model holding exactly these tensors, without first drawing random weights.
 
         Building on the meta device skips initialisation (seconds for a 135M model, all
         of it thrown away); `assign=True` adopts the given tensors. The RoPE table is not
-        part of the state, so it is computed afresh in fp32.
+        part of the state, so it is computed afresh in fp32. `prepare(model)` runs on the
+        empty model first, to put other layers in place (a quantized folder's int layers).
         """
         if dtype is not None:
             state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         with torch.device("meta"):
             model = cls(config)
+            if prepare is not None:
+                prepare(model)
         model.load_state_dict(state_dict, strict=True, assign=True)
         if config.position == "rope":
             model.rotary = RotaryEmbedding(config.dim_per_head, config.rope_theta, config.rope_scaling)
