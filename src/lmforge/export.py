@@ -36,7 +36,7 @@ def gguf_state(model) -> tuple[dict[str, torch.Tensor], dict[str, tuple[Any, Any
     from lmforge.formats.ggml import GGMLType, encode_q4_1, encode_q8_0
     from lmforge.infer.quant import Int4Linear, Int8Linear, QuantizedLinear
 
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
     blocks: dict[str, tuple[Any, Any]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, QuantizedLinear):

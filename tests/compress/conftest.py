@@ -45,6 +45,20 @@ def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor
     return x
 
 
+def engine_matches_forward(model: Transformer, prompt: list[int], steps: int) -> bool:
+    """Whether the engine's greedy reply is what the model's own forward pass picks, token by token
+    (the engine runs fused layers and the C kernels; the forward pass is the definition)."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    tokens = Engine(model).complete([prompt], SamplingParams(temperature=0, max_tokens=steps))[0].token_ids
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return tokens == ids[len(prompt):]
+
+
 @pytest.fixture
 def calibration() -> torch.Tensor:
     return torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))

@@ -7,11 +7,9 @@ import torch
 from lmforge.compress.grid import Grid, GridError
 from lmforge.compress.prune import Sparsity, prune_model
 from lmforge.compress.quantize import quantize_model
-from lmforge.infer.engine import Engine
 from lmforge.infer.quant import Int4Linear, Int8Linear, QuantizedLinear
-from lmforge.infer.sampling import SamplingParams
 
-from .conftest import tiny_lm
+from .conftest import engine_matches_forward, tiny_lm
 
 HELD_OUT = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(99))
 
@@ -48,13 +46,7 @@ def test_gptq_and_awq_lose_less_than_round_to_nearest_on_tokens_never_calibrated
 def test_the_engine_decodes_a_quantized_model_as_its_forward_pass_computes(calibration):
     model = tiny_lm()
     quantize_model(model, "gptq", Grid(4, 32), calibration=calibration)
-    prompt = [5, 80, 13, 200]
-    tokens = Engine(model).complete([prompt], SamplingParams(temperature=0, max_tokens=12))[0].token_ids
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(12):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert tokens == ids[len(prompt):]
+    assert engine_matches_forward(model, [5, 80, 13, 200], 12)
 
 
 def test_calibration_in_uneven_batches_and_experts_that_see_no_token(calibration):

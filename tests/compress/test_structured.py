@@ -9,7 +9,7 @@ from lmforge.cli import main
 from lmforge.compress.structured import StructureError, shrink_model
 from lmforge.model.checkpoint import load_checkpoint
 
-from .conftest import tiny_lm
+from .conftest import engine_matches_forward, tiny_lm
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
 
@@ -82,14 +82,5 @@ def test_prune_heads_writes_a_smaller_checkpoint_transformers_runs_the_same(tmp_
 
 @pytest.mark.parametrize("structure", ["channels", "heads", "layers"])
 def test_the_engine_decodes_a_shrunk_model_as_its_forward_pass_computes(structure, calibration):
-    from lmforge.infer.engine import Engine
-    from lmforge.infer.sampling import SamplingParams
-
     small, _ = shrink_model(tiny_lm(), structure, 0.5, calibration)  # heads: 2 query heads x 16 != d_model
-    prompt = [5, 80, 13, 200]
-    tokens = Engine(small).complete([prompt], SamplingParams(temperature=0, max_tokens=10))[0].token_ids
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(10):
-            ids.append(int(small(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert tokens == ids[len(prompt):]
+    assert engine_matches_forward(small, [5, 80, 13, 200], 10)
