@@ -6,7 +6,7 @@ subprocess with the same torch threads (`--threads`), so neither inherits the ot
 memory, caches or thread pools:
 
 1. **rollout** (`--only rollout`): the same N chat prompts (basic_arithmetic problems of
-   `lmforge.align.tasks`, rendered by lmforge's chat template into token ids that both sides
+   `lmforge.eval.verifiable`, rendered by lmforge's chat template into token ids that both sides
    get as they are) x k samples x `max_new_tokens`, temperature 1, no top-k/top-p, EOS and
    the chat's end-of-turn tokens stopping a row on both sides.
    - lmforge: `lmforge.align.rollout.sample_rollouts` (what GRPO/PPO call): a fresh `Engine`
@@ -175,7 +175,7 @@ def transformers_rollouts(model: Any, prompt_ids: Sequence[Sequence[int]], *, sa
 
 def rollout_prompts(tokenizer: Any, n: int, seed: int = 0) -> list[list[int]]:
     """`n` held-out basic_arithmetic problems as chat prompts (system + question, generation prompt)."""
-    from lmforge.align.tasks import get_task
+    from lmforge.eval.verifiable import get_task
 
     problems = get_task("basic_arithmetic").problems("test", n, seed)
     return [list(tokenizer.encode_chat_prompt(p.prompt)) for p in problems]
@@ -200,7 +200,7 @@ def dpo_recipe(method: str, steps: int, lr: float | None = None, seed: int = 0) 
 
 def arithmetic_pairs(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """On-policy-like pairs without sampling: a basic_arithmetic prompt, a right and a wrong boxed answer."""
-    from lmforge.align.tasks import get_task
+    from lmforge.eval.verifiable import get_task
 
     rows = []
     for problem in get_task("basic_arithmetic").problems("train", n, seed):

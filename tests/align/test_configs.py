@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.align.run import ALGORITHMS, AlignConfig, rows_per_step
-from lmforge.align.tasks import get_task
 from lmforge.config import load_config
+from lmforge.eval.verifiable import get_task
 
 RECIPES = sorted((Path(__file__).parents[2] / "configs" / "align").glob("*.yaml"))
 

@@ -6,9 +6,9 @@ import statistics
 
 import pytest
 
-from lmforge.align.answers import canonical_answer, extract_answer
 from lmforge.align.evaluate import EvalError, EvalResult, Outcome, pass_at_1
-from lmforge.align.tasks import Problem, get_task
+from lmforge.eval.answers import canonical_answer, extract_answer
+from lmforge.eval.verifiable import Problem, get_task
 from lmforge.infer.engine import Engine
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.align.tasks import Problem, Task
+from lmforge.eval.verifiable import Problem, Task
 from lmforge.infer.engine import Engine
 from lmforge.infer.loading import LoadedModel
 from lmforge.infer.sampling import SamplingParams

@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.align.preferences import PreferencePair
 from lmforge.align.rollout import RolloutConfig, sample_rollouts
-from lmforge.align.tasks import Problem, Task
+from lmforge.eval.verifiable import Problem, Task
 
 CHUNK = 16  # problems sampled per engine run (progress between runs)
 

@@ -262,7 +262,7 @@ def _align_preferences(config: AlignConfig, model: nn.Module, tokenizer: Any, st
     examples, made = None, {}
     if config.data.source.startswith(ONPOLICY):
         from lmforge.align.onpolicy import onpolicy_pairs
-        from lmforge.align.tasks import get_task
+        from lmforge.eval.verifiable import get_task
 
         task = get_task(config.data.source.removeprefix(ONPOLICY), **config.data.task_options)
         problems = task.problems("train", config.data.train_problems, config.seed)
@@ -317,7 +317,7 @@ def _align_rl(config: AlignConfig, model: nn.Module, tokenizer: Any, stop_ids: l
     from lmforge.align.grpo import GRPOObjective, grpo_source
     from lmforge.align.ppo import PolicyWithValue, PPOObjective, ValueHeadStore, ppo_source
     from lmforge.align.rollout import per_item
-    from lmforge.align.tasks import get_task
+    from lmforge.eval.verifiable import get_task
 
     task = get_task(config.data.source, **config.data.task_options)
     problems = task.problems("train", config.data.train_problems, config.seed)
@@ -379,7 +379,7 @@ def _task_eval(config: AlignConfig, model: nn.Module, tokenizer: Any, quiet: boo
     """Greedy pass@1 on held-out problems of the task (none trained on), or None without a task."""
     from lmforge.align.evaluate import pass_at_1
     from lmforge.align.rollout import sampling_model
-    from lmforge.align.tasks import get_task
+    from lmforge.eval.verifiable import get_task
 
     name = _eval_task_name(config)
     if name is None or config.data.eval_problems <= 0:

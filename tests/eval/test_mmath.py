@@ -2,9 +2,9 @@
 
 import pytest
 
-from lmforge.align.answers import parse_number
-from lmforge.align.mmath import SOURCES, MMathError, by_source, load_mmath
-from lmforge.align.tasks import MMathTask, TaskError, get_task
+from lmforge.eval.answers import parse_number
+from lmforge.eval.mmath import SOURCES, MMathError, by_source, load_mmath
+from lmforge.eval.verifiable import MMathTask, TaskError, get_task
 from lmforge.hub import SampleError
 
 

@@ -7,7 +7,7 @@ all need the same three things, which a `Task` gives:
   chat `prompt`: a system message asking for the final answer in ``\\boxed{}``, then the
   question);
 - `grade(problem, completion)`: the answer extracted from the completion
-  (`lmforge.align.answers`), the task's own score for it, whether that is correct, and
+  (`lmforge.eval.answers`), the task's own score for it, whether that is correct, and
   whether the answer came in the asked-for format;
 - `reward(problem, completion)`: ``score + format_weight * formatted``. The second term is
   an optional, separate shaping bonus (default 0; 0.1 is typical) for writing the answer in
@@ -34,7 +34,7 @@ Tasks (`get_task(name, **options)`):
   (gsm_symbolic: 0.01 for any number; basic_arithmetic: len(gold)/len(answer) when the
   answer contains the gold, e.g. 0.67 for "-12" against "12"). `Grade.correct` is score 1.0;
   ``partial_credit=False`` makes the score 1 or 0 (a reward that pays nothing for "-12").
-- ``mmath``: MMATH's 374 competition problems (`lmforge.align.mmath`), evaluation only;
+- ``mmath``: MMATH's 374 competition problems (`lmforge.eval.mmath`), evaluation only;
   options ``lang`` and ``sources``; scored 1/0 by `answers_match`.
 """
 
@@ -48,8 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from lmforge.align.answers import answers_match, canonical_answer, extract_answer, has_boxed_answer
-from lmforge.align.mmath import LANGUAGES, SOURCES, load_mmath
+from lmforge.eval.answers import answers_match, canonical_answer, extract_answer, has_boxed_answer
+from lmforge.eval.mmath import LANGUAGES, SOURCES, load_mmath
 
 __all__ = ["HOLDOUT_EVERY", "REASONING_GYM_TASKS", "SPLITS", "SYSTEM_PROMPT", "TASKS", "Grade", "MMathTask",
            "Problem", "ReasoningGymTask", "Task", "TaskError", "get_task", "problem_identity", "split_of"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmforge.align.tasks import (
+from lmforge.eval.verifiable import (
     HOLDOUT_EVERY,
     REASONING_GYM_TASKS,
     SYSTEM_PROMPT,
