@@ -1,0 +1,92 @@
+"""The task contract and the registry: `lmforge eval --task NAME` finds its task here.
+
+A task is a class built from the user's data files (`--data FILE...`, empty for the
+packaged data) with a `run` that asks an `EvalModel` its questions and returns a
+`TaskResult`: headline metrics (what `--json` prints), per-item records (what the
+results file keeps, so a score can be traced to the questions behind it) and optional
+breakdowns (MMLU's per-subject table). A new task plugs in by adding one line to
+`REGISTRY`; the module is imported only when the task is asked for.
+
+`run(model, *, shots, limit, seed, progress)`:
+- `shots`: few-shot examples per prompt (None: the task's default);
+- `limit`: score at most this many items, a sample drawn with `seed` (None: all);
+- `seed`: every random choice of the task (subsets, few-shot draws, sampling);
+- `progress(done, total)`: called as items finish (the CLI turns it into an ETA line).
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from lmforge.eval.lm import EvalModel, Progress
+
+__all__ = ["REGISTRY", "Task", "TaskInfo", "TaskResult", "make_task", "sample_items"]
+
+
+@dataclass
+class TaskResult:
+    """What one task measured."""
+
+    task: str
+    metrics: dict[str, float]  # headline numbers: {"accuracy": 0.29, ...}
+    records: list[dict[str, Any]] = field(default_factory=list)  # one per item scored
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. subject -> metrics
+    info: dict[str, Any] = field(default_factory=dict)  # settings: shots, items, data, seconds ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task": self.task, "metrics": self.metrics, "breakdown": self.breakdown, "info": self.info,
+                "records": self.records}
+
+
+class Task(Protocol):
+    name: str
+
+    def __init__(self, data: Sequence[Path] = ()) -> None: ...
+
+    def run(self, model: EvalModel, *, shots: int | None = None, limit: int | None = None, seed: int = 0,
+            progress: Progress | None = None) -> TaskResult: ...
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    target: str  # "module:Class", imported on first use
+    description: str
+
+
+REGISTRY: dict[str, TaskInfo] = {info.name: info for info in (
+    TaskInfo("perplexity", "lmforge.eval.perplexity_task:PerplexityTask",
+             "perplexity and bits per byte of text or token shards (--data FILE...; default: a held-out "
+             "Python tutorial)"),
+    TaskInfo("mmlu", "lmforge.eval.mmlu:MMLU",
+             "MMLU, 57 subjects of 4-way multiple choice, lm-eval's prompt, scored by log-likelihood "
+             "(--data FILE.jsonl for your own questions)"),
+)}
+
+
+def make_task(name: str, data: Sequence[str | Path] = ()) -> Task:
+    """The registered task `name`, built over `data` (the user's files; empty: the packaged data)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    module, _, attr = REGISTRY[name].target.partition(":")
+    return getattr(importlib.import_module(module), attr)([Path(p) for p in data])
+
+
+T = TypeVar("T")
+
+
+def sample_items(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
+    """At most `limit` items, drawn with `seed`, kept in their original order (all for None).
+
+    A seeded sample rather than the first N: the first 500 MMLU rows are three subjects."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in chosen]
