@@ -58,7 +58,8 @@ def scale_groups(block: Block) -> list[ScaleGroup]:
     return groups
 
 
-def _weights(block: Block, names: tuple[str, ...]) -> torch.Tensor:
+def group_weight(block: Block, names: tuple[str, ...]) -> torch.Tensor:
+    """The weights of layers that read the same input, stacked [sum of outputs, in] in fp32."""
     return torch.cat([block.get_submodule(n).weight.detach().float() for n in names])
 
 
@@ -124,7 +125,8 @@ def awq_block(block: Block, inputs: dict[str, LinearInputs], grid: Grid) -> dict
     for group in scale_groups(block):
         seen = inputs[group.layers[0]]
         x = seen.sample_rows()
-        s, alpha, _error = search_scales(_weights(block, group.layers), x, seen.abs_sum / seen.tokens, grid)
+        weight = group_weight(block, group.layers)
+        s, alpha, _error = search_scales(weight, x, seen.abs_sum / seen.tokens, grid)
         apply_scales(block, group, s)
         alphas[group.layers[0]] = alpha
         for name in group.layers:  # the recorded inputs were before scaling: divide them too

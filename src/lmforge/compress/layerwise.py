@@ -2,7 +2,7 @@
 
 The methods that use data all need the same thing: for each linear layer, statistics of
 the inputs it sees on real text (the Hessian-like sum of x x^T, the per-channel mean |x|,
-the per-channel sum of x^2, and a sample of input rows). Computing them for all layers at
+the per-channel sum of x^2 and max |x|, and a sample of input rows). Computing them for all layers at
 once would use inputs produced by the *original* earlier layers; instead the walk is
 sequential:
 
@@ -42,6 +42,7 @@ class LinearInputs:
     xtx: torch.Tensor | None = None  # sum of x x^T over tokens [in, in] (GPTQ's and SparseGPT's H, unscaled)
     abs_sum: torch.Tensor | None = None  # sum of |x| per input channel: AWQ's activation scale
     sq_sum: torch.Tensor | None = None  # sum of x^2 per input channel: Wanda's ||X_j||^2
+    abs_max: torch.Tensor | None = None  # max |x| per input channel: SmoothQuant's activation range
     samples: list[torch.Tensor] = field(default_factory=list)  # some input rows, for AWQ's searches
 
     def hessian(self) -> torch.Tensor:
@@ -68,11 +69,12 @@ class _Recorder:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         s = self.stats
         if s.abs_sum is None:
-            s.abs_sum, s.sq_sum = x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
+            s.abs_sum, s.sq_sum, s.abs_max = (x.new_zeros(x.shape[1]) for _ in range(3))
             if self.xtx:
                 s.xtx = x.new_zeros(x.shape[1], x.shape[1])
         s.abs_sum += x.abs().sum(0)
         s.sq_sum += x.square().sum(0)
+        torch.maximum(s.abs_max, x.abs().amax(0), out=s.abs_max)
         if self.xtx:
             s.xtx.addmm_(x.T, x)
         s.tokens += x.shape[0]

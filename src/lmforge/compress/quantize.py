@@ -14,6 +14,9 @@ sensitive matrix, and a fifth of SmolLM2's weights.
   inputs the block saw before any of them changed).
 - `awq`: block by block, scales folded in and ranges clipped (`awq.awq_block`), then
   every layer rounded to nearest.
+- `smoothquant` (8 bits only): block by block, activation outliers moved into the weights
+  (`smoothquant.smooth_block`), then every layer becomes W8A8: int8 weights and int8
+  activations (`Int8ActLinear`, per-token or calibrated static scales).
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from lmforge.compress.awq import awq_block
 from lmforge.compress.gptq import gptq
 from lmforge.compress.grid import Grid, GridError
 from lmforge.compress.layerwise import linear_layers, set_module, walk_blocks
-from lmforge.infer.quant import QuantizedLinear, quantize_linear, weight_bytes
+from lmforge.compress.smoothquant import SEARCH_ROWS, smooth_block, w8a8_block
+from lmforge.infer.quant import ActivationScales, QuantizedLinear, quantize_linear, weight_bytes
 from lmforge.model.transformer import Transformer
 
-Method = Literal["rtn", "gptq", "awq"]
-METHODS: tuple[str, ...] = ("rtn", "gptq", "awq")
-CALIBRATED = ("gptq", "awq")
+Method = Literal["rtn", "gptq", "awq", "smoothquant"]
+METHODS: tuple[str, ...] = ("rtn", "gptq", "awq", "smoothquant")
+CALIBRATED = ("gptq", "awq", "smoothquant")
 
 
 @dataclass
@@ -53,6 +57,9 @@ class QuantizeReport:
 
     def describe(self) -> str:
         grid = f"{self.bits}-bit" + (f", groups of {self.group_size}" if self.bits < 8 else ", per channel")
+        if self.method == "smoothquant":
+            scales = self.details["activations"]
+            grid = f"W8A8 (int8 weights per channel, int8 activations with {scales} scales)"
         calibration = f" on {self.calibration_tokens:,} calibration tokens" if self.calibration_tokens else ""
         return (f"{self.method}: {self.layers} linear layers to {grid}{calibration}, head {self.head}; "
                 f"weights read per token {self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB "
@@ -97,8 +104,10 @@ def quantize_model(model: Transformer, method: Method, grid: Grid, *,
                    calibration: torch.Tensor | None = None,
                    head: Literal["int8", "same", "none"] = "int8", act_order: bool = False,
                    damp: float = 0.01, sequential: bool = True, batch_size: int = 8,
+                   activations: ActivationScales = "dynamic", alpha: float | None = None,
                    progress: Callable[[str], None] | None = None) -> QuantizeReport:
-    """Quantize `model` in place; `calibration` [samples, tokens] ids for gptq and awq."""
+    """Quantize `model` in place; `calibration` [samples, tokens] ids for gptq, awq and smoothquant
+    (whose `activations` scales are dynamic or static, and `alpha` fixed or, None, searched)."""
     if method not in METHODS:
         raise GridError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method in CALIBRATED and calibration is None:
@@ -107,6 +116,10 @@ def quantize_model(model: Transformer, method: Method, grid: Grid, *,
         raise GridError(f"head must be int8, same or none, got {head!r}")
     if act_order and method != "gptq":
         raise GridError("act-order is a GPTQ option (rtn and awq round every weight on its own)")
+    if method == "smoothquant" and grid.bits != 8:
+        raise GridError(f"smoothquant rounds weights and activations to 8 bits, got {grid.bits} bits")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise GridError(f"SmoothQuant's alpha must be between 0 and 1, got {alpha}")
     if not 0 < damp < 1:
         raise GridError(f"damp must be between 0 and 1 (a fraction of the Hessian's mean diagonal), "
                         f"got {damp}")
@@ -141,18 +154,30 @@ def quantize_model(model: Transformer, method: Method, grid: Grid, *,
 
         walk_blocks(model, calibration, visit, batch_size=batch_size, progress=progress)
         report.details = {"loss": losses, "act_order": act_order, "damp": damp, "sequential": sequential}
-    else:
+    elif method == "awq":
         alphas: dict[str, float] = {}
 
         def visit(index, block, inputs):
-            for name, alpha in awq_block(block, inputs, grid).items():
-                alphas[f"blocks.{index}.{name}"] = alpha
+            for name, chosen in awq_block(block, inputs, grid).items():
+                alphas[f"blocks.{index}.{name}"] = chosen
             inputs.clear()
 
         walk_blocks(model, calibration, visit, xtx=False, max_samples=4096, batch_size=batch_size,
                     progress=progress)
         report.layers = sum(_round_to_nearest(block, grid) for block in model.blocks)
         report.details = {"alpha": alphas}
+    elif method == "smoothquant":
+        alphas = {}
+
+        def visit(index, block, inputs):
+            for name, chosen in smooth_block(block, inputs, alpha).items():
+                alphas[f"blocks.{index}.{name}"] = chosen
+            report.layers += w8a8_block(block, inputs, activations)
+            inputs.clear()
+
+        walk_blocks(model, calibration, visit, xtx=False, max_samples=SEARCH_ROWS if alpha is None else 0,
+                    batch_size=batch_size, progress=progress)
+        report.details = {"alpha": alphas, "activations": activations}
     if calibration is not None and method in CALIBRATED:
         report.calibration_tokens = calibration.numel()
     _quantize_head(model, grid, head)

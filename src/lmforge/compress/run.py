@@ -111,13 +111,19 @@ def _finish(summary: dict[str, Any], loaded, output: str, report: dict[str, Any]
 def quantize_command(model: str, method: str, bits: int, output: str, *, group_size: int = 64,
                      calibration: Sequence[str] | None = None, samples: int = 128, seq_len: int = 512,
                      act_order: bool | None = None, damp: float = 0.01, head: str = "int8",
-                     measure: bool = False, heldout: Sequence[str] | None = None, seed: int = 0,
+                     activations: str = "dynamic", alpha: float | None = None, measure: bool = False,
+                     heldout: Sequence[str] | None = None, seed: int = 0,
                      quiet: bool = False) -> dict[str, Any]:
     say = _say(quiet)
     grid = Grid(bits, group_size)
     if act_order and method != "gptq":
         raise GridError("--act-order is a GPTQ option (rtn and awq round every weight on its own)")
     act_order = method == "gptq" if act_order is None else act_order  # gptq: on unless --no-act-order
+    if method == "smoothquant" and bits != 8:
+        raise GridError(f"smoothquant rounds weights and activations to 8 bits: use --bits 8 (got {bits})")
+    if method != "smoothquant" and (activations != "dynamic" or alpha is not None):
+        raise GridError("--activations and --alpha are smoothquant options (the other methods keep float "
+                        "activations)")
     _check_damp(damp)
     loaded = _load(model, output, samples, seq_len)
     windows = None
@@ -129,7 +135,7 @@ def quantize_command(model: str, method: str, bits: int, output: str, *, group_s
         raise GridError(f"{method} uses no calibration text (drop --calibration)")
     before = _measure(loaded.model, loaded.tokenizer, heldout, seq_len, say) if measure else None
     report = quantize_model(loaded.model, method, grid, calibration=windows, head=head, act_order=act_order,
-                            damp=damp, progress=say)
+                            damp=damp, activations=activations, alpha=alpha, progress=say)
     summary = {"command": "quantize", "model": model, "method": method, "bits": bits,
                "group_size": report.group_size, "head": head, "act_order": act_order,
                "layers": report.layers, "calibration_tokens": report.calibration_tokens,

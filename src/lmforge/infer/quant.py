@@ -95,6 +95,61 @@ class Int8Linear(QuantizedLinear):
         return kernels.weight(kernels.INT8, self.qweight, self.scale, bias)
 
 
+ActivationScales = Literal["dynamic", "static"]
+
+
+class Int8ActLinear(Int8Linear):
+    """W8A8 (SmoothQuant): int8 weights per output channel *and* int8 activations.
+
+    Each input row is rounded to int8 before the product: x ~ s_x * x_q with x_q in
+    [-127, 127], so y_n = s_x * s_n * (x_q . q_n) + b_n is an integer dot product scaled
+    once. `activations="dynamic"` takes s_x = max|x_row| / 127 for every token as it
+    comes (as llama.cpp does for its Q8 activations); `"static"` uses one scale per layer
+    fixed from calibration text (`act_scale`), which needs no reduction at run time but
+    clips tokens beyond the calibrated range.
+
+    Where the integer product runs: on CUDA, `torch._int_mm` (int8 tensor cores) for
+    more than 16 rows. On CPU the codes are multiplied as fp32 numbers by the int8 weight
+    kernel or BLAS: the result is the integer product (sums of int8 x int8 terms are exact
+    in fp32 up to 2^24), because PyTorch's CPU int8 GEMM measured ~50x slower than sgemm
+    on an AVX2 CPU; integer dot-product kernels (VNNI) are the engine's to add.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 activations: ActivationScales = "dynamic", act_scale: float | torch.Tensor = 0.0) -> None:
+        super().__init__(qweight, scale, bias)
+        if activations not in ("dynamic", "static"):
+            raise ValueError(f"activation scales must be dynamic or static, got {activations!r}")
+        self.activations = activations
+        self.register_buffer("act_scale", torch.as_tensor(act_scale, dtype=torch.float32).reshape(1).clone())
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes as fp32 integers [rows, in], scale [rows, 1] or [1]): x ~ codes * scale."""
+        x = x.float()
+        if self.activations == "dynamic":
+            scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+        else:
+            scale = self.act_scale.clamp(min=1e-12)
+        return torch.round(x / scale).clamp_(-127, 127), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        codes, x_scale = self.quantize_input(x2)
+        if x2.device.type == "cuda" and x2.shape[0] > 16:
+            dot = torch._int_mm(codes.to(torch.int8), self.qweight.t()).float() * self.scale
+        elif x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS and kernels.available():
+            dot = kernels.linear(self.kernel_weight(), codes.contiguous())
+        else:  # integers times integers: exact in fp32, the weight scale applied after
+            dot = F.linear(codes, self.qweight.float()) * self.scale
+        y = dot * x_scale
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activations={self.activations}"
+
+
 class Int4Linear(QuantizedLinear):
     def __init__(self, packed: torch.Tensor, dm: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None) -> None:
@@ -247,6 +302,11 @@ def concat_linears(layers: Sequence[nn.Module]) -> nn.Module:
             if bias is not None:
                 fused.bias.copy_(bias)
         return fused.requires_grad_(False)
+    if isinstance(first, Int8ActLinear):
+        if len({(m.activations, float(m.act_scale)) for m in layers}) != 1:
+            raise TypeError("can only fuse W8A8 layers that round their (shared) input the same way")
+        return Int8ActLinear(torch.cat([m.qweight for m in layers]), torch.cat([m.scale for m in layers]),
+                             bias, activations=first.activations, act_scale=first.act_scale)
     if isinstance(first, Int8Linear):
         return Int8Linear(torch.cat([m.qweight for m in layers]), torch.cat([m.scale for m in layers]), bias)
     if isinstance(first, Int4Linear):
@@ -268,7 +328,7 @@ def interleave_linears(a: nn.Module, b: nn.Module) -> nn.Module:
     n = a.out_features
     order = torch.stack([torch.arange(n), torch.arange(n) + n], dim=1).reshape(-1)
     for t in [*fused.parameters(recurse=False), *fused.buffers(recurse=False)]:
-        if t is not None:
+        if t is not None and t.dim() and t.shape[0] == 2 * n:  # per-output tensors (not a layer-wide scale)
             t.data = t.data[order.to(t.device)].contiguous()
     return fused
 

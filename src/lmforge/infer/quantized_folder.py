@@ -2,7 +2,8 @@
 
 A quantized model keeps its integers: `model.safetensors` holds each quantized layer's
 buffers as the engine's layers store them (`Int8Linear`: int8 `qweight` + fp32 `scale`;
-`Int4Linear`: uint8 `packed` codes + fp16 `dm` steps and offsets), every other tensor as
+`Int4Linear`: uint8 `packed` codes + fp16 `dm` steps and offsets; W8A8's `Int8ActLinear`
+adds its activation scale), every other tensor as
 it was, and lmforge.json lists each quantized layer with its format, so loading builds
 those layers and reads the integers straight in: no float weights in between, nothing
 rounded twice. With tied embeddings and a quantized head, only the head is stored and
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from lmforge.atomic import atomic_folder
 from lmforge.formats.safetensors_reader import SafetensorsError, load_tensors, read_header
 from lmforge.formats.strictjson import JSONInputError, read_json
-from lmforge.infer.quant import Int4Linear, Int8Linear, QuantizedLinear
+from lmforge.infer.quant import Int4Linear, Int8ActLinear, Int8Linear, QuantizedLinear
 from lmforge.model.checkpoint import CheckpointError
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
@@ -46,6 +47,8 @@ def is_quantized_folder(path: Path) -> bool:
 def _layer_entry(layer: QuantizedLinear) -> dict[str, Any]:
     if isinstance(layer, Int4Linear):
         return {"format": "int4", "group_size": layer.group_size}
+    if isinstance(layer, Int8ActLinear):
+        return {"format": "int8", "activations": layer.activations}
     return {"format": "int8"}
 
 
@@ -79,8 +82,14 @@ def _empty_layer(entry: Any, linear: torch.nn.Module, name: str, where: Path) ->
     out_features, in_features, has_bias = linear.out_features, linear.in_features, linear.bias is not None
     bias = torch.zeros(out_features) if has_bias else None
     if entry["format"] == "int8":
-        return Int8Linear(torch.zeros(out_features, in_features, dtype=torch.int8), torch.ones(out_features),
-                          bias)
+        codes, scale = torch.zeros(out_features, in_features, dtype=torch.int8), torch.ones(out_features)
+        activations = entry.get("activations")
+        if activations is None:
+            return Int8Linear(codes, scale, bias)
+        if activations not in ("dynamic", "static"):
+            raise CheckpointError(f"{where}: quantized layer {name!r} has activations {activations!r} "
+                                  f"(dynamic or static)")
+        return Int8ActLinear(codes, scale, bias, activations=activations)
     group = entry.get("group_size")
     if not isinstance(group, int) or group < 32 or group % 32 or in_features % group or in_features % 64:
         raise CheckpointError(f"{where}: quantized layer {name!r} has an impossible group size {group!r} for "

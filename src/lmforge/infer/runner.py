@@ -49,7 +49,7 @@ from torch import nn
 
 from lmforge.infer import kernels
 from lmforge.infer.cache import PagedKVCache, StaticKVCache, _PagedRows, _SlotRows
-from lmforge.infer.quant import concat_linears, interleave_linears
+from lmforge.infer.quant import Int8ActLinear, concat_linears, interleave_linears
 from lmforge.model.layers.alibi import alibi_bias, alibi_slopes
 from lmforge.model.layers.attention import attention_mask
 from lmforge.model.layers.norms import RMSNorm
@@ -157,7 +157,9 @@ class ModelRunner:
         adapters = any(la.attn_adapter is not None or la.mlp_adapter is not None for la in self.layers)
         self.fast = (self._fast_decode is not False and self.device.type == "cpu"
                      and self.dtype == torch.float32 and cfg.position != "alibi" and not cfg.n_experts
-                     and not adapters and kernels.available())
+                     and not adapters and kernels.available()
+                     # W8A8 layers round their inputs first, which the fused C decode does not do
+                     and not any(isinstance(m, Int8ActLinear) for m in model.modules()))
         if self.fast:
             self._build_kernel_layers()
         self._weights_version = self._version()
