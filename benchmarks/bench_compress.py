@@ -8,7 +8,9 @@ and is scored on the same held-out windows: the Python *tutorial* (reST sources 
 Rows:
 - fp32, and lmforge's `quantize`: RTN, GPTQ and AWQ at 4 bits (groups of 64: SmolLM2's
   576-wide inputs cannot be cut into groups of 128) and 3 bits, GPTQ with act-order,
-  and 8 bits per channel (RTN); the head is int8 per channel in every quantized row.
+  8 bits per channel (RTN), and SmoothQuant W8A8 (dynamic and static activation scales,
+  alpha searched or 0.5; W8A8 without smoothing shows what smoothing buys);
+  the head is int8 per channel (weight-only) in every quantized row.
 - llama.cpp's Q4_0 and Q4_K_M of the same model: an F32 GGUF written by `lmforge export`,
   quantized by llama.cpp's own `llama_model_quantize`, scored by llama.cpp on the same
   token ids (logits of every position through `llama_cpp.Llama`).
@@ -54,26 +56,32 @@ from lmforge.compress.calibration import (  # noqa: E402
     token_stream,
 )
 from lmforge.compress.grid import Grid  # noqa: E402
+from lmforge.compress.layerwise import walk_blocks  # noqa: E402
 from lmforge.compress.prune import Sparsity, prune_model  # noqa: E402
 from lmforge.compress.quantize import quantize_model  # noqa: E402
 from lmforge.compress.run import stored_bytes  # noqa: E402
+from lmforge.compress.smoothquant import w8a8_block  # noqa: E402
 from lmforge.compress.structured import shrink_model  # noqa: E402
 from lmforge.eval.perplexity import perplexity  # noqa: E402
 from lmforge.infer.loading import load_model  # noqa: E402
+from lmforge.infer.quant import quantize_linear  # noqa: E402
 from lmforge.infer.quantized_folder import save_quantized  # noqa: E402
 from lmforge.model.checkpoint import save_checkpoint  # noqa: E402
 
 #: what lmforge is run against: llama.cpp's own quantizer and evaluator (benchmarks/anchors.py)
 ANCHORS = ("llama_cpp",)
-QUANTIZED = [  # (label, method, bits, group, act_order)
-    ("RTN int8 per channel", "rtn", 8, 64, False),
-    ("RTN 4-bit g64", "rtn", 4, 64, False),
-    ("GPTQ 4-bit g64", "gptq", 4, 64, False),
-    ("GPTQ 4-bit g64 act-order", "gptq", 4, 64, True),
-    ("AWQ 4-bit g64", "awq", 4, 64, False),
-    ("RTN 3-bit g64", "rtn", 3, 64, False),
-    ("GPTQ 3-bit g64", "gptq", 3, 64, False),
-    ("AWQ 3-bit g64", "awq", 3, 64, False),
+QUANTIZED = [  # (label, method, bits, group, options for quantize_model)
+    ("RTN int8 per channel", "rtn", 8, 64, {}),
+    ("SmoothQuant W8A8 dynamic", "smoothquant", 8, 64, {"activations": "dynamic"}),
+    ("SmoothQuant W8A8 static", "smoothquant", 8, 64, {"activations": "static"}),
+    ("SmoothQuant W8A8 dynamic a0.5", "smoothquant", 8, 64, {"activations": "dynamic", "alpha": 0.5}),
+    ("RTN 4-bit g64", "rtn", 4, 64, {}),
+    ("GPTQ 4-bit g64", "gptq", 4, 64, {}),
+    ("GPTQ 4-bit g64 act-order", "gptq", 4, 64, {"act_order": True}),
+    ("AWQ 4-bit g64", "awq", 4, 64, {}),
+    ("RTN 3-bit g64", "rtn", 3, 64, {}),
+    ("GPTQ 3-bit g64", "gptq", 3, 64, {}),
+    ("AWQ 3-bit g64", "awq", 3, 64, {}),
 ]
 PRUNED = [(f"{m} {s}", m, s) for s in ("0.5", "2:4") for m in ("magnitude", "wanda", "sparsegpt")]
 STRUCTURED = [("channels 25%", "channels", 0.25), ("heads 1 of 3 groups", "heads", 0.34),
@@ -175,15 +183,23 @@ def main(argv: list[str] | None = None) -> int:
     if wanted("fp32"):
         folder = save_checkpoint(work / "fp32", base, tokenizer=tokenizer)
         record("fp32", base, folder, 0.0, "fp32")
-    for label, method, bits, group, act_order in QUANTIZED:
+    for label, method, bits, group, options in QUANTIZED:
         if not wanted(label):
             continue
         model = copy.deepcopy(base)
-        report = quantize_model(model, method, Grid(bits, group), calibration=calibration,
-                                act_order=act_order)
-        folder = save_quantized(work / label.replace(" ", "_"), model, tokenizer=tokenizer)
-        record(label, model, folder, report.seconds, "int8" if bits == 8 else "int4", method=method,
-               bits=bits)
+        report = quantize_model(model, method, Grid(bits, group), calibration=calibration, **options)
+        folder = save_quantized(work / label.replace(" ", "_").replace(",", ""), model, tokenizer=tokenizer)
+        fmt = f"w8a8 {options['activations']}" if method == "smoothquant" else "int8" if bits == 8 else "int4"
+        record(label, model, folder, report.seconds, fmt, method=method, bits=bits, **options)
+        del model
+    if wanted("W8A8 dynamic, not smoothed"):  # the same layers, activations rounded as they come
+        model = copy.deepcopy(base)
+        started = time.perf_counter()
+        walk_blocks(model, calibration, lambda i, block, seen: w8a8_block(block, seen, "dynamic"), xtx=False)
+        model.lm_head = quantize_linear(model.head_weight, "int8")  # as quantize_model's default head
+        model.embed.weight.copy_(model.lm_head.dequantize())  # tied: the lookup reads the saved rows
+        folder = save_quantized(work / "w8a8-plain", model, tokenizer=tokenizer)
+        record("W8A8 dynamic, not smoothed", model, folder, time.perf_counter() - started, "w8a8 dynamic")
         del model
     if not args.no_llamacpp and any(wanted(label) for label, _ in LLAMACPP):
         from lmforge.export import export_model
