@@ -389,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.data.cli import register as register_data
     from lmforge.data.crawl import register as register_crawl
     from lmforge.demo import register as register_demo
+    from lmforge.eval.cli import register as register_eval
     from lmforge.serve.cli import register as register_serve
     from lmforge.tokenizer.cli import register as register_tokenizer
     from lmforge.train.cli import register as register_pretrain
@@ -405,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_compress(sub)
     register_serve(sub)
     register_demo(sub)
+    register_eval(sub)
     return parser
 
 
