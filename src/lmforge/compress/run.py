@@ -23,6 +23,7 @@ from lmforge.compress.calibration import (
 )
 from lmforge.compress.grid import Grid, GridError
 from lmforge.compress.prune import PruneError, Sparsity, prune_model
+from lmforge.compress.qat import INITS
 from lmforge.compress.quantize import CALIBRATED, quantize_model
 from lmforge.compress.structured import STRUCTURES, shrink_model
 from lmforge.eval.perplexity import perplexity
@@ -112,13 +113,21 @@ def quantize_command(model: str, method: str, bits: int, output: str, *, group_s
                      calibration: Sequence[str] | None = None, samples: int = 128, seq_len: int = 512,
                      act_order: bool | None = None, damp: float = 0.01, head: str = "int8",
                      activations: str = "dynamic", alpha: float | None = None, measure: bool = False,
-                     heldout: Sequence[str] | None = None, seed: int = 0,
+                     heldout: Sequence[str] | None = None, seed: int = 0, qat: dict[str, Any] | None = None,
                      quiet: bool = False) -> dict[str, Any]:
+    """`qat`: the qat method's settings (init, data, steps, lr, ranges, batch), None otherwise."""
     say = _say(quiet)
     grid = Grid(bits, group_size)
-    if act_order and method != "gptq":
+    qat = dict(qat or {})
+    if qat and method != "qat":
+        raise GridError(f"{', '.join('--' + k for k in qat)}: options of --method qat")
+    rounding = (qat.pop("init", None) or "rtn") if method == "qat" else method  # what rounds first
+    if rounding not in INITS and method == "qat":
+        raise GridError(f"--init must be one of {', '.join(INITS)} (what rounds the weights before "
+                        f"training), got {rounding!r}")
+    if act_order and rounding != "gptq":
         raise GridError("--act-order is a GPTQ option (rtn and awq round every weight on its own)")
-    act_order = method == "gptq" if act_order is None else act_order  # gptq: on unless --no-act-order
+    act_order = rounding == "gptq" if act_order is None else act_order  # gptq: on unless --no-act-order
     if method == "smoothquant" and bits != 8:
         raise GridError(f"smoothquant rounds weights and activations to 8 bits: use --bits 8 (got {bits})")
     if method != "smoothquant" and (activations != "dynamic" or alpha is not None):
@@ -127,23 +136,52 @@ def quantize_command(model: str, method: str, bits: int, output: str, *, group_s
     _check_damp(damp)
     loaded = _load(model, output, samples, seq_len)
     windows = None
-    if method in CALIBRATED:
+    if rounding in CALIBRATED:
         windows, sources = _calibration(loaded, calibration, samples, seq_len, seed)
         say(f"calibrating on {windows.shape[0]} windows of {windows.shape[1]} tokens from {len(sources)} "
             f"source(s)")
     elif calibration:
-        raise GridError(f"{method} uses no calibration text (drop --calibration)")
+        raise GridError(f"{rounding} uses no calibration text (drop --calibration"
+                        + ("; qat trains on --data)" if method == "qat" else ")"))
     before = _measure(loaded.model, loaded.tokenizer, heldout, seq_len, say) if measure else None
-    report = quantize_model(loaded.model, method, grid, calibration=windows, head=head, act_order=act_order,
-                            damp=damp, activations=activations, alpha=alpha, progress=say)
+    if method == "qat":
+        report = _qat(loaded, grid, rounding, windows, qat, seq_len=seq_len, seed=seed, head=head,
+                      act_order=act_order, damp=damp, quiet=quiet, say=say)
+    else:
+        report = quantize_model(loaded.model, method, grid, calibration=windows, head=head,
+                                act_order=act_order, damp=damp, activations=activations, alpha=alpha,
+                                progress=say)
     summary = {"command": "quantize", "model": model, "method": method, "bits": bits,
                "group_size": report.group_size, "head": head, "act_order": act_order,
                "layers": report.layers, "calibration_tokens": report.calibration_tokens,
                "weight_bytes_per_token_before": report.bytes_before,
                "weight_bytes_per_token_after": report.bytes_after, "seconds": report.seconds,
                "description": report.describe()}
+    if method == "qat":
+        summary["qat"] = {k: v for k, v in report.details.items() if k != "init_details"}
     record = {k: v for k, v in summary.items() if k != "description"} | {"details": report.details}
     return _finish(summary, loaded, output, record, measure, heldout, seq_len, before, say)
+
+
+def _qat(loaded, grid: Grid, init: str, windows, options: dict[str, Any], *, seq_len: int, seed: int,
+         head: str, act_order: bool, damp: float, quiet: bool, say):
+    """Round by `init`, train through the rounding on `options["data"]` (default: the calibration
+    default, the Python HOWTOs), convert: the qat method's report."""
+    from lmforge.compress.qat import QATConfig, qat_quantize
+
+    sources = list(options.pop("data", None) or default_calibration_files())
+    ranges = options.pop("ranges", None) or "learn"
+    config = QATConfig(**options, learn_ranges=ranges == "learn", seq_len=seq_len, seed=seed)
+    config.validate()
+    tokens = token_stream(loaded.tokenizer, sources)
+    if int(tokens.max()) >= loaded.model.config.vocab_size:
+        raise CalibrationError(f"the training tokens reach id {int(tokens.max())}, past the model's "
+                               f"vocabulary ({loaded.model.config.vocab_size}): token shards made with "
+                               f"another tokenizer?")
+    say(f"qat: training on {len(tokens):,} tokens from {len(sources)} source(s), {config.steps} steps of "
+        f"{config.batch} x {config.seq_len} tokens")
+    return qat_quantize(loaded.model, grid, tokens, config, init=init, calibration=windows, head=head,
+                        act_order=act_order, damp=damp, tokenizer=loaded.tokenizer, quiet=quiet, progress=say)
 
 
 def prune_command(model: str, method: str, sparsity: str, output: str, *,
