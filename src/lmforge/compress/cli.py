@@ -17,7 +17,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     summary = quantize_command(args.model, args.method, args.bits, args.output, group_size=args.group_size,
                                calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
                                act_order=args.act_order, damp=args.damp, head=args.head,
-                               measure=args.measure, heldout=args.heldout, seed=args.seed, quiet=args.quiet)
+                               measure=args.measure, heldout=args.heldout, seed=args.seed, quiet=args.quiet,
+                               qat={k: v for k in QAT_FLAGS if (v := getattr(args, k)) is not None})
     print(json.dumps(summary, indent=2) if args.json else describe(summary))
     return 0
 
@@ -31,6 +32,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
                             heldout=args.heldout, seed=args.seed, quiet=args.quiet)
     print(json.dumps(summary, indent=2) if args.json else describe(summary))
     return 0
+
+
+QAT_FLAGS = ("init", "data", "steps", "lr", "batch", "ranges")
+
+
+def _qat_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("qat (quantization-aware training; docs/compression.md)")
+    g.add_argument("--init", choices=("rtn", "gptq", "awq"), default=None,
+                   help="the rounding training starts from (default rtn; gptq/awq use --calibration)")
+    g.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text to train on: files, folders of .txt/.rst/.md, or token shard folders (default: "
+                        "the calibration default, the Python HOWTOs)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate of the weights (default 1e-5)")
+    g.add_argument("--batch", type=int, default=None, help="windows of --seq-len tokens per step (default 8)")
+    g.add_argument("--ranges", choices=("learn", "refit"), default=None,
+                   help="learn: steps and offsets train with the weights (LSQ, default); refit: each group's "
+                        "min/max at every step")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -59,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Quantize every linear layer of a model into the engine's int8/int4 "
                                    "layers. rtn rounds each group to nearest (no data); gptq and awq use "
                                    "calibration text. The output folder loads with generate, chat and serve.")
-    p.add_argument("--method", required=True, choices=("rtn", "gptq", "awq"))
+    p.add_argument("--method", required=True, choices=("rtn", "gptq", "awq", "qat"))
     p.add_argument("--bits", type=int, required=True, choices=(8, 4, 3, 2),
                    help="8: per output channel, symmetric; 4/3/2: groups of --group-size inputs, asymmetric")
     p.add_argument("--group-size", type=int, default=64,
@@ -71,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", choices=("int8", "same", "none"), default="int8",
                    help="the LM head: int8 per channel (default, as GGUF files keep it), the body's grid by "
                         "round-to-nearest, or float")
+    _qat_flags(p)
     _common(p)
     p.set_defaults(func=cmd_quantize)
 
