@@ -32,7 +32,7 @@ ALLOWED = {
                               "lmforge.train"},
     "lmforge.eval": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer"},
     "lmforge.compress": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer",
-                                  "lmforge.eval"},
+                                  "lmforge.eval", "lmforge.train"},  # train: distillation, QAT
 }
 
 

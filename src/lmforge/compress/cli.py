@@ -108,3 +108,50 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "removed (0.25)")
     _common(p)
     p.set_defaults(func=cmd_prune)
+    _register_distill(sub)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from lmforge.compress.distill_run import DistillConfig, describe, distill
+    from lmforge.config import load_config
+
+    apply_threads(args.threads)
+    flags = {"teacher": args.teacher, "student": args.student, "data.folder": args.data,
+             "output": args.output, "distill.kind": args.kind, "distill.temperature": args.temperature,
+             "distill.alpha": args.alpha}
+    overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    summary = distill(load_config(DistillConfig, args.config, overrides), quiet=args.quiet)
+    print(json.dumps(summary, indent=2) if args.json else describe(summary))
+    return 0
+
+
+def _register_distill(sub: argparse._SubParsersAction) -> None:
+    from lmforge.cli_parser import add_config_command
+
+    p = add_config_command(
+        sub, "distill", config_help="YAML recipe, e.g. configs/distill/smollm2-to-tiny.yaml",
+        help="train a small student on a teacher's next-token distributions (knowledge distillation)",
+        description="Train a student (a preset, randomly initialised, or a checkpoint) on token shards made "
+                    "with the teacher's tokenizer, against the teacher's softened distributions (forward or "
+                    "reverse KL) mixed with the next-token loss. Any recipe key can be overridden as "
+                    "--section.key=value (--train.steps=50, --student_config.d_model=128). Rerunning into "
+                    "the same output resumes from its newest checkpoint.")
+    p.add_argument("--teacher", default=None, help=f"{MODEL_HELP} (default: the recipe's)")
+    p.add_argument("--student", default=None,
+                   help="a model preset (lmforge info lists them; vocabulary: the teacher's) or a checkpoint "
+                        "folder (default: the recipe's)")
+    p.add_argument("--data", default=None, metavar="SHARDS",
+                   help="token shards from `lmforge tokenize -t TEACHER` (default: the recipe's)")
+    p.add_argument("--output", "-o", default=None, help="run folder (default: the recipe's, runs/distill)")
+    p.add_argument("--kind", choices=("forward", "reverse"), default=None,
+                   help="forward: KL(teacher || student), mass-covering; reverse: KL(student || teacher), "
+                        "mode-seeking (default: the recipe's, forward)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="both softmaxes at logits / T, the KL scaled by T^2 (default: the recipe's, 2)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="weight of the teacher's term, 1 - alpha on the hard labels; 0 trains without the "
+                        "teacher (default: the recipe's, 0.5)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_threads_flag(p)
+    p.set_defaults(func=cmd_distill)
