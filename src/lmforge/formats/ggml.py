@@ -222,6 +222,62 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     return out.reshape(*x.shape[:-1], x.shape[-1] // 32 * 34)
 
 
+def _nibble_pairs(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes [..., 32] -> 16 bytes per block: weight j in the low nibble of byte j, weight
+    16 + j in its high nibble (Q4_0's and Q4_1's order)."""
+    return codes[..., :16] | (codes[..., 16:] << 4)
+
+
+def encode_q4_0(codes: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks holding given 4-bit codes exactly: codes uint8 [rows, n] (0..15), step [rows, n / 32]
+    (stored as f16) -> uint8 [rows, n / 32 * 18]; w = step * (code - 8), a grid symmetric about 0."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    rows, n = codes.shape
+    if n % 32 or codes.max(initial=0) > 15 or np.shape(step) != (rows, n // 32):
+        raise GGMLError(f"Q4_0 needs codes 0..15 in rows of a multiple of 32 and one step per 32, "
+                        f"got codes {codes.shape} and steps {np.shape(step)}")
+    out = np.empty((rows, n // 32, 18), dtype=np.uint8)
+    out[..., 0:2] = np.asarray(step, dtype="<f2")[..., None].view(np.uint8)
+    out[..., 2:] = _nibble_pairs(codes.reshape(rows, n // 32, 32))
+    return out.reshape(rows, n // 32 * 18)
+
+
+def _blocks_of(x: np.ndarray, size: int, kind: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 0 or x.shape[-1] % size:
+        raise GGMLError(f"{kind} needs rows that are a multiple of {size} weights, got shape {x.shape}")
+    return x.reshape(-1, x.shape[-1] // size, size)
+
+
+def quantize_q4_0(x: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks for float weights [..., n] (n a multiple of 32) -> uint8 [..., n / 32 * 18], as
+    llama.cpp's reference does it: the weight of largest magnitude, max, sets d = max / -8, so it
+    lands exactly on code 0 (the grid reaches one step further on the other side);
+    q = min(15, trunc(w / d + 8.5))."""
+    blocks = _blocks_of(x, 32, "Q4_0")
+    at = np.abs(blocks).argmax(axis=-1)[..., None]  # the first largest, as C's strict `<` keeps it
+    d = np.take_along_axis(blocks, at, axis=-1)[..., 0] / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    codes = np.minimum(15, np.trunc(blocks * inverse[..., None] + np.float32(8.5))).astype(np.uint8)
+    out = encode_q4_0(codes.reshape(blocks.shape[0], -1), d)
+    return out.reshape(*np.shape(x)[:-1], -1)
+
+
+def quantize_q4_1(x: np.ndarray) -> np.ndarray:
+    """Q4_1 blocks for float weights [..., n] (n a multiple of 32) -> uint8 [..., n / 32 * 20], as
+    llama.cpp's reference does it: d = (max - min) / 15, m = min, q = min(15, trunc((w - m) / d + 0.5)).
+    (lmforge's own int4 grid rounds d and m to f16 *before* choosing codes; the reference does not.)"""
+    blocks = _blocks_of(x, 32, "Q4_1")
+    low, high = blocks.min(axis=-1), blocks.max(axis=-1)
+    d = (high - low) / np.float32(15)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    codes = np.minimum(15, np.trunc((blocks - low[..., None]) * inverse[..., None] + np.float32(0.5)))
+    out = encode_q4_1(codes.astype(np.uint8).reshape(blocks.shape[0], -1), d, low)
+    return out.reshape(*np.shape(x)[:-1], -1)
+
+
 def encode_q4_1(codes: np.ndarray, step: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """Q4_1 blocks holding given 4-bit codes exactly: codes uint8 [rows, n] (0..15), step and offset
     [rows, n / 32] (stored as f16) -> uint8 [rows, n / 32 * 20]; w = step * code + offset.
@@ -237,7 +293,7 @@ def encode_q4_1(codes: np.ndarray, step: np.ndarray, offset: np.ndarray) -> np.n
     out = np.empty((rows, n // 32, 20), dtype=np.uint8)
     out[..., 0:2] = np.asarray(step, dtype="<f2")[..., None].view(np.uint8)
     out[..., 2:4] = np.asarray(offset, dtype="<f2")[..., None].view(np.uint8)
-    out[..., 4:] = blocks[..., :16] | (blocks[..., 16:] << 4)
+    out[..., 4:] = _nibble_pairs(blocks)
     return out.reshape(rows, n // 32 * 20)
 
 
@@ -275,6 +331,161 @@ def encode_q8_0(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     out[..., 0:2] = scale.astype("<f2")[..., None].view(np.uint8)
     out[..., 2:] = codes.reshape(rows, n // 32, 32).view(np.uint8)
     return out.reshape(rows, n // 32 * 34)
+
+
+def decode_q8_0(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 blocks -> (codes int8 [rows, cols], scale f32 [rows, cols / 32]) with w = scale * code:
+    the inverse of `encode_q8_0`, no arithmetic on the weights."""
+    if cols % 32:
+        raise GGMLError(f"decode_q8_0 reads rows of a multiple of 32, got {cols}")
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // 32, 34)
+    scale = _f16(blocks[..., :2].reshape(-1, 2)).reshape(rows, cols // 32)
+    return np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols), scale
+
+
+# --------------------------------------------------------------------------- Q4_K
+# A Q4_K super-block holds 256 weights as 8 sub-blocks of 32: w = d * sc_j * q - dmin * m_j, with
+# 4-bit codes q, 6-bit sub-block scales sc_j and mins m_j, and two f16 super-scales d and dmin
+# (ggml's block_q4_K: d, dmin, 12 bytes of packed sc/m, 128 bytes of codes). Quantizing is two
+# nested fits: each sub-block's own (scale, min) first, then those 8 scales and 8 mins rounded to
+# 6 bits against the super-block's largest, and the codes chosen again for the rounded grid.
+
+
+def encode_q4_k(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray, d: np.ndarray,
+                dmin: np.ndarray) -> np.ndarray:
+    """Q4_K super-blocks from their parts: codes uint8 [S, 256] (0..15), 6-bit scales and mins
+    uint8 [S, 8], super-scales d and dmin [S] (stored as f16) -> uint8 [S, 144].
+
+    Scales and mins of sub-blocks 0..3 take the low 6 bits of bytes 0..3 and 4..7; those of
+    4..7 are split: low nibbles in bytes 8..11, top 2 bits in the spare top bits of bytes 0..7.
+    Codes go 64 at a time into 32 bytes: the first 32 in the low nibbles, the next 32 in the high."""
+    codes, scales, mins = (np.asarray(a, dtype=np.uint8) for a in (codes, scales, mins))
+    n = codes.shape[0]
+    if (codes.shape != (n, 256) or scales.shape != (n, 8) or mins.shape != (n, 8) or codes.max(initial=0) > 15
+            or max(scales.max(initial=0), mins.max(initial=0)) > 63):
+        raise GGMLError(f"Q4_K needs codes 0..15 [S, 256] and 6-bit scales and mins [S, 8], got "
+                        f"{codes.shape}, {scales.shape}, {mins.shape}")
+    out = np.empty((n, 144), dtype=np.uint8)
+    out[:, 0:2] = np.asarray(d, dtype="<f2").reshape(n, 1).view(np.uint8)
+    out[:, 2:4] = np.asarray(dmin, dtype="<f2").reshape(n, 1).view(np.uint8)
+    out[:, 4:8] = scales[:, :4] | ((scales[:, 4:] >> 4) << 6)
+    out[:, 8:12] = mins[:, :4] | ((mins[:, 4:] >> 4) << 6)
+    out[:, 12:16] = (scales[:, 4:] & 0x0F) | ((mins[:, 4:] & 0x0F) << 4)
+    pairs = codes.reshape(n, 4, 2, 32)
+    out[:, 16:] = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, 128)
+    return out
+
+
+def _in_order(terms: np.ndarray) -> np.ndarray:
+    """Sum over the first axis one term after another in float32, as a C loop does (numpy's
+    pairwise sum rounds differently, and the search below compares such sums). Summing rows of
+    a [n, B] array keeps every step a contiguous vector add."""
+    total = terms[0].copy()
+    for term in terms[1:]:
+        total += term
+    return total
+
+
+def _nearest(x: np.ndarray, top: int) -> np.ndarray:
+    """ggml's nearest_int (ties to even) clamped to 0..top, as float32."""
+    return np.clip(np.rint(x), 0, top).astype(np.float32)
+
+
+def fit_scale_min(x: np.ndarray, weights: np.ndarray, levels: int = 15, rmin: float = -1.0,
+                  rdelta: float = 0.1, nstep: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best (scale, min, codes) per row of x [B, n] for w ~ scale * q - min, q in 0..levels, min >= 0
+    (ggml's make_qkx2_quants, vectorized over rows).
+
+    Start from the full range [min(x, 0), max(x)]. Then try nstep + 1 slightly wider or
+    narrower grids, iscale = (levels + rmin + rdelta * i) / (max - offset): each assigns codes
+    q, and for fixed codes the weighted least-squares fit x ~ scale * q + offset has a closed
+    form (the 2x2 normal equations: D = Σw Σwq² - (Σwq)², scale = (Σw Σwqx - Σwx Σwq) / D); an
+    offset above 0 is clamped to 0 (then scale = Σwqx / Σwq²). A fit with less weighted squared
+    error replaces the best so far, and its offset anchors the following grids. Sums run in
+    order in float32, as in C, so that the choices are llama.cpp's."""
+    f32 = np.float32
+    x = np.ascontiguousarray(np.asarray(x, dtype=f32).T)  # [n, B]: one sub-block per column
+    weights = np.ascontiguousarray(np.asarray(weights, dtype=f32).T)
+    high = x.max(axis=0)
+    offset = np.minimum(x.min(axis=0), f32(0))
+    flat = high == offset
+    sum_w, sum_x = _in_order(weights), _in_order(weights * x)
+
+    def grid(iscale_times_span: np.float32) -> np.ndarray:
+        return _nearest(iscale_times_span / np.where(flat, f32(1), high - offset) * (x - offset), levels)
+
+    def squared_error(scale: np.ndarray, offset: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        diff = (scale * codes + offset) - x
+        return _in_order(weights * (diff * diff))
+
+    scale = f32(1) / (f32(levels) / np.where(flat, f32(1), high - offset))  # 1 / iscale, as C rounds it
+    codes = grid(f32(levels))
+    best = squared_error(scale, offset, codes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i in range(nstep + 1):
+            trial = grid(f32(rmin) + f32(rdelta) * f32(i) + f32(levels))
+            wq = weights * trial
+            sum_q, sum_q2, sum_qx = _in_order(wq), _in_order(wq * trial), _in_order(wq * x)
+            det = sum_w * sum_q2 - sum_q * sum_q
+            this_scale = (sum_w * sum_qx - sum_x * sum_q) / det
+            this_offset = (sum_q2 * sum_x - sum_q * sum_qx) / det
+            above = this_offset > 0
+            this_offset = np.where(above, f32(0), this_offset)
+            this_scale = np.where(above, sum_qx / sum_q2, this_scale)
+            error = squared_error(this_scale, this_offset, trial)
+            better = (det > 0) & (error < best) & ~flat
+            codes[:, better], best[better] = trial[:, better], error[better]
+            scale[better], offset[better] = this_scale[better], this_offset[better]
+    scale[flat] = 0
+    codes[:, flat] = 0
+    return scale, -offset, np.ascontiguousarray(codes.T)
+
+
+def _six_bits(values: np.ndarray, largest: np.ndarray) -> np.ndarray:
+    """values [S, 8] >= 0 as 6-bit codes against the row's largest (which becomes 63)."""
+    with np.errstate(divide="ignore"):
+        inverse = np.where(largest > 0, np.float32(63) / largest, np.float32(0))
+    wrapped = np.rint(inverse[:, None] * values).astype(np.int64) & 0xFF  # C stores the int in a uint8
+    return np.minimum(63, wrapped).astype(np.uint8)
+
+
+def quantize_q4_k(x: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+    """Q4_K super-blocks for float weights [..., n] (n a multiple of 256) -> uint8 [..., n / 256 * 144],
+    by llama.cpp's reference recipe (quantize_row_q4_K_ref, no importance matrix):
+
+    1. each sub-block of 32 gets (scale, min) from `fit_scale_min`, weighting every weight by
+       rms(sub-block) + |w| (large weights matter more);
+    2. the 8 scales become 6-bit codes against the largest (d = largest / 63, f16), the 8 mins
+       likewise (dmin);
+    3. every weight takes the nearest code on its sub-block's rounded grid d*sc, dmin*m
+       (a sub-block whose scale rounded to 0 keeps the codes from step 1)."""
+    f32 = np.float32
+    blocks = _blocks_of(x, 256, "Q4_K").reshape(-1, 8, 32)
+    out = np.empty((blocks.shape[0], 144), dtype=np.uint8)
+    for start in range(0, blocks.shape[0], chunk):  # bounded memory for large matrices
+        sub = blocks[start:start + chunk]
+        s = sub.shape[0]
+        flat = sub.reshape(-1, 32)
+        rms = np.sqrt(_in_order(np.ascontiguousarray((flat * flat).T)) / f32(32))
+        scale, low, codes = fit_scale_min(flat, rms[:, None] + np.abs(flat))
+        scale, low = scale.reshape(s, 8), low.reshape(s, 8)
+        top_scale, top_min = np.maximum(scale.max(axis=1), f32(0)), np.maximum(low.max(axis=1), f32(0))
+        scale_codes, min_codes = _six_bits(scale, top_scale), _six_bits(low, top_min)
+        d, dmin = (top_scale / f32(63)).astype(np.float16), (top_min / f32(63)).astype(np.float16)
+        step = d.astype(f32)[:, None] * scale_codes  # the grid as stored
+        offset = dmin.astype(f32)[:, None] * min_codes
+        with np.errstate(divide="ignore", invalid="ignore"):
+            again = _nearest((sub + offset[..., None]) / step[..., None], 15)
+        codes = np.where((step != 0)[..., None], again, codes.reshape(s, 8, 32))
+        out[start:start + s] = encode_q4_k(codes.reshape(s, 256), scale_codes, min_codes, d, dmin)
+    return out.reshape(*np.shape(x)[:-1], -1)
+
+
+# Float weights -> blocks, for the types lmforge writes (each matches llama.cpp's reference byte for byte).
+QUANTIZERS: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
+    GGMLType.Q8_0: quantize_q8_0, GGMLType.Q4_0: quantize_q4_0, GGMLType.Q4_1: quantize_q4_1,
+    GGMLType.Q4_K: quantize_q4_k,
+}
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
