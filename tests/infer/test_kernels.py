@@ -10,6 +10,7 @@ import torch
 
 from lmforge.infer import kernels
 from lmforge.infer.cache import StaticKVCache
+from lmforge.infer.quant import Int8Linear
 from lmforge.infer.runner import ModelRunner
 
 
@@ -52,6 +53,11 @@ def test_each_kernel_path_decodes_like_the_model(fresh_kernels, monkeypatch, tin
     assert runner.fast, kernels.status()
     assert kernels.status() == f"built for {kernels.isa()}"
     torch.testing.assert_close(logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    # int8 with a scale per 32 inputs (a Q8_0 file's layers) on the same path
+    grouped = Int8Linear(torch.randint(-128, 128, (24, 96), dtype=torch.int8), torch.rand(24, 3) / 50)
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(kernels.linear(grouped.kernel_weight(), x), x @ grouped.dequantize().T,
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_a_failed_build_is_reported_and_pytorch_answers(fresh_kernels, monkeypatch, tiny):

@@ -146,3 +146,30 @@ def test_interleaved_gate_and_up_rows(mode):
     out = fused(x)
     torch.testing.assert_close(out[:, 0::2], gate(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:, 1::2], up(x), atol=1e-5, rtol=1e-5)
+
+
+def grouped_int8(out_features: int, in_features: int, seed: int = 0, bias: bool = True) -> Int8Linear:
+    """int8 codes with a scale per 32 inputs, as GGUF's Q8_0 stores them (f16 scales)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (out_features, in_features), generator=g, dtype=torch.int8)
+    scale = (torch.rand(out_features, in_features // 32, generator=g) * 0.02).half().float()
+    return Int8Linear(codes, scale, torch.randn(out_features, generator=g) if bias else None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 4, 16])
+def test_int8_with_a_scale_per_32_inputs(rows):
+    layer = grouped_int8(40, 192, seed=rows)
+    assert layer.group_size == 32 and Int8Linear(layer.qweight, layer.scale[:, 0]).group_size == 192
+    w = layer.qweight.float().view(40, 6, 32) * layer.scale[..., None]
+    assert torch.equal(layer.dequantize(), w.view(40, 192))  # each 32 inputs scaled by their own scale
+    x = torch.randn(rows, 192)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), atol=1e-4, rtol=1e-4)
+    # fused as the runner fuses q/k/v and gate/up
+    other = grouped_int8(24, 192, seed=99, bias=False)
+    torch.testing.assert_close(concat_linears([layer, other])(x), torch.cat([layer(x), other(x)], -1),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(interleave_linears(layer, grouped_int8(40, 192, 7))(x)[:, 0::2], layer(x),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Int8Linear(layer.qweight, torch.ones(40, 12))  # groups of 16

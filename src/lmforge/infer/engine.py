@@ -239,22 +239,21 @@ class Engine:
 
         `prepare(model)` runs on the loaded model before anything else (the CLI puts a
         fine-tuned adapter on it here); `quantize` ("int8", "int4") then quantizes the
-        model's linear layers (int4 from a Q4_0/Q4_1 GGUF keeps the file's own 4-bit
-        weights, exactly); `draft` names a draft model for speculative decoding (loaded
-        the same way, quantized with `draft_quantize`). Other keywords go to `Engine(...)`.
-        `engine.path` is the file or folder loaded."""
+        model's linear layers; from a GGUF, either mode first keeps the file's Q4_0/Q4_1 and
+        Q8_0 matrices as they are, read straight into int4 and int8 layers (never rounded a
+        second time), and quantizes only what the file holds in another type; `draft` names a
+        draft model for speculative decoding (loaded the same way, quantized with `draft_quantize`).
+        Other keywords go to `Engine(...)`. `engine.path` is the file or folder loaded."""
         from lmforge.infer.loading import load_model
-        from lmforge.infer.quant import adopt_int4_blocks, quantize_model
-        from lmforge.model.gguf import gguf_int4_blocks
+        from lmforge.infer.quant import quantize_model
 
         def load(spec, mode, prepare=None):
-            loaded = load_model(spec, dtype=dtype, device=device)
+            keep = ("int4", "int8") if mode and prepare is None else ()  # an adapter (`prepare`) needs floats
+            loaded = load_model(spec, dtype=dtype, device=device, keep=keep)
             if prepare is not None:
                 prepare(loaded.model)
-            elif mode == "int4" and loaded.path.suffix == ".gguf":  # keep a Q4_0/Q4_1 file's own weights
-                adopt_int4_blocks(loaded.model, gguf_int4_blocks(loaded.path, loaded.model.config))
             if mode:
-                quantize_model(loaded.model, mode)
+                quantize_model(loaded.model, mode)  # the layers still in float
             return loaded
 
         loaded = load(spec, quantize, prepare)

@@ -13,7 +13,7 @@ q and k are permuted alike.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lmforge.formats.ggml import GGMLType, decode_q4, quantize_q8_0, to_bf16
+from lmforge.formats.ggml import QUANTIZERS, GGMLType, decode_q4, decode_q8_0, to_bf16
 from lmforge.formats.gguf import GGUFError, GGUFFile, TensorData, TensorInfo, write_gguf
 from lmforge.model.config import ConfigError, ModelConfig
 
@@ -218,6 +218,32 @@ def _permuted_heads(name: str, config: ModelConfig) -> int | None:
     return None
 
 
+# The block types whose numbers an engine layer can hold as they are: w = step * code + offset with
+# 4-bit codes and f16 steps/offsets per 32 (int4), or w = scale * code with int8 codes and an f16
+# scale per 32 (int8). Anything else (K-quants, F16, ...) is dequantized.
+KEEPABLE: dict[str, tuple[GGMLType, ...]] = {"int4": (GGMLType.Q4_0, GGMLType.Q4_1), "int8": (GGMLType.Q8_0,)}
+
+
+@dataclass
+class GGUFModel:
+    """A GGUF read for lmforge: `state` holds float32 tensors, `blocks` the matrices kept in their
+    integers (`read_gguf_model(keep=...)`), both under lmforge's names with rows in lmforge's order."""
+
+    config: ModelConfig
+    state: dict[str, torch.Tensor]
+    blocks: dict[str, KeptBlocks]
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class KeptBlocks:
+    """A matrix's quantized numbers, nothing rounded: int4 holds (codes uint8 [out, in] in 0..15,
+    step, offset f32 [out, in / 32]); int8 holds (codes int8 [out, in], scale f32 [out, in / 32])."""
+
+    kind: Literal["int4", "int8"]
+    parts: tuple[np.ndarray, ...]
+
+
 def load_gguf_model(
     path: str | os.PathLike[str],
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
@@ -226,28 +252,52 @@ def load_gguf_model(
     Every tensor is dequantized to float32. A tensor lmforge has no place for, or a
     hyperparameter it cannot express, is an error rather than silently dropped.
     """
+    model = read_gguf_model(path)
+    return model.config, model.state, model.metadata
+
+
+def read_gguf_model(path: str | os.PathLike[str], *, keep: Collection[str] = ()) -> GGUFModel:
+    """Read a llama/qwen2 GGUF once: every tensor dequantized to float32, except the projection
+    matrices (and the LM head) stored in a block type of the `keep` kinds ("int4": Q4_0/Q4_1,
+    "int8": Q8_0), which come back as their codes and scales (`KeptBlocks`) without a float
+    copy. A tied embedding in such a type is both: its blocks make the LM head, its float
+    rows the lookup table. A tensor lmforge has no place for, or a hyperparameter it cannot
+    express, is an error rather than silently dropped."""
     gguf = GGUFFile(path)
     config = config_from_gguf(gguf.metadata, gguf.tensors)
     arch = ARCHITECTURES[config.extra["gguf"]["architecture"]]
     shapes = expected_shapes(config)
+    keep_types = {t: kind for kind in keep for t in KEEPABLE[kind]}
     state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, KeptBlocks] = {}
     used: set[str] = set()
 
-    def fetch(theirs: str, shape: tuple[int, ...]) -> np.ndarray:
+    def check(theirs: str, shape: tuple[int, ...]) -> TensorInfo:
         if theirs not in gguf.tensors:
             raise GGUFError(f"{path}: missing tensor {theirs!r}")
         if gguf.tensors[theirs].shape != shape:
             raise GGUFError(f"{path}: tensor {theirs!r} has shape {gguf.tensors[theirs].shape}, "
                             f"the metadata implies {shape}")
         used.add(theirs)
+        return gguf.tensors[theirs]
+
+    def fetch(theirs: str, shape: tuple[int, ...]) -> np.ndarray:
+        check(theirs, shape)
         return gguf.tensor(theirs)
 
-    for ours, theirs in tensor_names(config).items():
-        w = fetch(theirs, shapes[ours])
+    def unpermute(ours: str, w: np.ndarray) -> np.ndarray:
         heads = _permuted_heads(ours, config)
-        if arch.permute_qk and heads:
-            w = _permute_rows(w, heads, to_gguf=False)
-        state[ours] = _to_torch(w)
+        return _permute_rows(w, heads, to_gguf=False) if arch.permute_qk and heads else w
+
+    for ours, theirs in tensor_names(config).items():
+        info = check(theirs, shapes[ours])
+        head = "lm_head.weight" if ours == "embed.weight" and config.tie_embeddings else None
+        if info.ggml_type in keep_types and (_is_projection(ours) or head):
+            kept = _kept_blocks(gguf.raw(theirs), info, keep_types[info.ggml_type])
+            blocks[head or ours] = KeptBlocks(kept.kind, tuple(unpermute(ours, p) for p in kept.parts))
+            if not head:
+                continue
+        state[ours] = _to_torch(unpermute(ours, gguf.tensor(theirs)))
     for i in range(config.n_layers):
         for proj, stacked in _EXPERT_PROJECTIONS.items() if config.n_experts else ():
             for part in ("weight", "bias") if config.mlp_bias else ("weight",):
@@ -259,28 +309,19 @@ def load_gguf_model(
     if leftover:
         shown = ", ".join(leftover[:8]) + (f" and {len(leftover) - 8} more" if len(leftover) > 8 else "")
         raise GGUFError(f"{path}: lmforge has no place for these tensors: {shown}")
-    return config, state, dict(gguf.metadata)
+    return GGUFModel(config, state, blocks, dict(gguf.metadata))
 
 
-def gguf_int4_blocks(path: str | os.PathLike[str],
-                     config: ModelConfig) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The file's Q4_0/Q4_1 projection matrices as (codes, step, offset) per lmforge weight name,
-    rows in lmforge's order (W_q/W_k un-permuted like the float loader does), nothing rounded:
-    what an int4 layer needs to hold the file's own weights (`formats.ggml.decode_q4`)."""
-    gguf = GGUFFile(path)
-    arch = ARCHITECTURES[config.extra.get("gguf", {}).get("architecture", "llama")]
-    found = {}
-    for ours, theirs in tensor_names(config).items():
-        info = gguf.tensors.get(theirs)
-        if info is None or len(info.shape) != 2 or info.ggml_type not in (GGMLType.Q4_0, GGMLType.Q4_1):
-            continue
-        rows, cols = info.shape
-        parts = decode_q4(gguf.raw(theirs), info.ggml_type, rows, cols)
-        heads = _permuted_heads(ours, config)
-        if arch.permute_qk and heads:
-            parts = tuple(_permute_rows(p, heads, to_gguf=False) for p in parts)
-        found[ours] = parts
-    return found
+def _is_projection(name: str) -> bool:
+    """A linear layer's weight that an int layer can replace (not the embedding, a norm or a router)."""
+    return name == "lm_head.weight" or (name.endswith("_proj.weight") and ".experts." not in name)
+
+
+def _kept_blocks(raw: np.ndarray, info: TensorInfo, kind: str) -> KeptBlocks:
+    rows, cols = info.shape
+    if kind == "int4":
+        return KeptBlocks("int4", decode_q4(raw, info.ggml_type, rows, cols))
+    return KeptBlocks("int8", decode_q8_0(raw, rows, cols))
 
 
 def _to_torch(w: np.ndarray) -> torch.Tensor:
@@ -290,9 +331,11 @@ def _to_torch(w: np.ndarray) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- export
 
-ExportDType = Literal["f32", "f16", "bf16", "q8_0"]
-# llama.cpp's `llama_ftype`: ALL_F32, MOSTLY_F16, MOSTLY_BF16, MOSTLY_Q8_0
-_FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}
+ExportDType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k"]
+# llama.cpp's `llama_ftype`: ALL_F32, MOSTLY_F16, MOSTLY_BF16, MOSTLY_Q8_0, MOSTLY_Q4_0, MOSTLY_Q4_1,
+# MOSTLY_Q4_K_S (llama.cpp's name for "Q4_K where the rows allow": what q4_k writes)
+_FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k": 14}
+BLOCK_DTYPES = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_1": GGMLType.Q4_1, "q4_k": GGMLType.Q4_K}
 
 
 def _check_exportable(config: ModelConfig) -> None:
@@ -340,16 +383,33 @@ def gguf_hyperparameters(config: ModelConfig) -> dict[str, Any]:
     return hp
 
 
+def gguf_matrix_type(name: str, shape: tuple[int, ...], dtype: ExportDType) -> GGMLType:
+    """The ggml type GGUF tensor `name` is written in for `dtype`.
+
+    1-D tensors and MoE routers stay F32 (llama.cpp expects it). Under the 4-bit types the
+    token embedding and the output head are Q8_0: the head decides every token and is the
+    one matrix 4 bits hurts most (llama.cpp's own Q4 recipes keep it at 6 bits). A row
+    length a type's blocks do not divide falls back, as llama.cpp's quantizer does: Q4_K
+    (256 per block) to Q4_1, a 32-block type to F16."""
+    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight") or dtype == "f32":
+        return GGMLType.F32
+    if dtype in ("f16", "bf16"):
+        return GGMLType[dtype.upper()]
+    kind = BLOCK_DTYPES[dtype]
+    if kind != GGMLType.Q8_0 and name in ("token_embd.weight", "output.weight"):
+        kind = GGMLType.Q8_0
+    if kind == GGMLType.Q4_K and shape[-1] % 256:
+        kind = GGMLType.Q4_1
+    return kind if shape[-1] % 32 == 0 else GGMLType.F16
+
+
 def _encode_weight(name: str, w: np.ndarray, dtype: ExportDType) -> TensorData:
-    """1-D tensors and MoE routers stay F32 (llama.cpp expects it); matrices take `dtype`."""
-    keep_f32 = w.ndim == 1 or name.endswith("ffn_gate_inp.weight") or dtype == "f32"
-    if keep_f32:
-        return TensorData(name, w.shape, GGMLType.F32, w.astype(np.float32))
-    if dtype == "q8_0" and w.shape[-1] % 32 == 0:
-        return TensorData(name, w.shape, GGMLType.Q8_0, quantize_q8_0(w))
-    if dtype == "bf16":
-        return TensorData(name, w.shape, GGMLType.BF16, to_bf16(w))
-    return TensorData(name, w.shape, GGMLType.F16, w.astype(np.float16))  # also Q8_0's fallback
+    kind = gguf_matrix_type(name, w.shape, dtype)
+    if kind in QUANTIZERS:
+        return TensorData(name, w.shape, kind, QUANTIZERS[kind](w))
+    if kind == GGMLType.BF16:
+        return TensorData(name, w.shape, kind, to_bf16(w))
+    return TensorData(name, w.shape, kind, w.astype(np.float16 if kind == GGMLType.F16 else np.float32))
 
 
 def export_gguf(
@@ -361,14 +421,17 @@ def export_gguf(
     *,
     name: str | None = None,
     blocks: Mapping[str, tuple[GGMLType, np.ndarray]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write a llama-architecture GGUF v3 that llama.cpp loads, atomically.
 
     `tokenizer_metadata` supplies the `tokenizer.*` keys (`Tokenizer.gguf_metadata()`).
-    Matrices are stored as `dtype`; norms and other 1-D tensors stay F32. `blocks` maps
-    some of lmforge's tensor names to ready-made GGML blocks (rows in lmforge's order; a
-    quantized model's own integers, `formats.ggml.encode_q4_1`), written as they are; the
-    state dict still holds those tensors in float, for the checks.
+    Matrices are stored as `dtype` (`gguf_matrix_type`: norms and other 1-D tensors stay F32,
+    the embedding and head Q8_0 under the 4-bit types, rows a block does not divide fall
+    back). `blocks` maps some of lmforge's tensor names to ready-made GGML blocks (rows in
+    lmforge's order; a quantized model's own integers, `lmforge.export.gguf_plan`), written
+    as they are; the state dict still holds those tensors in float, for the checks.
+    `progress(done, total)` is called after each tensor is encoded.
     """
     if dtype not in _FILE_TYPES:
         raise GGUFError(f"dtype must be one of {', '.join(_FILE_TYPES)}, got {dtype!r}")
@@ -405,13 +468,20 @@ def export_gguf(
         return TensorData(theirs, shapes[ours], kind,
                           _permute_rows(data, heads, to_gguf=True) if heads else data)
 
-    tensors = [tensor(ours, theirs) for ours, theirs in names.items()]
-    for i in range(config.n_layers):
-        for proj, stacked in _EXPERT_PROJECTIONS.items() if config.n_experts else ():
-            for part in ("weight", "bias")[:1 + config.mlp_bias]:
-                w = np.stack([array(f"blocks.{i}.mlp.experts.{e}.{proj}.{part}")
-                              for e in range(config.n_experts)])
-                tensors.append(_encode_weight(f"blk.{i}.{stacked}.{part}", w, dtype))
+    stacked_parts = [(i, proj, stacked, part) for i in range(config.n_layers)
+                     for proj, stacked in (_EXPERT_PROJECTIONS.items() if config.n_experts else ())
+                     for part in ("weight", "bias")[:1 + config.mlp_bias]]
+    total = len(names) + len(stacked_parts)
+    tensors = []
+    for ours, theirs in names.items():
+        tensors.append(tensor(ours, theirs))
+        if progress is not None:
+            progress(len(tensors), total)
+    for i, proj, stacked, part in stacked_parts:
+        w = np.stack([array(f"blocks.{i}.mlp.experts.{e}.{proj}.{part}") for e in range(config.n_experts)])
+        tensors.append(_encode_weight(f"blk.{i}.{stacked}.{part}", w, dtype))
+        if progress is not None:
+            progress(len(tensors), total)
 
     provenance = config.extra.get("gguf")
     gguf_name = provenance.get("name") if isinstance(provenance, dict) else None
@@ -421,8 +491,8 @@ def export_gguf(
         "general.name": name or gguf_name or "lmforge model",
         "general.file_type": _FILE_TYPES[dtype],
     }
-    if dtype == "q8_0":
-        metadata["general.quantization_version"] = 2
+    if any(t.ggml_type not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) for t in tensors):
+        metadata["general.quantization_version"] = 2  # ggml's block layouts since 2023, as llama.cpp writes
     metadata |= gguf_hyperparameters(config)
     metadata |= dict(tokenizer_metadata)
     return write_gguf(path, metadata, tensors)

@@ -15,6 +15,7 @@
  * Weight formats (row-major, one row per output channel n, k inputs):
  *   F32:  w[n, k]
  *   INT8: q[n, k] in [-127, 127], w = scale[n] * q                                  (per channel)
+ *         or, with a group size G, w = scale[n, k / G] * q: a scale per G inputs (GGUF's Q8_0, G = 32)
  *   INT4: groups of G inputs share a step d and an offset m, w = d * q + m, q in 0..15 (like GGUF
  *         Q4_1). Codes are packed 64 inputs to 32 bytes (see row_i4 for the order); d and m are fp16,
  *         interleaved as dm[n, k / G, 2]. G is a multiple of 32 and k a multiple of 64.
@@ -41,10 +42,10 @@ enum { LMF_SWIGLU = 0, LMF_GELU_TANH = 1, LMF_GELU = 2, LMF_RELU2 = 3 };
 
 typedef struct {
   int32_t kind;       /* LMF_F32, LMF_INT8, LMF_INT4 */
-  int32_t group;      /* INT4 group size (a multiple of 32) */
+  int32_t group;      /* INT4 group size (a multiple of 32); INT8: 0 per row, else a multiple of 32 */
   int64_t n, k;       /* output and input features */
   const void* data;   /* float [n, k] | int8 [n, k] | uint8 [n, k / 2] */
-  const void* scale;  /* INT8: float [n]; INT4: fp16 [n, k / group, 2] */
+  const void* scale;  /* INT8: float [n] or [n, k / group]; INT4: fp16 [n, k / group, 2] */
   const float* bias;  /* [n] or NULL */
 } lmf_weight;
 
@@ -155,6 +156,39 @@ static inline __attribute__((always_inline)) void row_dense(const void* w, const
     const float wi = i8 ? (float)wq[i] : wf[i];
     for (int t = 0; t < mt; ++t) out[t] += wi * x[t * k + i];
   }
+}
+
+/* INT8 with a scale per group of G inputs: dot(x, w) = sum_g s_g * dot(x_g, q_g). Each group's products
+ * gather in registers and are scaled once into the running sum: one FMA per 8 inputs more than per row. */
+static inline __attribute__((always_inline)) void row_i8g(const int8_t* w, const float* scale, const float* x,
+                                                          int64_t k, int64_t group, const int mt, float* out) {
+  const int64_t groups = k / group;
+#if LMF_AVX2
+  __m256 acc[MAX_TILE];
+  for (int t = 0; t < mt; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* wg = w + g * group;
+    const float* xg = x + g * group;
+    for (int64_t line = 0; line < group; line += 64) _mm_prefetch((const char*)wg + line + PREFETCH8, _MM_HINT_T0);
+    __m256 part[MAX_TILE];
+    for (int t = 0; t < mt; ++t) part[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < group; i += 8) {
+      const __m256 wv = load_i8(wg + i);
+      for (int t = 0; t < mt; ++t) part[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xg + t * k + i), part[t]);
+    }
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    for (int t = 0; t < mt; ++t) acc[t] = _mm256_fmadd_ps(s, part[t], acc[t]);
+  }
+  for (int t = 0; t < mt; ++t) out[t] = hsum(acc[t]);
+#else
+  for (int t = 0; t < mt; ++t) out[t] = 0.f;
+  for (int64_t g = 0; g < groups; ++g)
+    for (int t = 0; t < mt; ++t) {
+      float part = 0.f;
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) part += (float)w[i] * x[t * k + i];
+      out[t] += scale[g] * part;
+    }
+#endif
 }
 
 /* With w = d*q + m per group: dot(x, w) = sum_g d_g * dot(x_g, q_g) + m_g * sum(x_g). The group sums
@@ -379,6 +413,8 @@ static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, i
   const int64_t k = W->k;
   if (W->kind == LMF_F32) {
     row_dense((const float*)W->data + r * k, 0, x, k, mt, out);
+  } else if (W->kind == LMF_INT8 && W->group && W->group < k) {
+    row_i8g((const int8_t*)W->data + r * k, (const float*)W->scale + r * (k / W->group), x, k, W->group, mt, out);
   } else if (W->kind == LMF_INT8) {
     row_dense((const int8_t*)W->data + r * k, 1, x, k, mt, out);
     const float s = ((const float*)W->scale)[r];
