@@ -66,6 +66,25 @@ REGISTRY: dict[str, TaskInfo] = {info.name: info for info in (
     TaskInfo("mmlu", "lmforge.eval.mmlu:MMLU",
              "MMLU, 57 subjects of 4-way multiple choice, lm-eval's prompt, scored by log-likelihood "
              "(--data FILE.jsonl for your own questions)"),
+    TaskInfo("mmath", "lmforge.eval.maths:MMath",
+             "MMATH: MATH-500, AIME 2024/25, CNMO (374 problems), boxed answers, exact match"),
+    TaskInfo("gsm_symbolic", "lmforge.eval.maths:GSMSymbolic",
+             "reasoning-gym gsm_symbolic, held-out problems (200 unless --limit), exact match"),
+    TaskInfo("squad", "lmforge.eval.qa:SQuAD",
+             "SQuAD v2 dev (11,873 questions, a third unanswerable), official EM and F1"),
+    TaskInfo("hotpotqa", "lmforge.eval.qa:HotpotQA",
+             "HotpotQA dev over its gold paragraphs (7,405 questions), official EM and F1"),
+    TaskInfo("translation_de", "lmforge.eval.translation:TranslationDe",
+             "English->German, the Debian handbook's paragraph pairs, sacrebleu BLEU and chrF"),
+    TaskInfo("translation_es", "lmforge.eval.translation:TranslationEs",
+             "English->Spanish, the Debian handbook's paragraph pairs, sacrebleu BLEU and chrF"),
+    TaskInfo("humaneval", "lmforge.eval.code:HumanEval",
+             "HumanEval (164 functions), greedy pass@1, tests run in a sandbox"),
+    TaskInfo("humaneval_pass10", "lmforge.eval.code:HumanEvalSampled",
+             "HumanEval, 10 samples at temperature 0.8: pass@1 and pass@10 (unbiased estimator)"),
+    TaskInfo("mtbench", "lmforge.eval.judge:MTBench",
+             "MT-Bench pairwise LLM-as-judge in both orders (judge: LMFORGE_JUDGE_URL; baseline: the "
+             "judge's model, or --data FastChat answers)"),
 )}
 
 
