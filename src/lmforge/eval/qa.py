@@ -19,7 +19,7 @@ is 0 (its script's rule).
 **The prompt** asks for a short phrase from the context; for SQuAD v2 it adds that an
 unanswerable question should be answered "unanswerable", and such a reply (or "no answer",
 "not answerable", ...) is mapped to the empty prediction. The prediction is the reply's
-first non-empty line, without a leading "Answer:". HotpotQA's context is its two gold
+first non-empty line, without a leading "Answer:" or "The answer is". HotpotQA's context is its two gold
 paragraphs ("Title: text"; the 8 distractors too with ``distractors=True``), the setting
 of the SFT sample `lmforge.tune` builds from the same file: a model fine-tuned on that
 sample has seen these questions.
@@ -101,11 +101,17 @@ def score_item(golds: Sequence[str], predicted: str, *, hotpot: bool = False) ->
     return max(exact_match(g, predicted) for g in golds), max(f1(g, predicted) for g in golds)
 
 
+# "Answer:", "**Final answer:**", "The answer is", "The answer to the question is:"
+_ANSWER_PREFIX = re.compile(r"^(?:\*\*)?(?:the\s+|final\s+)?answer(?:\s+to\s+the\s+question)?\s*(?:\*\*)?"
+                            r"\s*(?::|\bis\b:?)\s*(?:\*\*)?", re.IGNORECASE)
+
+
 def prediction_from_reply(reply: str, *, allow_unanswerable: bool = False) -> str:
-    """The answer in a chat reply: its first non-empty line, without a leading "Answer:"; a reply
+    """The answer in a chat reply: its first non-empty line, without a leading "Answer:" or "The
+    answer is"; a reply
     saying the question cannot be answered is the empty prediction when `allow_unanswerable`."""
     line = next((ln.strip() for ln in reply.splitlines() if ln.strip()), "")
-    line = re.sub(r"^(?:\*\*)?(?:final\s+)?answer\s*(?:\*\*)?\s*:\s*(?:\*\*)?", "", line, flags=re.I).strip()
+    line = _ANSWER_PREFIX.sub("", line).strip()
     if allow_unanswerable and normalize_answer(line) in UNANSWERABLE:
         return ""
     return line
