@@ -39,6 +39,19 @@ def test_quantize_writes_a_folder_that_generate_runs_and_reports_as_json(workspa
                  "-q"]) == 0
 
 
+def test_smoothquant_writes_a_w8a8_folder_that_generate_runs(workspace, capsys):
+    out = workspace / "w8a8"
+    assert main(["quantize", "--model", str(workspace / "model"), "--method", "smoothquant", "--bits", "8",
+                 "--activations", "static", "--alpha", "0.5", "--calibration", str(workspace / "calib.txt"),
+                 "--samples", "4", "--seq-len", "32", "-o", str(out), "--quiet"]) == 0
+    assert "W8A8 (int8 weights per channel, int8 activations with static scales)" in capsys.readouterr().out
+    layers = json.loads((out / "lmforge.json").read_text())["quantized_layers"]
+    assert layers["blocks.0.mlp.down_proj"] == {"format": "int8", "activations": "static"}
+    assert layers["lm_head"] == {"format": "int8"}  # the head keeps float activations
+    assert main(["generate", "--model", str(out), "--prompt", "The quick", "--max-new-tokens", "4",
+                 "-q"]) == 0
+
+
 def test_prune_writes_a_float_checkpoint_transformers_loads_with_the_zeros(workspace, capsys):
     transformers = pytest.importorskip("transformers")
     out = workspace / "p"
@@ -61,6 +74,8 @@ def test_prune_writes_a_float_checkpoint_transformers_loads_with_the_zeros(works
     (["quantize", "--method", "gptq", "--bits", "4", "--group-size", "32", "--damp", "0"], "--damp must be"),
     (["quantize", "--method", "rtn", "--bits", "8", "--calibration", "x.txt"], "uses no calibration"),
     (["prune", "--method", "wanda", "--sparsity", "0.5", "--seq-len", "1"], "at least 2 tokens"),
+    (["quantize", "--method", "smoothquant", "--bits", "4"], "use --bits 8"),
+    (["quantize", "--method", "rtn", "--bits", "8", "--alpha", "0.5"], "smoothquant options"),
 ])
 def test_bad_settings_are_one_line_errors(workspace, capsys, argv, message):
     assert main([*argv, "--model", str(workspace / "model"), "-o", str(workspace / "out"), "-q"]) == 2

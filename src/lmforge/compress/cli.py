@@ -17,6 +17,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     summary = quantize_command(args.model, args.method, args.bits, args.output, group_size=args.group_size,
                                calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
                                act_order=args.act_order, damp=args.damp, head=args.head,
+                               activations=args.activations, alpha=args.alpha,
                                measure=args.measure, heldout=args.heldout, seed=args.seed, quiet=args.quiet,
                                qat={k: v for k in QAT_FLAGS if (v := getattr(args, k)) is not None})
     print(json.dumps(summary, indent=2) if args.json else describe(summary))
@@ -77,8 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "folder the engine runs",
                        description="Quantize every linear layer of a model into the engine's int8/int4 "
                                    "layers. rtn rounds each group to nearest (no data); gptq and awq use "
-                                   "calibration text. The output folder loads with generate, chat and serve.")
-    p.add_argument("--method", required=True, choices=("rtn", "gptq", "awq", "qat"))
+                                   "calibration text; smoothquant (8 bits) also rounds the activations "
+                                   "(W8A8). The output folder loads with generate, chat and serve.")
+    p.add_argument("--method", required=True, choices=("rtn", "gptq", "awq", "smoothquant", "qat"))
     p.add_argument("--bits", type=int, required=True, choices=(8, 4, 3, 2),
                    help="8: per output channel, symmetric; 4/3/2: groups of --group-size inputs, asymmetric")
     p.add_argument("--group-size", type=int, default=64,
@@ -87,6 +89,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq: round the inputs with the largest activations first (gptq's default: on; "
                         "it halved the 4-bit loss on SmolLM2, docs/compression.md)")
+    p.add_argument("--activations", choices=("dynamic", "static"), default="dynamic",
+                   help="smoothquant: int8 activation scales per token at run time (default) or one per "
+                        "layer from the calibration text")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="smoothquant: how much of the activations' range moves into the weights, 0..1 "
+                        "(default: searched per layer group; the paper's fixed choice is 0.5)")
     p.add_argument("--head", choices=("int8", "same", "none"), default="int8",
                    help="the LM head: int8 per channel (default, as GGUF files keep it), the body's grid by "
                         "round-to-nearest, or float")
