@@ -48,6 +48,9 @@ def test_static_scales_round_every_token_on_one_grid_and_clip_beyond_it():
     assert louder.abs().max() == 127  # clipped, not wrapped
     with pytest.raises(ValueError, match="dynamic or static"):
         w8a8_layer("per-tensor")
+    layer = w8a8_layer()
+    with pytest.raises(ValueError, match="one weight scale per output row"):
+        Int8ActLinear(layer.qweight, layer.scale[:, None].expand(-1, 2).contiguous())
 
 
 def test_fused_projections_keep_rounding_their_shared_input():

@@ -136,6 +136,8 @@ class Int8ActLinear(Int8Linear):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
                  activations: ActivationScales = "dynamic", act_scale: float | torch.Tensor = 0.0) -> None:
         super().__init__(qweight, scale, bias)
+        if self.scale.dim() != 1:  # the integer dot product needs one weight scale per row
+            raise ValueError(f"W8A8 needs one weight scale per output row, got {tuple(self.scale.shape)}")
         if activations not in ("dynamic", "static"):
             raise ValueError(f"activation scales must be dynamic or static, got {activations!r}")
         self.activations = activations
