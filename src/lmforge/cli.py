@@ -257,10 +257,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmforge.export import export_model
+    from lmforge.export import Progress, export_model
 
     apply_threads(args.threads)
-    result = export_model(args.model, args.to, args.output, dtype=args.dtype)
+    result = export_model(args.model, args.to, args.output, dtype=args.dtype, progress=Progress())
     print(json.dumps(vars(result), indent=2) if args.json else result.describe())
     return 0
 
@@ -367,8 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "file (llama.cpp), with its tokenizer")
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--to", required=True, choices=["hf", "gguf"], help="the format to write")
-    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
-                   help="number format of the weights (default: f32 for hf, f16 for gguf; q8_0: gguf only)")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k"], default=None,
+                   help="number format of the weights (default: f32 for hf; for gguf what the source holds: "
+                        "quantized layers keep their own integers, float matrices f32; q8_0/q4_0/q4_1/q4_k: "
+                        "gguf only, quantized layers re-quantized only where their grid has no exact form)")
     p.add_argument("--output", "-o", required=True, help="a folder (hf) or a file ending in .gguf (gguf)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     add_threads_flag(p)
