@@ -110,3 +110,19 @@ def test_block_types_are_gguf_only(folder, tmp_path, capsys):
     out = str(tmp_path / "x")
     assert main(["export", "--model", str(folder), "--to", "hf", "--dtype", "q4_k", "-o", out]) == 2
     assert "q4_k is a GGUF block format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
+def test_a_gguf_exported_again_is_the_same_file_tensor_for_tensor(tmp_path, capsys, dtype):
+    from lmforge.model.gguf import export_gguf
+
+    model, tokenizer = tiny_lm(vocab_size=259), byte_tokenizer().gguf_metadata()
+    source = export_gguf(tmp_path / "a.gguf", model.config, model.state_dict(), tokenizer, dtype)
+    again = tmp_path / "b.gguf"
+    assert main(["export", "--model", str(source), "--to", "gguf", "-o", str(again)]) == 0
+    assert "with their own integers" in capsys.readouterr().out
+    a, b = GGUFFile(source), GGUFFile(again)
+    assert list(a.tensors) == list(b.tensors)
+    for name, info in a.tensors.items():
+        assert info.ggml_type == b.tensors[name].ggml_type, name
+        assert np.array_equal(np.asarray(a.raw(name)), np.asarray(b.raw(name))), name
