@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup dev demo chat test llamacpp
+.PHONY: setup dev demo chat test llamacpp refquant
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,16 @@ llamacpp: | $(BIN)/python
 	fi
 	$(BIN)/pip install --quiet --force-reinstall --only-binary llama-cpp-python \
 		--find-links $(LLAMACPP_WHEELS) llama-cpp-python==$(LLAMACPP_VERSION)
+
+# llm-compressor (GPTQ's and AWQ's reference for benchmarks/bench_compress_reference.py) pins
+# transformers<=5.17 and compressed-tensors==0.19, older than the bench extra's transformers:
+# it gets an environment of its own, with lmforge installed there too. Run the benchmark with
+# .venv-refquant/bin/python.
+REFQUANT := .venv-refquant
+refquant:
+	$(PYTHON) -m venv $(REFQUANT)
+	$(REFQUANT)/bin/pip install --quiet "$(TORCH)" llmcompressor==0.14.0.1
+	$(REFQUANT)/bin/pip install --quiet "$(TORCH)" -e .
 
 demo: setup
 	$(BIN)/lmforge demo

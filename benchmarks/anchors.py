@@ -24,7 +24,10 @@ DISTRIBUTIONS = {
 }
 
 #: distributions that no extra installs, and how to get them instead
-BUILT = {"llama-cpp-python": "make llamacpp (builds it for this CPU)"}
+BUILT = {"llama-cpp-python": "make llamacpp (builds it for this CPU)",
+         # llm-compressor pins an older transformers than the bench extra's: its own environment
+         "llmcompressor": "make refquant (its own environment, .venv-refquant)",
+         "compressed-tensors": "make refquant (its own environment, .venv-refquant)"}
 
 
 def distribution(module: str) -> str:

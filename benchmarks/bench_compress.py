@@ -119,6 +119,14 @@ def llamacpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> tupl
     return math.exp(total / count), time.perf_counter() - started
 
 
+def text_windows(tokenizer, samples: int, seq_len: int, heldout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration [samples, seq_len] at random offsets of the Python HOWTOs, held out [<= heldout,
+    seq_len] consecutive windows of the Python tutorial): the text every compression row sees."""
+    calibration = calibration_windows(token_stream(tokenizer, default_calibration_files()), samples, seq_len)
+    scored = heldout_windows(token_stream(tokenizer, default_heldout_files()), seq_len, limit=heldout)
+    return calibration, scored
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=128, help="calibration windows")
@@ -143,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_model("smollm2")
     base, tokenizer = loaded.model.requires_grad_(False), loaded.tokenizer
-    calibration = calibration_windows(token_stream(tokenizer, default_calibration_files()), args.samples,
-                                      args.seq_len)
-    heldout = heldout_windows(token_stream(tokenizer, default_heldout_files()), args.seq_len,
-                              limit=args.heldout_windows)
+    calibration, heldout = text_windows(tokenizer, args.samples, args.seq_len, args.heldout_windows)
     prompt = tokenizer.encode(PROMPT)
     print(f"\n  model: {loaded.path.name} (fp32), calibration {calibration.shape[0]} x "
           f"{calibration.shape[1]} tokens (Python HOWTOs), held out {heldout.shape[0]} x {heldout.shape[1]} "
