@@ -11,6 +11,9 @@ trains on. The table gives the mean and spread over seeds, and the per-seed diff
 
     python benchmarks/bench_distill.py --seeds 0 1 2 --json distill.json
     python benchmarks/bench_distill.py --seeds 0 --steps 5 --heldout-windows 4   # smoke
+
+On a shared machine, seeds can run as parallel processes (`--seeds 1 --no-teacher`, one
+process each: the teacher's score is the same for every run, measured once).
 """
 
 from __future__ import annotations
@@ -60,6 +63,16 @@ def ensure_shards(folder: Path) -> Path:
     return folder
 
 
+def score_teacher(args: argparse.Namespace) -> dict[str, float]:
+    recipe = load_config(DistillConfig, args.recipe, [f"heldout_windows={args.heldout_windows}"])
+    teacher = load_model(recipe.teacher)
+    started = time.perf_counter()
+    scored = heldout_perplexity(teacher.model, teacher.tokenizer, recipe.heldout, recipe.train.seq_len,
+                                recipe.heldout_windows, lambda text: None)
+    print(json.dumps({"teacher": scored, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+    return scored
+
+
 def run_one(mode: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     alpha = 0.0 if mode == "scratch" else args.alpha
     overrides = [f"seed={seed}", f"output={args.out}/{mode}-seed{seed}", "resume=never",
@@ -86,7 +99,7 @@ def _spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(rows: list[dict[str, Any]], teacher: dict[str, float]) -> str:
+def table(rows: list[dict[str, Any]], teacher: dict[str, float] | None) -> str:
     lines = ["| student | seeds | steps (tokens) | held-out perplexity: mean ± sd (each seed) | "
              "held-out nll | wall per run |", "|---|---|---|---|---|---|"]
     for mode in dict.fromkeys(r["mode"] for r in rows):
@@ -100,7 +113,8 @@ def table(rows: list[dict[str, Any]], teacher: dict[str, float]) -> str:
                      f"{statistics.fmean(ppl):.1f} ± {_spread(ppl):.1f} ({each}) | "
                      f"{statistics.fmean(nll):.3f} ± {_spread(nll):.3f} | "
                      f"{statistics.fmean(r['wall_s'] for r in mine) / 60:.1f} min |")
-    lines.append(f"| teacher: SmolLM2-135M | | | {teacher['perplexity']:.2f} | {teacher['nll']:.3f} | |")
+    if teacher:
+        lines.append(f"| teacher: SmolLM2-135M | | | {teacher['perplexity']:.2f} | {teacher['nll']:.3f} | |")
     by_seed: dict[int, dict[str, float]] = {}
     for r in rows:
         by_seed.setdefault(r["seed"], {})[r["mode"]] = r["heldout_nll"]
@@ -127,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", default=str(ROOT / "runs/shards/smollm2-pylib"))
     parser.add_argument("--out", default=str(ROOT / "runs/bench-distill"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-teacher", action="store_true", help="do not score the teacher on held-out text")
     parser.add_argument("--json", default=None, help="write every run's numbers here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -134,13 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     machine = announce()
     ensure_shards(Path(args.shards))
-    recipe = load_config(DistillConfig, args.recipe, [f"heldout_windows={args.heldout_windows}"])
-    teacher = load_model(recipe.teacher)
-    started = time.perf_counter()
-    scored = heldout_perplexity(teacher.model, teacher.tokenizer, recipe.heldout, recipe.train.seq_len,
-                                recipe.heldout_windows, lambda text: None)
-    print(json.dumps({"teacher": scored, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
-    del teacher
+    scored = None if args.no_teacher else score_teacher(args)
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         for mode in args.modes:
