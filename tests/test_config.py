@@ -67,3 +67,15 @@ def test_override_syntax_errors():
 def test_build_rejects_non_mapping_section():
     with pytest.raises(ConfigKeyError, match="optim must be a mapping"):
         build(Recipe, {"optim": 3})
+
+
+def test_a_partial_override_keeps_the_rest_of_a_sections_own_default():
+    """A recipe class whose `optim` defaults to lr 5e-6 keeps it when only weight_decay is given."""
+    from lmforge.align.run import AlignConfig
+
+    default = AlignConfig(model="m", algorithm="dpo")
+    config = build(AlignConfig, {"model": "m", "algorithm": "dpo", "optim": {"weight_decay": 0.1},
+                                 "train": {"steps": 5}})
+    assert config.optim.weight_decay == 0.1 and config.optim.lr == default.optim.lr == 5e-6
+    assert config.train.steps == 5 and config.train.batch_tokens == default.train.batch_tokens
+    assert config.lora == default.lora  # untouched sections stay as they were

@@ -101,11 +101,33 @@ def build(cls: type[T], values: dict[str, Any], *, prefix: str = "") -> T:
             close = [name for name in fields if name.startswith(key[:3])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigKeyError(f"unknown config key {dotted!r}{hint}; known: {', '.join(fields)}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
+        kwargs[key] = _coerce(hints[key], _over_default(fields[key], value), dotted)
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise ConfigKeyError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
+
+
+def _over_default(field: dataclasses.Field, value: Any) -> Any:
+    """A partial mapping for a nested section laid over that section's own default: a recipe class
+    whose `optim` defaults to lr 5e-6 keeps it when only `optim.weight_decay` is given."""
+    factory = field.default_factory
+    if not isinstance(value, dict) or factory is dataclasses.MISSING:
+        return value
+    default = factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return _deep_merge({f.name: getattr(default, f.name) for f in dataclasses.fields(default)}, value)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(merged.get(key)):
+            inner = merged[key]
+            value = _deep_merge({f.name: getattr(inner, f.name) for f in dataclasses.fields(inner)}, value)
+        merged[key] = value
+    return merged
 
 
 def _coerce(hint: Any, value: Any, dotted: str) -> Any:
@@ -129,6 +151,8 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
             raise ConfigKeyError(f"{dotted} must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):  # a section's default, kept whole under a partial override
+            return value
         return build(hint, value, prefix=f"{dotted}.")
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
