@@ -39,6 +39,9 @@ from lmforge.data.samples import python_docs_dir  # noqa: E402
 from lmforge.data.shards import TokenizeConfig, read_documents_from, tokenize_documents  # noqa: E402
 from lmforge.infer.loading import load_model  # noqa: E402
 
+#: the baseline is lmforge's own student trained from scratch: no outside anchor
+ANCHORS: tuple[str, ...] = ()
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/distill/smollm2-to-tiny.yaml"
 

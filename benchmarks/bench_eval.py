@@ -23,7 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anchors import require  # noqa: E402
 from machine import announce  # noqa: E402
+
+#: what lmforge is run against: lm-eval's own HFLM over transformers (benchmarks/anchors.py)
+ANCHORS = ("lm_eval", "transformers")
 
 
 def main() -> None:
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the measurements here")
     args = parser.parse_args()
+    require(*ANCHORS)
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = announce(("lm_eval", "transformers"))

@@ -39,6 +39,9 @@ from lmforge.compress.quantize import quantize_model  # noqa: E402
 from lmforge.eval.perplexity import perplexity  # noqa: E402
 from lmforge.infer.loading import load_model  # noqa: E402
 
+#: the baselines are lmforge's own post-training rounding (RTN, GPTQ, AWQ): no outside anchor
+ANCHORS: tuple[str, ...] = ()
+
 #: docs/benchmarks.md "## Compression" (same model, same 32 x 512 held-out windows, 32 x 512 calibration)
 TABLE = {"fp32": 13.339, "RTN 4-bit g64": 17.836, "GPTQ 4-bit g64 act-order": 15.010, "AWQ 4-bit g64": 14.698,
          "RTN 3-bit g64": 117.291, "GPTQ 3-bit g64": 39.455, "AWQ 3-bit g64": 23.527}
