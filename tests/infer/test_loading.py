@@ -81,14 +81,14 @@ def test_a_fused_group_of_mixed_kinds_is_loaded_in_float(tmp_path):
     assert engine.complete([[5, 9, 200]], SamplingParams(temperature=0, max_tokens=4))[0].token_ids
 
 
-def test_the_engine_keeps_a_q8_0_files_numbers_under_int8_and_rounds_them_under_int4(tmp_path):
+def test_the_engine_keeps_a_q8_0_files_numbers_under_either_mode(tmp_path):
     path = gguf_of(tmp_path, "q8_0")
     _, floats, _ = load_gguf_model(path)
-    assert isinstance(Engine.from_pretrained(path, quantize="int4").model.blocks[1].mlp.down_proj, Int4Linear)
-    engine = Engine.from_pretrained(path, quantize="int8")  # the file's own format: kept, not rounded again
-    down = engine.model.blocks[1].mlp.down_proj
-    assert isinstance(down, Int8Linear)
-    assert torch.equal(down.dequantize(), floats["blocks.1.mlp.down_proj.weight"])
+    for mode in ("int8", "int4"):  # the mode quantizes only what the file holds in other types
+        engine = Engine.from_pretrained(path, quantize=mode)
+        down = engine.model.blocks[1].mlp.down_proj
+        assert isinstance(down, Int8Linear)
+        assert torch.equal(down.dequantize(), floats["blocks.1.mlp.down_proj.weight"])
     # and its per-32 scales are what `encode_q8_0` writes back: the file's very bytes
     assert np.array_equal(encode_q8_0(down.qweight.numpy(), down.scale.numpy()).ravel(),
                           np.asarray(GGUFFile(path).raw("blk.1.ffn_down.weight")))

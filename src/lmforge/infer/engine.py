@@ -239,17 +239,16 @@ class Engine:
 
         `prepare(model)` runs on the loaded model before anything else (the CLI puts a
         fine-tuned adapter on it here); `quantize` ("int8", "int4") then quantizes the
-        model's linear layers; from a GGUF, the matrices the file already holds in that mode's
-        format (Q4_0/Q4_1 for int4, Q8_0 for int8) are read straight into int layers (never
-        rounded a second time) and only the others are quantized: the mode is what the user
-        asked to run, so a Q4_1 file under "int8" runs int8 layers; `draft` names a
+        model's linear layers; from a GGUF, either mode first keeps the file's Q4_0/Q4_1 and
+        Q8_0 matrices as they are, read straight into int4 and int8 layers (never rounded a
+        second time), and quantizes only what the file holds in another type; `draft` names a
         draft model for speculative decoding (loaded the same way, quantized with `draft_quantize`).
         Other keywords go to `Engine(...)`. `engine.path` is the file or folder loaded."""
         from lmforge.infer.loading import load_model
         from lmforge.infer.quant import quantize_model
 
         def load(spec, mode, prepare=None):
-            keep = (mode,) if mode and prepare is None else ()  # an adapter (`prepare`) needs floats
+            keep = ("int4", "int8") if mode and prepare is None else ()  # an adapter (`prepare`) needs floats
             loaded = load_model(spec, dtype=dtype, device=device, keep=keep)
             if prepare is not None:
                 prepare(loaded.model)
