@@ -74,7 +74,7 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
 
 def _args(base: tuple[Path, Path], output: Path, method: str, *extra: str) -> list[str]:
     model, data = base
-    lr = {"full": "3e-3", "ia3": "3e-2", "prefix": "3e-2"}.get(method, "1e-2")
+    lr = {"full": "3e-3", "ia3": "6e-2", "prefix": "3e-2"}.get(method, "1e-2")
     if method == "prefix":  # a prefix sits in front of one conversation: no packing
         extra = ("--data.pack=false", "--prefix.num_virtual_tokens=8", *extra)
     return ["finetune", "--model", str(model), "--data", str(data), "--method", method, "-o", str(output),
