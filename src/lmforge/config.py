@@ -117,16 +117,16 @@ def _over_default(field: dataclasses.Field, value: Any) -> Any:
     default = factory()
     if not dataclasses.is_dataclass(default):
         return value
-    return _deep_merge({f.name: getattr(default, f.name) for f in dataclasses.fields(default)}, value)
+    return _laid_over(default, value)
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
+def _laid_over(default: Any, over: dict[str, Any]) -> dict[str, Any]:
+    """The dataclass instance `default` as a mapping of its fields, with `over` laid on top (recursively)."""
+    merged = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
     for key, value in over.items():
-        if isinstance(value, dict) and dataclasses.is_dataclass(merged.get(key)):
-            inner = merged[key]
-            value = _deep_merge({f.name: getattr(inner, f.name) for f in dataclasses.fields(inner)}, value)
-        merged[key] = value
+        inner = merged.get(key)
+        nested = isinstance(value, dict) and dataclasses.is_dataclass(inner)
+        merged[key] = _laid_over(inner, value) if nested else value
     return merged
 
 

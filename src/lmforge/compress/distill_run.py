@@ -51,30 +51,6 @@ class DistillDataConfig:
     bos_align: bool = False  # start every training window at a document start
 
 
-# A small student on a CPU: the defaults of each section, as subclasses so that they stay in force
-# when one key of the section is overridden (`--train.steps=50` keeps these batch settings).
-@dataclass
-class DistillOptimConfig(OptimConfig):
-    lr: float = 3e-3
-
-
-@dataclass
-class DistillScheduleConfig(ScheduleConfig):
-    warmup_steps: int = 20
-
-
-@dataclass
-class DistillTrainConfig(TrainConfig):
-    steps: int = 200
-    batch_tokens: int = 4 * 256
-    micro_batch: int = 4
-    seq_len: int = 256
-    eval_interval: int = 50
-    eval_batches: int = 4
-    checkpoint_interval: int = 50
-    keep_checkpoints: int = 2
-
-
 @dataclass
 class DistillConfig:
     teacher: str = ""  # checkpoint or run folder, .gguf file, or a sample name (smollm2)
@@ -83,9 +59,12 @@ class DistillConfig:
     student_config: dict[str, Any] = field(default_factory=dict)
     distill: DistillSettings = field(default_factory=DistillSettings)
     data: DistillDataConfig = field(default_factory=DistillDataConfig)
-    optim: DistillOptimConfig = field(default_factory=DistillOptimConfig)
-    schedule: DistillScheduleConfig = field(default_factory=DistillScheduleConfig)
-    train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
+    # a small student on a CPU (a partial override, `--train.steps=50`, keeps the rest of these)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=20))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=200, batch_tokens=4 * 256, micro_batch=4, seq_len=256, eval_interval=50, eval_batches=4,
+        checkpoint_interval=50, keep_checkpoints=2))
     heldout: list[str] = field(default_factory=list)  # text files/folders or shard folders (default: the
     # Python tutorial from the web sample)
     heldout_windows: int = 32  # x train.seq_len tokens of held-out text
