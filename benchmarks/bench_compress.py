@@ -58,13 +58,12 @@ from lmforge.compress.calibration import (  # noqa: E402
 from lmforge.compress.grid import Grid  # noqa: E402
 from lmforge.compress.layerwise import walk_blocks  # noqa: E402
 from lmforge.compress.prune import Sparsity, prune_model  # noqa: E402
-from lmforge.compress.quantize import quantize_model  # noqa: E402
+from lmforge.compress.quantize import quantize_head, quantize_model  # noqa: E402
 from lmforge.compress.run import stored_bytes  # noqa: E402
 from lmforge.compress.smoothquant import w8a8_block  # noqa: E402
 from lmforge.compress.structured import shrink_model  # noqa: E402
 from lmforge.eval.perplexity import perplexity  # noqa: E402
 from lmforge.infer.loading import load_model  # noqa: E402
-from lmforge.infer.quant import quantize_linear  # noqa: E402
 from lmforge.infer.quantized_folder import save_quantized  # noqa: E402
 from lmforge.model.checkpoint import save_checkpoint  # noqa: E402
 
@@ -201,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         model = copy.deepcopy(base)
         started = time.perf_counter()
         walk_blocks(model, calibration, lambda i, block, seen: w8a8_block(block, seen, "dynamic"), xtx=False)
-        model.lm_head = quantize_linear(model.head_weight, "int8")  # as quantize_model's default head
-        model.embed.weight.copy_(model.lm_head.dequantize())  # tied: the lookup reads the saved rows
+        quantize_head(model, Grid(8), "int8")  # as quantize_model's default head
         folder = save_quantized(work / "w8a8-plain", model, tokenizer=tokenizer)
         record("W8A8 dynamic, not smoothed", model, folder, time.perf_counter() - started, "w8a8 dynamic")
         del model

@@ -180,13 +180,15 @@ def quantize_model(model: Transformer, method: Method, grid: Grid, *,
         report.details = {"alpha": alphas, "activations": activations}
     if calibration is not None and method in CALIBRATED:
         report.calibration_tokens = calibration.numel()
-    _quantize_head(model, grid, head)
+    quantize_head(model, grid, head)
     report.bytes_after = weight_bytes(model)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _quantize_head(model: Transformer, grid: Grid, head: str) -> None:
+def quantize_head(model: Transformer, grid: Grid, head: str) -> None:
+    """Round the LM head (int8 per channel, the body's grid by RTN, or "none"); a tied embedding then
+    looks up the rounded rows, as the saved folder will."""
     if head == "none":
         return
     weight = model.head_weight
