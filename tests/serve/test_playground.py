@@ -177,14 +177,19 @@ def test_compare_mode_streams_two_models_at_once(page, serve, two_models, tmp_pa
         set_sampling(page)
         page.click("#mode-compare")
         assert page.locator(".pane.pane-b").is_visible() and page.input_value("#model-b") == "tiny-b"
-        chat_events: list[str] = []
-        is_chat = lambda request: request.url.endswith("/chat/completions")
-        page.on("request", lambda r: chat_events.append("sent") if is_chat(r) else None)
-        page.on("requestfinished", lambda r: chat_events.append("done") if is_chat(r) else None)
+        # Each chat request is held at the browser until both are out: a page that waited for
+        # one reply before asking for the other would never send the second (timing-free).
+        held = []
+        page.route("**/v1/chat/completions", lambda route: held.append(route))
         send(page, "Hello both")
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while len(held) < 2 and time.monotonic() < deadline:
+            page.wait_for_timeout(50)
+        assert len(held) == 2, f"not two streams at once: {len(held)} chat request(s) sent"
+        for route in held:
+            route.continue_()
         wait_until_idle(page)
 
-        assert chat_events[:2] == ["sent", "sent"], f"not two streams at once: {chat_events}"
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello both"}]
         for pane, model in (("a", "tiny-a"), ("b", "tiny-b")):
             expected = api_chat(url, model, messages).json()["choices"][0]
