@@ -98,7 +98,7 @@ class ProgressPrinter:
             return
         if event.kind != "shard_done":
             return
-        line = f"[{event.phase}] shard {event.done}/{event.total}"
+        line = f"[{event.phase}] {event.unit} {event.done}/{event.total}"
         if event.elapsed > 0:
             line += f" · {event.docs:,} docs · {event.docs / event.elapsed:,.1f} docs/s"
             if event.bytes:

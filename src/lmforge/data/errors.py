@@ -22,3 +22,7 @@ class UnreadablePayload(ValueError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class ExecutorError(ValueError):
+    """An executor that cannot run: Ray not installed, no cluster at the address, bad worker count."""

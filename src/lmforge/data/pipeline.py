@@ -1,16 +1,18 @@
 """`prepare`: input files -> clean, deduplicated, PII-scrubbed training documents.
 
 The run has three phases, because near-duplicates must be found across *all* documents
-while everything else is local to a shard:
+while everything else is local to a shard. Every phase is a list of tasks that an
+executor runs (`lmforge.data.executors`: local processes or a Ray cluster); tasks hand
+their results to later ones through files under the output folder only.
 
-1. **filter** (parallel, per shard): read -> URL filter -> extract (trafilatura) ->
+1. **filter** (a task per shard): read -> URL filter -> extract (trafilatura) ->
    language -> Gopher repetition -> Gopher quality -> C4 -> FineWeb -> fingerprint.
-   Survivors go to ``_work/filtered/part-NNNNN.parquet``; their exact hash and MinHash
-   band keys to ``part-NNNNN.npz`` beside it.
-2. **dedup** (one process, whole run): load every shard's keys in shard order, cluster
-   candidates with union-find, keep the first document of each cluster, and write
-   per-shard lists of rows to drop. Only 16 + 8*bands bytes per document are loaded.
-3. **finish** (parallel, per shard): drop the duplicates, redact PII, write the output
+   Survivors go to ``_work/filtered/part-NNNNN.parquet``; their exact hashes and MinHash
+   band keys, sorted, to ``_work/keys/``.
+2. **dedup** (a task per LSH band and per exact-hash partition, then one clustering
+   task): the on-disk stages of `lmforge.data.dedup_stages`, which write per-shard lists
+   of rows to drop. No task holds the whole run's keys in memory.
+3. **finish** (a task per shard): drop the duplicates, redact PII, write the output
    shard ``part-NNNNN.parquet`` (or ``.jsonl``).
 
 **Resumability.** Each unit of work writes its output atomically (temporary name, then
@@ -19,8 +21,9 @@ A restarted run skips every unit with a marker and redoes the rest from scratch.
 each unit's output depends only on its input and the config, the rerun writes the same
 bytes an uninterrupted run would, and no document is lost or written twice. The plan
 (inputs, shards, config) is saved with the first run; resuming with different inputs or
-settings is refused rather than silently mixing two runs. Workers die with the main
-process (Linux ``PR_SET_PDEATHSIG``), so a killed run leaves no writer behind.
+settings is refused rather than silently mixing two runs. Local workers die with the main
+process (Linux ``PR_SET_PDEATHSIG``), so a killed run leaves no writer behind; a Ray task
+whose worker dies is run again by Ray, and writes the same bytes.
 """
 
 from __future__ import annotations
@@ -29,27 +32,33 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from lmforge.atomic import atomic_write
-from lmforge.data.dedup import DedupConfig, MinHasher, exact_key, find_duplicates
+from lmforge.data.dedup import DedupConfig
+from lmforge.data.dedup_stages import (
+    BucketJob,
+    ClusterJob,
+    DedupLayout,
+    Fingerprinter,
+    bucket_task,
+    cluster_task,
+    families,
+    partitions,
+)
 from lmforge.data.document import Document, Stage, StageStats, run_stages
 from lmforge.data.errors import DataInputError, RunStateError
+from lmforge.data.executors import Executor, LocalExecutor, TaskMemory
 from lmforge.data.extract import ExtractConfig, Extractor
 from lmforge.data.filters import (
     C4Config,
@@ -70,7 +79,7 @@ from lmforge.data.readers import InputFile, discover_inputs, read_input
 from lmforge.data.report import RunReport, merge_stats, render_table
 from lmforge.data.writers import DocumentWriter
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the dedup index on disk (sorted runs, buckets, clusters)
 STAGE_ORDER = ["read", "url_filter", "extract", "language", "gopher_repetition", "gopher_quality", "c4",
                "fineweb", "dedup", "pii", "write"]
 WORK = "_work"
@@ -164,33 +173,6 @@ def filter_stages(config: PrepareConfig) -> list[Stage]:
     return stages
 
 
-class Fingerprinter:
-    """Stage ``dedup`` (phase-1 half): remember each survivor's exact hash and band keys."""
-
-    name = "dedup"
-
-    def __init__(self, config: DedupConfig) -> None:
-        self.config = config
-        self.hasher = MinHasher(config.minhash) if config.minhash.enabled else None
-        self.exact: list[bytes] = []
-        self.bands: list[np.ndarray] = []
-
-    def __call__(self, doc: Document) -> str | None:
-        self.exact.append(exact_key(doc.text))
-        if self.hasher is not None:
-            self.bands.append(self.hasher.band_keys(self.hasher.signature(doc.text)))
-        return None
-
-    def save(self, path: Path) -> None:
-        bands = self.config.minhash.bands
-        exact = np.array(self.exact, dtype="S16") if self.exact else np.zeros(0, dtype="S16")
-        band_keys = np.stack(self.bands) if self.bands else np.zeros((0, bands), dtype=np.uint64)
-        buffer = io.BytesIO()
-        np.savez(buffer, exact=exact, bands=band_keys)
-        with atomic_write(path) as f:
-            f.write(buffer.getvalue())
-
-
 _STAGE_CACHE: dict[str, list[Stage]] = {}
 
 
@@ -215,22 +197,20 @@ class RunFolder:
     def __init__(self, output: Path) -> None:
         self.output = output
         self.work = output / WORK
+        self.dedup = DedupLayout(self.work)
 
     def filtered(self, shard: Shard) -> Path:
         return self.work / "filtered" / f"{shard.name}.parquet"
-
-    def keys(self, shard: Shard) -> Path:
-        return self.work / "filtered" / f"{shard.name}.npz"
 
     def filter_done(self, shard: Shard) -> Path:
         return self.work / "filtered" / f"{shard.name}.done.json"
 
     def drops(self, shard: Shard) -> Path:
-        return self.work / "dedup" / f"{shard.name}.json"
+        return self.dedup.drops(shard.name)
 
     @property
     def dedup_done(self) -> Path:
-        return self.work / "dedup" / "done.json"
+        return self.dedup.done
 
     def final(self, shard: Shard, fmt: str) -> Path:
         return self.output / f"{shard.name}.{fmt}"
@@ -282,106 +262,63 @@ def filter_shard(job: ShardJob) -> dict[str, Any]:
     """Phase 1 for one shard; returns (and saves in the done marker) its statistics."""
     folder, shard, config = RunFolder(Path(job.output)), job.shard, job.config
     started = time.perf_counter()
-    stats: dict[str, StageStats] = {"read": StageStats("read")}
-    docs = chain.from_iterable(read_input(item, stats["read"]) for item in shard.files)
-    fingerprint = Fingerprinter(config.dedup)
-    stages = [*_cached_filter_stages(config), fingerprint]
-    path = folder.filtered(shard)
-    with DocumentWriter(path, "parquet") as out:
-        for doc in run_stages(_timed(docs, stats["read"]), stages, stats):
-            out.write(doc)
-    fingerprint.save(folder.keys(shard))
+    with TaskMemory() as memory:
+        stats: dict[str, StageStats] = {"read": StageStats("read")}
+        docs = chain.from_iterable(read_input(item, stats["read"]) for item in shard.files)
+        fingerprint = Fingerprinter(config.dedup)
+        stages = [*_cached_filter_stages(config), fingerprint]
+        path = folder.filtered(shard)
+        with DocumentWriter(path, "parquet") as out:
+            for doc in run_stages(_timed(docs, stats["read"]), stages, stats):
+                out.write(doc)
+        fingerprint.save(folder.dedup, shard.name)
     result = {"shard": shard.index, "docs_out": out.count, "bytes_in": shard.size,
-              "seconds": time.perf_counter() - started, "stats": [s.to_dict() for s in stats.values()]}
+              "seconds": time.perf_counter() - started, "memory": memory.to_dict(),
+              "stats": [s.to_dict() for s in stats.values()]}
     _write_marker(folder.filter_done(shard), result)
     return result
 
 
-def dedup_run(folder: RunFolder, plan: list[Shard], config: PrepareConfig) -> dict[str, Any]:
-    """Phase 2: find duplicates over the whole run and write each shard's rows to drop."""
-    started = time.perf_counter()
-    exact_parts, band_parts, sizes = [], [], []
-    for shard in plan:
-        with np.load(folder.keys(shard)) as keys:
-            exact_parts.append(keys["exact"])
-            band_parts.append(keys["bands"])
-            sizes.append(len(keys["exact"]))
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    exact = np.concatenate(exact_parts) if config.dedup.exact else None
-    bands = np.concatenate(band_parts) if config.dedup.minhash.enabled else None
-    duplicates = find_duplicates(exact, bands)
-    per_shard: dict[int, list[list[Any]]] = {s.index: [] for s in plan}
-    stats = StageStats("dedup")
-    def locate(index: int) -> tuple[int, int]:
-        shard_index = int(np.searchsorted(offsets, index, side="right") - 1)
-        return shard_index, int(index - offsets[shard_index])
-
-    for index, (kept, reason) in sorted(duplicates.items()):
-        shard_index, row = locate(index)
-        # [row to drop, why, shard and row of the document kept in its place]
-        per_shard[shard_index].append([row, reason, *locate(kept)])
-        stats.dropped[reason] += 1
-    for shard in plan:
-        drops = folder.drops(shard)
-        drops.parent.mkdir(parents=True, exist_ok=True)
-        _write_text(drops, json.dumps(per_shard[shard.index]))
-    stats.seconds = time.perf_counter() - started
-    stats.counters["clusters_with_duplicates"] = len({root for root, _ in duplicates.values()})
-    result = {"seconds": stats.seconds, "stats": stats.to_dict()}
-    _write_marker(folder.dedup_done, result)
-    return result
+def dedup_jobs(folder: RunFolder, plan: list[Shard], config: PrepareConfig) -> list[BucketJob]:
+    """Phase 2's bucket tasks: one per LSH band and one per exact-hash partition."""
+    shards = [s.name for s in plan]
+    return [BucketJob(str(folder.work), family, p, partitions(config.dedup, family), shards)
+            for family in families(config.dedup) for p in range(partitions(config.dedup, family))]
 
 
 def finish_shard(job: ShardJob) -> dict[str, Any]:
     """Phase 3 for one shard: drop duplicates, redact PII, write the output shard."""
     folder, shard, config = RunFolder(Path(job.output)), job.shard, job.config
     started = time.perf_counter()
-    drop_rows = {entry[0] for entry in json.loads(folder.drops(shard).read_text(encoding="utf-8"))}
-    stats: dict[str, StageStats] = {}
-    stages: list[Stage] = [PiiRedactor(config.pii)] if config.pii.enabled else []
-    source = InputFile(str(folder.filtered(shard)), shard.name, "parquet", 0)
-    rows = enumerate(read_input(source, StageStats("reread")))
-    survivors = (doc for row, doc in rows if row not in drop_rows)
-    write = stats.setdefault("write", StageStats("write"))
-    path = folder.final(shard, config.output_format)
-    with DocumentWriter(path, config.output_format) as out:
-        for doc in run_stages(survivors, stages, stats):
-            tick = time.perf_counter()
-            out.write(doc)
-            write.docs_in += 1
-            write.kept += 1
-            write.chars_in += len(doc.text)
-            write.chars_out += len(doc.text)
-            write.seconds += time.perf_counter() - tick
+    with TaskMemory() as memory:
+        drop_rows = {entry[0] for entry in json.loads(folder.drops(shard).read_text(encoding="utf-8"))}
+        stats: dict[str, StageStats] = {}
+        stages: list[Stage] = [PiiRedactor(config.pii)] if config.pii.enabled else []
+        source = InputFile(str(folder.filtered(shard)), shard.name, "parquet", 0)
+        rows = enumerate(read_input(source, StageStats("reread")))
+        survivors = (doc for row, doc in rows if row not in drop_rows)
+        write = stats.setdefault("write", StageStats("write"))
+        path = folder.final(shard, config.output_format)
+        with DocumentWriter(path, config.output_format) as out:
+            for doc in run_stages(survivors, stages, stats):
+                tick = time.perf_counter()
+                out.write(doc)
+                write.docs_in += 1
+                write.kept += 1
+                write.chars_in += len(doc.text)
+                write.chars_out += len(doc.text)
+                write.seconds += time.perf_counter() - tick
     result = {"shard": shard.index, "docs_out": out.count, "chars_out": out.chars,
-              "file": path.name, "seconds": time.perf_counter() - started,
+              "file": path.name, "seconds": time.perf_counter() - started, "memory": memory.to_dict(),
               "stats": [s.to_dict() for s in stats.values()]}
     _write_marker(folder.final_done(shard), result)
     return result
 
 
-# ---------------------------------------------------------------------------- workers
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: on Linux, ask the kernel to kill this worker when the main
-    process dies, so a killed run leaves no orphan writing files.
-
-    A spawned worker gets here only after its imports; if the main process died in the
-    meantime the request comes too late (the worker already has a new parent), so the
-    worker checks and exits by itself."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-
-
+# ---------------------------------------------------------------------------- running tasks
 @dataclass
 class ProgressEvent:
-    """What the pipeline tells its caller: a phase starts, a shard finishes, a phase ends."""
+    """What the pipeline tells its caller: a phase starts, a task finishes, a phase ends."""
 
     kind: Literal["phase_start", "shard_done", "phase_end", "message"]
     phase: str
@@ -391,45 +328,34 @@ class ProgressEvent:
     bytes: int = 0
     elapsed: float = 0.0
     text: str = ""
+    unit: str = "shard"
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
-def _run_jobs(phase: str, work: Callable[[ShardJob], dict[str, Any]], jobs: list[ShardJob], workers: int,
-              progress: ProgressCallback, already: int, total: int) -> list[dict[str, Any]]:
+def run_tasks(phase: str, work: Callable[[Any], dict[str, Any]], jobs: Sequence[Any], executor: Executor,
+              progress: ProgressCallback, already: int, total: int,
+              unit: str = "shard") -> list[dict[str, Any]]:
+    """Run one phase's tasks on `executor`, reporting each one as it finishes."""
     started = time.perf_counter()
-    progress(ProgressEvent("phase_start", phase, done=already, total=total))
+    progress(ProgressEvent("phase_start", phase, done=already, total=total, unit=unit))
     results: list[dict[str, Any]] = []
     docs = nbytes = 0
-
-    def record(result: dict[str, Any]) -> None:
-        nonlocal docs, nbytes
+    for result in executor.map(work, list(jobs)) if jobs else ():
         results.append(result)
         docs += _docs_read(result)
         nbytes += result.get("bytes_in", 0)
         progress(ProgressEvent("shard_done", phase, done=already + len(results), total=total, docs=docs,
-                               bytes=nbytes, elapsed=time.perf_counter() - started))
-
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            record(work(job))
-    else:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
-                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-            futures = [pool.submit(work, job) for job in jobs]
-            for future in as_completed(futures):
-                record(future.result())
+                               bytes=nbytes, elapsed=time.perf_counter() - started, unit=unit))
     progress(ProgressEvent("phase_end", phase, done=already + len(results), total=total, docs=docs,
-                           bytes=nbytes, elapsed=time.perf_counter() - started))
+                           bytes=nbytes, elapsed=time.perf_counter() - started, unit=unit))
     return results
 
 
 def _docs_read(result: dict[str, Any]) -> int:
-    for stats in result.get("stats", []):
+    stages = result.get("stats", [])
+    for stats in stages if isinstance(stages, list) else []:  # a shard's stages; a dedup task has one
         if stats["name"] == "read":
             return stats["kept"]
     return result.get("docs_out", 0)
@@ -455,7 +381,9 @@ def _locked(folder: RunFolder) -> Iterator[None]:
 
 
 def _remove_stale_temporaries(folder: RunFolder) -> None:
-    for root in (folder.output, folder.work / "filtered", folder.work / "dedup", folder.work / "final"):
+    """Temporary files of writers that died (only called while no task of this run runs)."""
+    for root in (folder.output, *(folder.work / name for name in ("filtered", "keys", "buckets", "dedup",
+                                                                  "final"))):
         if root.is_dir():
             for tmp in root.glob("*.tmp"):
                 tmp.unlink(missing_ok=True)
@@ -467,9 +395,12 @@ def _quiet(_: ProgressEvent) -> None:
 
 def prepare(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str],
             config: PrepareConfig | None = None, *, overwrite: bool = False,
-            progress: ProgressCallback | None = None) -> RunReport:
+            progress: ProgressCallback | None = None, executor: Executor | None = None) -> RunReport:
     """Run (or resume) the whole pipeline; returns the report, also saved as
-    ``report.json`` and ``report.txt`` in `output`."""
+    ``report.json`` and ``report.txt`` in `output`.
+
+    Tasks run on `executor` (default: `config.workers` local processes); the output does
+    not depend on which executor runs them, or on how many workers it has."""
     config = config or PrepareConfig()
     progress = progress or _quiet
     started = time.perf_counter()
@@ -494,12 +425,15 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[
                                 "same inputs and config, choose another --output, or pass --overwrite "
                                 "to start over")
         _remove_stale_temporaries(folder)
-        return _execute(folder, files, plan, config, progress, started)
+        if executor is not None:
+            return _execute(folder, files, plan, config, progress, started, executor)
+        with LocalExecutor(config.workers) as local:
+            return _execute(folder, files, plan, config, progress, started, local)
 
 
 def _clear_run(folder: RunFolder) -> None:
     """Remove what a previous run wrote (never other files in the folder); keeps the lock."""
-    for name in ("filtered", "dedup", "final", "plan.json"):
+    for name in ("filtered", "keys", "buckets", "dedup", "final", "plan.json"):
         path = folder.work / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -511,7 +445,7 @@ def _clear_run(folder: RunFolder) -> None:
 
 
 def _execute(folder: RunFolder, files: list[InputFile], plan: list[Shard], config: PrepareConfig,
-             progress: ProgressCallback, started: float) -> RunReport:
+             progress: ProgressCallback, started: float, executor: Executor) -> RunReport:
     phase_seconds: dict[str, float] = {}
     final_markers = {s.index: _read_marker(folder.final_done(s)) for s in plan}
     finished = [s for s in plan if final_markers[s.index] is not None
@@ -522,12 +456,13 @@ def _execute(folder: RunFolder, files: list[InputFile], plan: list[Shard], confi
     filter_markers = {s.index: _read_marker(folder.filter_done(s)) for s in plan}
     resumed = sum(1 for s in plan if filter_markers[s.index] is not None or s in finished)
     if len(finished) < len(plan) and dedup_marker is None:
-        todo = [s for s in plan if filter_markers[s.index] is None
-                or not folder.filtered(s).exists() or not folder.keys(s).exists()]
+        outputs = Fingerprinter(config.dedup)
+        todo = [s for s in plan if filter_markers[s.index] is None or not folder.filtered(s).exists()
+                or not all(p.exists() for p in outputs.files(folder.dedup, s.name))]
         tick = time.perf_counter()
         jobs = [ShardJob(str(folder.output), s, config) for s in todo]
-        for result in _run_jobs("filter", filter_shard, jobs, config.workers, progress,
-                                len(plan) - len(todo), len(plan)):
+        for result in run_tasks("filter", filter_shard, jobs, executor, progress, len(plan) - len(todo),
+                                len(plan)):
             filter_markers[result["shard"]] = result
         phase_seconds["filter"] = time.perf_counter() - tick
     missing = [s.name for s in plan if filter_markers[s.index] is None]
@@ -535,31 +470,56 @@ def _execute(folder: RunFolder, files: list[InputFile], plan: list[Shard], confi
         raise RunStateError(f"{folder.output}: filter results of {', '.join(missing[:3])} are missing "
                             "although later phases ran; pass --overwrite to start over")
 
-    # Phase 2: global deduplication.
+    # Phase 2: global deduplication, on disk: bucket tasks, then one clustering task.
+    bucket_markers: dict[tuple[str, int], Any] = {}
     if dedup_marker is None:
         tick = time.perf_counter()
-        progress(ProgressEvent("phase_start", "dedup", total=1))
-        dedup_marker = dedup_run(folder, plan, config)
+        jobs = dedup_jobs(folder, plan, config)
+        for job in jobs:
+            marker = _read_marker(folder.dedup.pairs_done(job.family, job.partition))
+            if marker is not None and folder.dedup.pairs(job.family, job.partition).exists():
+                bucket_markers[job.family, job.partition] = marker
+        todo_buckets = [j for j in jobs if (j.family, j.partition) not in bucket_markers]
+        for result in run_tasks("dedup", bucket_task, todo_buckets, executor, progress,
+                                len(jobs) - len(todo_buckets), len(jobs), unit="task"):
+            bucket_markers[result["family"], result["partition"]] = result
+        cluster = ClusterJob(str(folder.work), [s.name for s in plan],
+                             [(j.family, j.partition) for j in jobs])
+        [dedup_marker] = run_tasks("cluster", cluster_task, [cluster], executor, progress, 0, 1, unit="task")
         phase_seconds["dedup"] = time.perf_counter() - tick
-        progress(ProgressEvent("phase_end", "dedup", done=1, total=1, elapsed=phase_seconds["dedup"]))
 
     # Phase 3: drop duplicates, redact, write.
     todo = [s for s in plan if s not in finished]
     tick = time.perf_counter()
-    for result in _run_jobs("finish", finish_shard, [ShardJob(str(folder.output), s, config) for s in todo],
-                            config.workers, progress, len(finished), len(plan)):
+    for result in run_tasks("finish", finish_shard, [ShardJob(str(folder.output), s, config) for s in todo],
+                            executor, progress, len(finished), len(plan)):
         final_markers[result["shard"]] = result
     phase_seconds["finish"] = time.perf_counter() - tick
 
     report = _build_report(folder, files, plan, config, filter_markers, dedup_marker, final_markers, resumed)
     report.wall_seconds = time.perf_counter() - started
     report.phase_seconds = phase_seconds
+    report.task_peak_mb = _peak_memory({"filter": filter_markers.values(), "dedup": [*bucket_markers.values(),
+                                        dedup_marker], "finish": final_markers.values()})
     _write_text(folder.output / "report.json", json.dumps(report.to_dict(), indent=2))
     _write_text(folder.output / "report.txt", render_table(report) + "\n")
+    _remove_stale_temporaries(folder)  # left by workers that were killed and retried
     if not config.keep_intermediate:
         for shard in plan:
             folder.filtered(shard).unlink(missing_ok=True)
+        for name in ("keys", "buckets"):
+            shutil.rmtree(folder.work / name, ignore_errors=True)
     return report
+
+
+def _peak_memory(markers: dict[str, Iterable[dict[str, Any] | None]]) -> dict[str, float]:
+    """The largest per-task peak resident memory of each phase, in MB (tasks of earlier runs too)."""
+    peaks = {}
+    for phase, items in markers.items():
+        values = [m["memory"]["rss_peak_mb"] for m in items if m and "memory" in m]
+        if values:
+            peaks[phase] = max(values)
+    return peaks
 
 
 def _build_report(folder: RunFolder, files: list[InputFile], plan: list[Shard], config: PrepareConfig,

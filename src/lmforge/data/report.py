@@ -26,6 +26,7 @@ class RunReport:
     output_files: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    task_peak_mb: dict[str, float] = field(default_factory=dict)  # per phase, the largest task's peak RSS
 
     @property
     def docs_read(self) -> int:
@@ -44,6 +45,7 @@ class RunReport:
             "docs_written": self.docs_written, "chars_written": self.chars_written,
             "wall_seconds": round(self.wall_seconds, 3),
             "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
+            "task_peak_mb": self.task_peak_mb,
             **self.throughput(), "output_files": self.output_files,
             "stages": [s.to_dict() for s in self.stages],
         }
@@ -88,5 +90,8 @@ def render_table(report: RunReport) -> str:
                  f"({report.chars_written / 1e6:.1f}M characters)")
     lines.append(f"wall time {report.wall_seconds:.1f}s: {speed['docs_per_second']:,.1f} docs/s, "
                  f"{speed['mb_per_second']:.2f} MB/s (stage times are summed over workers)")
+    if report.task_peak_mb:
+        lines.append("peak memory of one task: " + ", ".join(f"{phase} {mb:,.0f} MB"
+                                                            for phase, mb in report.task_peak_mb.items()))
     lines.append(f"output: {report.output}")
     return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""Where the data pipeline's tasks run: local worker processes, or a Ray cluster.
+
+Every phase of `prepare` and `tokenize` is a list of *tasks*, each a plain picklable
+job handed to a module-level function that reads its inputs from files in the output
+folder and writes its outputs there (atomically, then a done marker). Nothing passes
+between tasks in memory, so an executor only has to run ``work(job)`` somewhere and
+hand back the small result dict; the stage code is the same whichever executor runs it.
+
+- `LocalExecutor`: the calling process (one worker) or a pool of spawned processes
+  that die with the main process (Linux ``PR_SET_PDEATHSIG``).
+- `RayExecutor`: one ``ray.remote`` task per job with ``max_retries``: when a worker
+  process or a node dies, Ray runs the task again elsewhere. Since a task's output
+  depends only on its job and its renamed files replace any earlier copy whole, a
+  retried task writes the same bytes, and nothing is lost or written twice. Ray is an
+  optional dependency (``pip install 'lmforge[ray]'``), imported only here, only when
+  asked for.
+
+`TaskMemory` measures what one task costs: the peak resident memory of the process
+that ran it, reset at the task's start (Linux ``/proc/self/clear_refs``), so a pooled
+worker that ran a big task before reports this task's peak, not its lifetime's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+from lmforge.data.errors import ExecutorError
+
+Job = TypeVar("Job")
+Result = dict[str, Any]
+EXECUTORS = ("local", "ray")
+RAY_HINT = "pip install 'lmforge[ray]'"
+
+
+class Executor(Protocol):
+    """Runs ``work(job)`` for every job, yielding each result as its task finishes."""
+
+    name: str
+
+    def map(self, work: Callable[[Job], Result], jobs: Sequence[Job]) -> Iterator[Result]: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------- local
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux, ask the kernel to kill this worker when the main
+    process dies, so a killed run leaves no orphan writing files.
+
+    A spawned worker gets here only after its imports; if the main process died in the
+    meantime the request comes too late (the worker already has a new parent), so the
+    worker checks and exits by itself."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+
+
+class LocalExecutor:
+    """This machine: in the calling process for one worker, else a pool of spawned processes.
+
+    The pool is started at the first multi-task phase and kept for the following ones,
+    so trafilatura and fastText load once per worker, not once per phase.
+    """
+
+    name = "local"
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ExecutorError(f"workers must be at least 1, got {workers}")
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, work: Callable[[Job], Result], jobs: Sequence[Job]) -> Iterator[Result]:
+        if self.workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                yield work(job)
+            return
+        if self._pool is None:
+            import multiprocessing
+
+            self._pool = ProcessPoolExecutor(max_workers=self.workers,
+                                             mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_die_with_parent, initargs=(os.getpid(),))
+        futures = [self._pool.submit(work, job) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------- Ray
+class RayExecutor:
+    """A Ray cluster: every job is a ``ray.remote`` task with one CPU and `max_retries`.
+
+    `address` is what ``ray.init`` takes: ``auto`` (the cluster this machine belongs to,
+    as ``ray start`` left it, or ``$RAY_ADDRESS``), ``HOST:PORT`` of a head node,
+    ``ray://HOST:PORT`` (Ray Client), or ``local`` to start a private one-machine Ray
+    for this run. Every node must see the output folder and the inputs under the same
+    paths (a shared filesystem), and have lmforge installed.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str = "auto", *, max_retries: int = 3) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ExecutorError(f"--executor ray needs Ray, which is not installed: {RAY_HINT}") from None
+        self._ray = ray
+        self.max_retries = max_retries
+        self._owns_connection = not ray.is_initialized()
+        if self._owns_connection:
+            try:
+                ray.init(address=None if address == "local" else address, logging_level="WARNING",
+                         log_to_driver=False, configure_logging=False)
+            except ConnectionError as err:
+                raise ExecutorError(f"no Ray cluster at {address!r} ({err}); start one with `ray start "
+                                    "--head` or pass --address local for a private one on this "
+                                    "machine") from None
+
+    def map(self, work: Callable[[Job], Result], jobs: Sequence[Job]) -> Iterator[Result]:
+        ray = self._ray
+        remote = ray.remote(work).options(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)
+        pending = [remote.remote(job) for job in jobs]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                yield ray.get(ref)  # a task's own error is raised here as its original type
+
+    def close(self) -> None:
+        if self._owns_connection and self._ray.is_initialized():
+            self._ray.shutdown()
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_executor(kind: str = "local", *, workers: int = 1, address: str = "auto",
+                  max_retries: int = 3) -> LocalExecutor | RayExecutor:
+    """The executor the CLI's ``--executor`` names."""
+    if kind == "local":
+        return LocalExecutor(workers)
+    if kind == "ray":
+        return RayExecutor(address, max_retries=max_retries)
+    raise ExecutorError(f"unknown executor {kind!r}; choose from {', '.join(EXECUTORS)}")
+
+
+# ---------------------------------------------------------------------------- task memory
+class TaskMemory:
+    """``with TaskMemory() as memory: ...`` then ``memory.to_dict()``: the process's resident
+    memory when the task started and its peak during the task, in MB (Linux; zeros elsewhere).
+
+    Writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's peak-RSS counter
+    (VmHWM) to the current RSS, so the peak read at the end is this task's alone.
+    """
+
+    def __init__(self) -> None:
+        self.start_mb = 0.0
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> TaskMemory:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+        self.start_mb = _status_mb("VmRSS")
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.peak_mb = max(_status_mb("VmHWM"), self.start_mb)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"rss_start_mb": round(self.start_mb, 1), "rss_peak_mb": round(self.peak_mb, 1)}
+
+
+def _status_mb(field: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
