@@ -79,7 +79,8 @@ def test_rl_on_a_task_measures_held_out_pass_at_1(algorithm, model_folder, tmp_p
     summary = _run([algorithm, "--model", str(model_folder), "--data", "basic_arithmetic", "-o", str(out),
                     *TINY_TRAIN, "--train.steps=1", "--data.train_problems=8", "--data.eval_problems=4",
                     "--data.eval_max_tokens=8", f"{rollout}.samples_per_prompt=2",
-                    f"{rollout}.prompts_per_rollout=2", f"{rollout}.max_new_tokens=8", "--method=full"],
+                    f"{rollout}.prompts_per_rollout=2", f"{rollout}.max_new_tokens=8", "--method=full",
+                    "--train.eval_tasks=[perplexity]", "--train.eval_task_limit=1"],
                    capsys)
     # a random model gets nothing right; the numbers are measured, not assumed
     assert summary["pass_at_1_before"] == 0.0 and summary["pass_at_1_after"] == 0.0
@@ -87,6 +88,7 @@ def test_rl_on_a_task_measures_held_out_pass_at_1(algorithm, model_folder, tmp_p
     assert (out / "model" / "config.json").exists()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("rollout/tokens_per_s" in r for r in records)
+    assert records[-1]["eval/perplexity/perplexity"] > 1  # the policy was scored (PPO: not its value head)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -95,6 +97,7 @@ def test_rl_on_a_task_measures_held_out_pass_at_1(algorithm, model_folder, tmp_p
     (["kto", "--data", "onpolicy:basic_arithmetic"], "on-policy pairs are for dpo only"),
     (["dpo", "--data", "x.jsonl", "--set", "reward_model=rm"], "reward_model is for grpo and ppo"),
     (["dpo"], "data.source is required"),
+    (["reward", "--data", "x.jsonl", "--set", "train.eval_tasks=[mmlu]"], "a reward model is scored by"),
 ])
 def test_bad_input_is_a_one_line_error(argv, message, model_folder, tmp_path, capsys):
     assert main(["align", *argv, "--model", str(model_folder), "-o", str(tmp_path / "x"), "--quiet"]) == 2

@@ -130,3 +130,36 @@ def test_cli_pretrain_with_dotted_overrides(shards, tmp_path, capsys):
     assert "trained 3 steps" in out and "checkpoint:" in out
     assert main(["pretrain", "--config", str(recipe), "--train.stepz=3"]) == 2
     assert "train.stepz" in capsys.readouterr().err
+
+
+def test_benchmark_tasks_run_at_each_eval_point_and_match_lmforge_eval(shards, tmp_path):
+    from lmforge.eval.lm import EvalModel
+    from lmforge.eval.probe import probe_for
+    from lmforge.eval.tasks import make_task
+
+    config = tiny_config(shards, tmp_path / "run", "train.steps=40", "train.eval_interval=20",
+                         "train.eval_tasks=[perplexity]", "train.eval_task_limit=2")
+    pretrain(config, quiet=True, probe=probe_for(config.train, seed=5))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = [(r["step"], r["eval/perplexity/perplexity"]) for r in records
+              if "eval/perplexity/bits_per_byte" in r]
+    assert [step for step, _ in scored] == [20, 40]
+    assert scored[1][1] < scored[0][1]  # training on English text lowers perplexity on held-out English
+    # the probe's number is what `lmforge eval` says of the checkpoint written at the same step
+    model = EvalModel.load(tmp_path / "run" / "checkpoints" / "step-000040")
+    again = make_task("perplexity").run(model, limit=2, seed=5).metrics["perplexity"]
+    assert scored[1][1] == pytest.approx(again, rel=1e-5)
+    # the plot grows a panel for the task scores between the loss and the learning rate
+    from PIL import Image
+
+    assert Image.open(tmp_path / "run" / "metrics.png").size == (800, 800)
+
+
+def test_eval_tasks_without_a_probe_or_with_an_unknown_task_are_refused(shards, tmp_path):
+    from lmforge.eval.probe import probe_for
+
+    config = tiny_config(shards, tmp_path / "run", "train.steps=2", "train.eval_tasks=[perplexity]")
+    with pytest.raises(ValueError, match="needs a probe"):
+        pretrain(config, quiet=True)
+    with pytest.raises(ValueError, match="unknown task.*nosuch"):
+        probe_for(tiny_config(shards, tmp_path / "r2", "train.eval_tasks=[nosuch]").train)

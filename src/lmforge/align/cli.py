@@ -17,12 +17,14 @@ ALGORITHMS = ("reward", "dpo", "kto", "grpo", "ppo")
 def cmd_align(args: argparse.Namespace) -> int:
     from lmforge.align.run import AlignConfig, align, describe
     from lmforge.config import load_config
+    from lmforge.eval.probe import probe_for
 
     apply_threads(args.threads)
     flags = {"algorithm": args.algorithm, "model": args.model, "data.source": args.data,
              "method": args.method, "output": args.output}
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    summary = align(load_config(AlignConfig, args.config, overrides), quiet=args.quiet)
+    config = load_config(AlignConfig, args.config, overrides)
+    summary = align(config, quiet=args.quiet, probe=probe_for(config.train, seed=config.seed))
     print(json.dumps(summary, indent=2) if args.json else describe(summary))
     return 0
 

@@ -40,7 +40,7 @@ from lmforge.train.checkpoint import resume_point
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.pretrain import schedule_change_note, seed_everything
 from lmforge.train.schedule import ScheduleConfig, lr_at
-from lmforge.train.trainer import TrainConfig, Trainer, resolve_device
+from lmforge.train.trainer import Probe, TrainConfig, Trainer, resolve_device
 from lmforge.tune.finetune import FinetuneConfig, apply_method, parameter_counts, peak_rss_mb, write_outputs
 from lmforge.tune.lora import LoRAConfig
 
@@ -107,9 +107,10 @@ def rows_per_step(cfg: TrainConfig) -> int:
     return cfg.micro_batch * cfg.accumulation()
 
 
-def align(config: AlignConfig, *, quiet: bool = False) -> dict[str, Any]:
+def align(config: AlignConfig, *, quiet: bool = False, probe: Probe | None = None) -> dict[str, Any]:
     """Load, train with `config.algorithm`, measure before and after, write the outputs; the summary
-    (also in output/summary.json)."""
+    (also in output/summary.json). `probe`: benchmark tasks scored at each evaluation point, as in
+    `pretrain`."""
     _validate(config)
     seed_everything(config.seed)
     device = resolve_device(config.train.device)
@@ -123,8 +124,8 @@ def align(config: AlignConfig, *, quiet: bool = False) -> dict[str, Any]:
         raise ConfigKeyError(f"train.seq_len ({config.train.seq_len}) exceeds the model's context "
                              f"({model.config.max_seq_len})")
     if config.algorithm in ("grpo", "ppo"):
-        return _align_rl(config, model, tokenizer, loaded.stop_ids(), quiet)
-    return _align_preferences(config, model, tokenizer, loaded.stop_ids(), quiet)
+        return _align_rl(config, model, tokenizer, loaded.stop_ids(), quiet, probe)
+    return _align_preferences(config, model, tokenizer, loaded.stop_ids(), quiet, probe)
 
 
 def _validate(config: AlignConfig) -> None:
@@ -142,6 +143,9 @@ def _validate(config: AlignConfig) -> None:
         raise ConfigKeyError(f"data.source is required: {hint}")
     if config.data.source.startswith(ONPOLICY) and config.algorithm != "dpo":
         raise ConfigKeyError(f"data.source {config.data.source!r}: on-policy pairs are for dpo only")
+    if config.train.eval_tasks and config.algorithm == "reward":
+        raise ConfigKeyError("train.eval_tasks scores a language model; a reward model is scored by its "
+                             "held-out pair accuracy, which `align reward` reports")
     if config.reward_model and config.algorithm not in ("grpo", "ppo"):
         raise ConfigKeyError("reward_model is for grpo and ppo (the reward of a rollout)")
     # the old-policy log-probs must come from the same computation as training's, bf16 included
@@ -152,8 +156,8 @@ def _validate(config: AlignConfig) -> None:
 
 # ---------------------------------------------------------------------------------- running the Trainer
 def _fit(config: AlignConfig, model: nn.Module, objective: Any, train_data: Any, *, val_data: Any = None,
-         tokenizer: Any = None, store: Any = None, quiet: bool = False, trained: nn.Module | None = None
-         ) -> dict[str, Any]:
+         tokenizer: Any = None, store: Any = None, quiet: bool = False, trained: nn.Module | None = None,
+         probe: Probe | None = None) -> dict[str, Any]:
     """The one Trainer over `model`, resumed from `config.output` when a checkpoint is there.
 
     `trained` is the module whose parameters the optimizer updates (default: `model`)."""
@@ -166,7 +170,7 @@ def _fit(config: AlignConfig, model: nn.Module, objective: Any, train_data: Any,
     run_config = json.loads(json.dumps(dataclasses.asdict(config), default=str))
     trainer = Trainer(model, objective, optimizer, lr_factor, train_data, cfg, config.output,
                       val_data=val_data, run_config=run_config, tokenizer=tokenizer, quiet=quiet,
-                      model_store=store)
+                      model_store=store, probe=probe)
     start = resume_point(config.resume, config.output)
     if start is not None:
         trainer.resume(start)
@@ -250,7 +254,7 @@ def _preference_sources(config: AlignConfig, tokenizer: Any, load: Any, split: A
 
 
 def _align_preferences(config: AlignConfig, model: nn.Module, tokenizer: Any, stop_ids: list[int],
-                       quiet: bool) -> dict[str, Any]:
+                       quiet: bool, probe: Probe | None = None) -> dict[str, Any]:
     from lmforge.align.dpo import KTOObjective, PreferenceObjective, preference_metrics
     from lmforge.align.preferences import (
         PreferenceSource,
@@ -301,7 +305,7 @@ def _align_preferences(config: AlignConfig, model: nn.Module, tokenizer: Any, st
     tune, store = _policy_store(config, model)
     model.train()
     summary = _fit(config, model, objective, train_data, val_data=val_data, tokenizer=tokenizer, store=store,
-                   quiet=quiet)
+                   quiet=quiet, probe=probe)
     after = preference_metrics(model, objective, val_data.first_batches(config.train.micro_batch, 64)) \
         if val_data else None
     task_after = _task_eval(config, model, tokenizer, quiet, "after")
@@ -313,7 +317,7 @@ def _align_preferences(config: AlignConfig, model: nn.Module, tokenizer: Any, st
 
 # ---------------------------------------------------------------------------------- GRPO and PPO
 def _align_rl(config: AlignConfig, model: nn.Module, tokenizer: Any, stop_ids: list[int],
-              quiet: bool) -> dict[str, Any]:
+              quiet: bool, probe: Probe | None = None) -> dict[str, Any]:
     from lmforge.align.grpo import GRPOObjective, grpo_source
     from lmforge.align.ppo import PolicyWithValue, PPOObjective, ValueHeadStore, ppo_source
     from lmforge.align.rollout import per_item
@@ -338,12 +342,13 @@ def _align_rl(config: AlignConfig, model: nn.Module, tokenizer: Any, stop_ids: l
     if config.algorithm == "grpo":
         source = grpo_source(model, problems, encode, reward_fn, config.grpo, **common)
         summary = _fit(config, model, GRPOObjective(config.grpo), source, tokenizer=tokenizer, store=store,
-                       quiet=quiet)
+                       quiet=quiet, probe=probe)
     else:
         with_value = PolicyWithValue(model)
         source = ppo_source(with_value, problems, encode, reward_fn, config.ppo, **common)
         summary = _fit(config, with_value, PPOObjective(config.ppo), source, tokenizer=tokenizer,
-                       store=ValueHeadStore(store), quiet=quiet, trained=with_value)
+                       store=ValueHeadStore(store), quiet=quiet, trained=with_value,
+                       probe=probe and (lambda _with_value, tok: probe(model, tok)))  # the policy alone
     task_after = _task_eval(config, model, tokenizer, quiet, "after")
     summary.update(write_outputs(model, tune, tokenizer, Path(config.output)))
     return _finish(config, summary, model, reward=reward_name, train_problems=len(problems),

@@ -30,12 +30,16 @@ class LoadedModel:
     path: Path
 
     def stop_ids(self) -> list[int]:
-        """Token ids that end a reply: EOS plus the end-of-turn tokens chat templates use."""
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>"):
-            if name in self.tokenizer.special_tokens:
-                ids.add(self.tokenizer.special_tokens[name])
-        return sorted(ids)
+        return stop_ids(self.tokenizer)
+
+
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """Token ids that end a reply: EOS plus the end-of-turn tokens chat templates use."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>"):
+        if name in tokenizer.special_tokens:
+            ids.add(tokenizer.special_tokens[name])
+    return sorted(ids)
 
 
 def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",

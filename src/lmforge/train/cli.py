@@ -14,12 +14,13 @@ from lmforge.cli_parser import add_config_command, add_threads_flag, apply_threa
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
+    from lmforge.eval.probe import probe_for
     from lmforge.train.pretrain import PretrainConfig, pretrain
 
     apply_threads(args.threads)
     overrides = [*args.overrides, *([f"output={args.output}"] if args.output else [])]
     config = load_config(PretrainConfig, args.config, overrides)
-    summary = pretrain(config, quiet=args.quiet)
+    summary = pretrain(config, quiet=args.quiet, probe=probe_for(config.train, seed=config.seed))
     if summary.get("rank"):  # under torchrun, rank 0 alone reports
         return 0
     if args.json:

@@ -31,7 +31,7 @@ from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.parallel.base import ParallelConfig
 from lmforge.train.parallel.launch import init_parallel
 from lmforge.train.schedule import ScheduleConfig, lr_at
-from lmforge.train.trainer import TrainConfig, Trainer, resolve_device
+from lmforge.train.trainer import Probe, TrainConfig, Trainer, resolve_device
 
 
 @dataclass
@@ -71,8 +71,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Build everything the config names, resume if asked, train, and return the summary."""
+def pretrain(config: PretrainConfig, *, quiet: bool = False, probe: Probe | None = None) -> dict[str, Any]:
+    """Build everything the config names, resume if asked, train, and return the summary.
+
+    `probe` scores benchmark tasks at each evaluation point (`train.eval_tasks`; the CLI passes
+    `lmforge.eval.probe.probe_for(config.train)`)."""
     if not config.data.folder:
         raise ConfigKeyError("data.folder is required: a folder of token shards (`lmforge tokenize` output)")
     config.schedule.validate()
@@ -113,7 +116,7 @@ def pretrain(config: PretrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     trainer = Trainer(model, CausalLMObjective(), optimizer, lr_factor, train_data, cfg, config.output,
                       val_data=val_data, bytes_per_token=bytes_per_token,
                       run_config=_jsonable(dataclasses.asdict(config)), tokenizer=tokenizer, quiet=quiet,
-                      parallel=parallel)
+                      parallel=parallel, probe=probe)
     start = resume_point(config.resume, config.output)
     if start is not None:
         trainer.resume(start)

@@ -19,6 +19,11 @@ figure the recipe states (`peak_flops: 9.89e14`, a datasheet number) or, with
 Which one was used is shown ("MFU 31% of measured peak"; `peak_flops_source` in summary.json):
 the two differ, since a measured matmul peak is reachable and a datasheet peak rarely is.
 
+At each evaluation point (`eval_interval`) the trainer measures the validation loss and,
+when given a `probe`, the benchmark tasks `eval_tasks` names (lmforge.eval.probe builds
+it: `lmforge eval`'s tasks on a fixed sample of `eval_task_limit` items, so the points of
+the curve are comparable); both are logged and plotted beside the training loss.
+
 Under `torchrun` the same loop runs on every rank; a `Parallel` strategy
 (lmforge.train.parallel) decides which rows each rank computes and how gradients,
 losses and checkpoints are combined. Only rank 0 prints, logs, plots and writes.
@@ -34,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +51,10 @@ from lmforge.train.batch import BatchSource
 from lmforge.train.checkpoint import ModelStore, latest_checkpoint
 from lmforge.train.objectives import Objective
 from lmforge.train.parallel.base import Parallel
+
+# (model, tokenizer) -> {"eval/mmlu/accuracy": 0.31, ...}: benchmark scores of the model as it is now
+Probe = Callable[[nn.Module, Any], dict[str, float]]
+TASK_PREFIX = "eval/"  # what marks a probe's scores in the metrics log
 
 
 class NonFiniteError(RuntimeError):
@@ -95,6 +104,8 @@ class TrainConfig:
     compile: bool = False
     eval_interval: int = 100  # 0: never
     eval_batches: int = 10
+    eval_tasks: list[str] = field(default_factory=list)  # `lmforge eval` tasks run at each eval point
+    eval_task_limit: int = 50  # items per task (the same seeded sample every time)
     checkpoint_interval: int = 500  # 0: only at the end
     keep_checkpoints: int = 3
     log_interval: int = 10
@@ -177,8 +188,13 @@ class Trainer:
         quiet: bool = False,
         parallel: Parallel | None = None,
         model_store: ModelStore | None = None,
+        probe: Probe | None = None,
     ) -> None:
+        if config.eval_tasks and probe is None:
+            raise ValueError(f"train.eval_tasks {config.eval_tasks} needs a probe to run them: pass "
+                             "probe=lmforge.eval.probe.probe_for(config.train) (the CLI does)")
         self.model, self.objective, self.optimizer = model, objective, optimizer
+        self.probe = probe
         self.lr_factor, self.train_data, self.val_data = lr_factor, train_data, val_data
         self.config, self.run_dir = config, Path(run_dir)
         self.bytes_per_token, self.run_config = bytes_per_token, run_config or {}
@@ -186,6 +202,9 @@ class Trainer:
         self.model_store = model_store  # what a checkpoint holds of the model (default: all of it)
         self.device = next(model.parameters()).device
         self.parallel = parallel or Parallel(self.device)
+        if probe is not None and self.parallel.world > 1:
+            raise ValueError("train.eval_tasks runs in a single process; under torchrun, score the "
+                             "checkpoints with `lmforge eval` instead")
         # this rank's share of each step: `accum` forwards of `micro_batch` sequences
         self.micro_batch, self.accum = self.parallel.local_plan(config.micro_batch, config.accumulation())
         self.batches = self.parallel.rank_batches(train_data)
@@ -268,9 +287,11 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss over fixed batches, and bits per byte when bytes/token is known."""
+        """Mean validation loss over fixed batches (with bits per byte when bytes/token is known),
+        and the probe's task scores."""
+        out = self.probe(self.model, self.tokenizer) if self.probe is not None else {}
         if self.val_data is None:
-            return {}
+            return out
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
         for batch in self.val_data.first_batches(self.config.micro_batch, self.config.eval_batches):
@@ -278,7 +299,7 @@ class Trainer:
                                              self.autocast)
             count += 1
         val_loss = float(self.parallel.global_mean(total)) / count
-        out = {"val_loss": val_loss}
+        out["val_loss"] = val_loss
         if self.bytes_per_token:
             out["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
         return out
@@ -346,15 +367,17 @@ class Trainer:
                     record["mfu"] = (record["tokens_per_s"] * self.flops_per_token
                                      / (self.peak_flops * self.parallel.world))
                 at_end = self.step == cfg.steps
-                if self.val_data is not None and ((cfg.eval_interval and self.step % cfg.eval_interval == 0)
-                                                  or at_end):
+                evaluates = self.val_data is not None or self.probe is not None
+                evaluated = evaluates and ((cfg.eval_interval and self.step % cfg.eval_interval == 0)
+                                           or at_end)
+                if evaluated:
                     eval_record = self.evaluate()
                     record.update(eval_record)
                 if log is not None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 self.history.append(record)
-                if self.step % max(1, cfg.log_interval) == 0 or at_end or "val_loss" in record:
+                if self.step % max(1, cfg.log_interval) == 0 or at_end or evaluated:
                     self._progress(record, start_step, started)
                 if (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or at_end:
                     last_ckpt = self.save()
@@ -416,11 +439,14 @@ class Trainer:
             parts.append(f"val {record['val_loss']:.4f}")
         if "val_bpb" in record:
             parts.append(f"bpb {record['val_bpb']:.3f}")
+        parts += [f"{key.removeprefix(TASK_PREFIX)} {value:.3f}" for key, value in record.items()
+                  if key.startswith(TASK_PREFIX)]
         parts.append(f"ETA {eta}")
         self._say(" | ".join(parts))
 
     def plot(self) -> Path | None:
-        """metrics.png: training (and validation) loss, and the learning rate, against the step."""
+        """metrics.png: training (and validation) loss, the probe's task scores, and the learning rate,
+        against the step."""
         try:
             import matplotlib
 
@@ -432,7 +458,18 @@ class Trainer:
         if not self.history:
             return None
         steps = [r["step"] for r in self.history]
-        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+        tasks = sorted({key for r in self.history for key in r if key.startswith(TASK_PREFIX)})
+        if tasks:
+            fig, (ax_loss, ax_task, ax_lr) = plt.subplots(3, 1, figsize=(8, 8), sharex=True,
+                                                          height_ratios=[3, 2, 1])
+            for key in tasks:
+                ax_task.plot(*zip(*[(r["step"], r[key]) for r in self.history if key in r]), "o-",
+                             label=key.removeprefix(TASK_PREFIX))
+            ax_task.set_ylabel("task score")
+            ax_task.legend()
+            ax_task.grid(alpha=0.3)
+        else:
+            fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
         ax_loss.plot(steps, [r["loss"] for r in self.history], label="train", linewidth=1)
         val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
         if val:

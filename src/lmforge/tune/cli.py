@@ -16,13 +16,15 @@ METHODS = ("full", "lora", "qlora", "ia3", "prefix", "adapter")
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
+    from lmforge.eval.probe import probe_for
     from lmforge.tune.finetune import FinetuneConfig, finetune
 
     apply_threads(args.threads)
     flags = {"model": args.model, "data.source": args.data, "method": args.method, "output": args.output,
              "merge": True if args.merge else None}
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    summary = finetune(load_config(FinetuneConfig, args.config, overrides), quiet=args.quiet)
+    config = load_config(FinetuneConfig, args.config, overrides)
+    summary = finetune(config, quiet=args.quiet, probe=probe_for(config.train, seed=config.seed))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -39,7 +39,7 @@ from lmforge.train.objectives import CausalLMObjective
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.pretrain import schedule_change_note, seed_everything
 from lmforge.train.schedule import ScheduleConfig, lr_at
-from lmforge.train.trainer import TrainConfig, Trainer, resolve_device
+from lmforge.train.trainer import Probe, TrainConfig, Trainer, resolve_device
 from lmforge.tune.adapters import BottleneckConfig, add_bottleneck
 from lmforge.tune.ia3 import IA3Config, add_ia3, merge_ia3
 from lmforge.tune.lora import LoRAConfig, add_lora, merge_lora
@@ -132,8 +132,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def finetune(config: FinetuneConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Load, adapt, train, write the outputs; the summary (also in output/summary.json)."""
+def finetune(config: FinetuneConfig, *, quiet: bool = False, probe: Probe | None = None) -> dict[str, Any]:
+    """Load, adapt, train, write the outputs; the summary (also in output/summary.json).
+
+    `probe`: benchmark tasks scored at each evaluation point, as in `pretrain`."""
     from lmforge.infer.loading import load_model
     from lmforge.tune.datasets import load_conversations
     from lmforge.tune.sft_data import PackedSFT, split_examples
@@ -175,7 +177,7 @@ def finetune(config: FinetuneConfig, *, quiet: bool = False) -> dict[str, Any]:
     run_config = json.loads(json.dumps(dataclasses.asdict(config), default=str))
     trainer = Trainer(model, SFT_OBJECTIVE, optimizer, lr_factor, train_data, cfg, config.output,
                       val_data=val_data, run_config=run_config, tokenizer=tokenizer, quiet=quiet,
-                      model_store=store)
+                      model_store=store, probe=probe)
     output = Path(config.output)
     start = resume_point(config.resume, config.output)
     if start is not None:
