@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lmforge.cli_parser import add_config_command
+from lmforge.data.executors import Executor, make_executor
 from lmforge.data.pipeline import PrepareConfig, ProgressEvent, prepare
 from lmforge.data.report import render_table
 
@@ -34,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="files or folders (WARC/ARC, HTML, text, reST, JSONL, Parquet), or a data "
                         "sample name such as 'web' (see `lmforge data samples`)")
     p.add_argument("--output", "-o", required=True, help="output folder (resumed if it holds the same run)")
-    p.add_argument("--workers", "-j", type=int, help="worker processes (default: the config's, 1)")
+    p.add_argument("--workers", "-j", type=int, help="local worker processes (default: the config's, 1)")
+    _executor_flags(p)
     p.add_argument("--format", choices=["parquet", "jsonl"], help="output format (default: parquet)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard a previous run in --output and start over")
@@ -53,10 +55,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--val-fraction", type=float, default=None,
                    help="share of documents held out for validation (default: 0.005)")
     t.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (default: 100M)")
+    t.add_argument("--workers", "-j", type=int, default=1, help="local worker processes (default: 1)")
+    _executor_flags(t)
     t.add_argument("--json", action="store_true", help="print the report as JSON")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     t.set_defaults(func=cmd_tokenize)
 
+
+
+def _executor_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="where tasks run: local processes (default) or a Ray cluster "
+                             "(needs pip install 'lmforge[ray]')")
+    parser.add_argument("--address", default="auto",
+                        help="with --executor ray: the cluster, as ray.init takes it: auto (default: the "
+                             "cluster `ray start` made here, or $RAY_ADDRESS), HOST:PORT, ray://HOST:PORT, "
+                             "or local (a private Ray on this machine)")
+
+
+def _executor(args: argparse.Namespace, workers: int) -> Executor:
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    return make_executor(args.executor, workers=workers, address=args.address)
 
 
 def load_prepare_config(path: str | None, overrides: list[str]) -> PrepareConfig:
@@ -123,7 +143,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     total = sum(f.size for f in discover_inputs(inputs, config.input_format, exclude=args.output))
     progress = None if args.quiet else ProgressPrinter(sys.stderr, total)
-    report = prepare(inputs, args.output, config, overwrite=args.overwrite, progress=progress)
+    with _executor(args, config.workers) as executor:
+        report = prepare(inputs, args.output, config, overwrite=args.overwrite, progress=progress,
+                         executor=executor)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -132,9 +154,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from lmforge.data.shards import TokenizeConfig, read_documents_from, tokenize_documents
+    from lmforge.data.shards import TokenizeConfig
+    from lmforge.data.tokenize_tasks import tokenize_files
     from lmforge.hub import resolve_model_path
-    from lmforge.tokenizer import load_tokenizer
 
     config = TokenizeConfig()
     if args.val_fraction is not None:
@@ -144,14 +166,14 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     config.validate()
     tokenizer_path = resolve_model_path(args.tokenizer)  # a SampleError is an OSError: one line
     inputs = resolve_inputs(list(args.inputs), sys.stderr)
-    tokenizer = load_tokenizer(tokenizer_path)
 
     def progress(docs: int, tokens: int, elapsed: float) -> None:
         rate = tokens / elapsed if elapsed > 0 else 0.0
         print(f"\rtokenize: {docs:,} docs · {tokens:,} tokens · {rate:,.0f} tokens/s",
               end="", file=sys.stderr, flush=True)
 
-    report = tokenize_documents(read_documents_from(inputs), tokenizer, args.output, config,
+    with _executor(args, args.workers) as executor:
+        report = tokenize_files(inputs, tokenizer_path, args.output, config, executor=executor,
                                 tokenizer_name=str(args.tokenizer), progress=None if args.quiet else progress)
     if not args.quiet:
         print(file=sys.stderr)

@@ -48,6 +48,10 @@ class Executor(Protocol):
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> Executor: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
 
 # ---------------------------------------------------------------------------- local
 def _die_with_parent(parent: int) -> None:

@@ -161,6 +161,121 @@ class _ShardWriter:
         self.pieces, self.starts, self.size = [], [], 0
 
 
+class SplitWriter:
+    """Sends each encoded document to its split's shards, and keeps something to train on.
+
+    The first validation document waits until a training one exists: if none ever does
+    (one long text, say), it trains instead of leaving nothing to train on. The order of
+    `add` calls alone decides the bytes written, so any path that adds the same documents
+    in the same order (one process, or tasks on an executor) writes the same shards.
+    """
+
+    def __init__(self, folder: Path, dtype: np.dtype, config: TokenizeConfig) -> None:
+        self.config = config
+        self.splits = {name: SplitStats() for name in SPLITS}
+        self.writers = {name: _ShardWriter(folder, name, dtype, config.shard_tokens, self.splits[name])
+                        for name in SPLITS}
+        self.held: tuple[np.ndarray, int] | None = None
+
+    def add(self, split: str, ids: np.ndarray, text_bytes: int) -> None:
+        """`ids` already wrapped in BOS ... EOS."""
+        if split == "val" and self.held is None and not self.splits["train"].documents:
+            self.held = (ids, text_bytes)
+            return
+        if split == "train" and self.held is not None:  # something trains after all: the held one validates
+            self._write("val", *self.held)
+            self.held = None
+        self._write(split, ids, text_bytes)
+
+    def _write(self, split: str, ids: np.ndarray, text_bytes: int) -> None:
+        self.writers[split].add(ids)
+        stats = self.splits[split]
+        stats.documents += 1
+        stats.tokens += len(ids)
+        stats.text_bytes += text_bytes
+
+    def close(self) -> list[str]:
+        """Flush every shard; returns the notes to show the user."""
+        notes: list[str] = []
+        if self.held is not None:  # nothing went to training: the first held-out document trains instead
+            self._write("train", *self.held)
+            self.held = None
+            if self.splits["val"].documents:
+                notes.append(f"every document fell in the validation split (val_fraction "
+                             f"{self.config.val_fraction}); the first one trains instead")
+            else:
+                notes.append(f"the only document fell in the validation split (val_fraction "
+                             f"{self.config.val_fraction}); it trains instead, so there is no validation "
+                             "split (give several documents, e.g. one file per chapter, for a held-out loss)")
+        for writer in self.writers.values():
+            writer.flush()
+        if not self.splits["train"].tokens:
+            raise DataInputError("no documents to tokenize: the input held no text")
+        return notes
+
+
+def special_ids(tokenizer: Any, config: TokenizeConfig) -> tuple[int | None, int | None]:
+    """The BOS and EOS ids that wrap every document (None where the tokenizer lacks one)."""
+    bos = tokenizer.bos_token_id if config.add_bos else None
+    eos = tokenizer.eos_token_id if config.add_eos else None
+    if bos is None and eos is None and (config.add_bos or config.add_eos):
+        raise DataInputError("the tokenizer has neither a BOS nor an EOS token to mark document boundaries")
+    return bos, eos
+
+
+def encode_documents(documents: Iterable[Document], tokenizer: Any, config: TokenizeConfig,
+                     skipped: dict[str, int]) -> Iterator[tuple[str, np.ndarray, int]]:
+    """``(split, ids wrapped in BOS ... EOS, text bytes)`` per document, in order; documents
+    under `config.min_tokens` are counted in `skipped` instead."""
+    bos, eos = special_ids(tokenizer, config)
+    for batch in _batches(documents, config.batch_documents):
+        encoded = tokenizer.encode_batch([doc.text for doc in batch], add_bos=False, add_eos=False,
+                                         allow_special=False)
+        for doc, ids in zip(batch, encoded):
+            if len(ids) < config.min_tokens:
+                skipped["too_short"] = skipped.get("too_short", 0) + 1
+                continue
+            wrapped = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
+            split = "val" if is_validation(doc.id, config.val_fraction) else "train"
+            yield split, np.asarray(wrapped, dtype=np.int64), len(doc.text.encode("utf-8"))
+
+
+def start_shard_folder(output: str | os.PathLike[str]) -> Path:
+    """The output folder, emptied of an earlier run's meta.json and shards."""
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "meta.json").exists():
+        (folder / "meta.json").unlink()  # about to be rewritten: never pair old meta with new shards
+    for old in folder.glob(f"*{SHARD_SUFFIX}"):
+        old.unlink()
+    return folder
+
+
+def finish_shard_folder(folder: Path, tokenizer: Any, writer: SplitWriter, config: TokenizeConfig,
+                        skipped: dict[str, int], started: float, tokenizer_name: str) -> TokenizeReport:
+    """Flush the shards, copy the tokenizer, and write meta.json last."""
+    notes = writer.close()
+    if hasattr(tokenizer, "save"):  # the shards carry their tokenizer: pretraining stores it with checkpoints
+        tokenizer.save(folder / TOKENIZER_FOLDER)
+    bos, eos = special_ids(tokenizer, config)
+    report = TokenizeReport(
+        output=str(folder),
+        tokenizer=tokenizer_name,
+        vocab_size=tokenizer.vocab_size,
+        dtype=token_dtype(tokenizer.vocab_size).name,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        splits=writer.splits,
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+    meta = report.to_dict() | {"format": "lmforge-token-shards", "config": asdict(config)}
+    with atomic_write(folder / "meta.json", "w") as f:
+        json.dump(meta, f, indent=2)
+    return report
+
+
 def tokenize_documents(
     documents: Iterable[Document],
     tokenizer: Any,
@@ -173,92 +288,26 @@ def tokenize_documents(
     """Encode `documents` into train/val shards under `output` and write meta.json last.
 
     meta.json is written only once every shard is on disk, so a folder with meta.json
-    is complete; an interrupted run leaves none and is simply run again.
+    is complete; an interrupted run leaves none and is simply run again. (`lmforge
+    tokenize` runs the same encoding as tasks on an executor: `lmforge.data.tokenize_tasks`.)
     """
     config = config or TokenizeConfig()
     config.validate()
-    folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "meta.json").exists():
-        (folder / "meta.json").unlink()  # about to be rewritten: never pair old meta with new shards
-    for old in folder.glob(f"*{SHARD_SUFFIX}"):
-        old.unlink()
-
-    dtype = token_dtype(tokenizer.vocab_size)
-    bos = tokenizer.bos_token_id if config.add_bos else None
-    eos = tokenizer.eos_token_id if config.add_eos else None
-    if bos is None and eos is None and (config.add_bos or config.add_eos):
-        raise DataInputError("the tokenizer has neither a BOS nor an EOS token to mark document boundaries")
-    splits = {name: SplitStats() for name in SPLITS}
-    writers = {name: _ShardWriter(folder, name, dtype, config.shard_tokens, splits[name]) for name in SPLITS}
+    folder = start_shard_folder(output)
+    special_ids(tokenizer, config)
+    writer = SplitWriter(folder, token_dtype(tokenizer.vocab_size), config)
     skipped: dict[str, int] = {}
     started = time.perf_counter()
     documents_seen = tokens_seen = 0
-    notes: list[str] = []
-    # the first validation document waits until a training one exists: if none ever does
-    # (one long text, say), it trains instead of leaving nothing to train on
-    held: tuple[np.ndarray, int] | None = None
-
-    def add(split: str, ids: np.ndarray, text_bytes: int) -> None:
-        writers[split].add(ids)
-        stats = splits[split]
-        stats.documents += 1
-        stats.tokens += len(ids)
-        stats.text_bytes += text_bytes
-
-    for batch in _batches(documents, config.batch_documents):
-        texts = [doc.text for doc in batch]
-        encoded = tokenizer.encode_batch(texts, add_bos=False, add_eos=False, allow_special=False)
-        for doc, ids in zip(batch, encoded):
-            documents_seen += 1
-            if len(ids) < config.min_tokens:
-                skipped["too_short"] = skipped.get("too_short", 0) + 1
-                continue
-            wrapped = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
-            split = "val" if is_validation(doc.id, config.val_fraction) else "train"
-            entry = (np.asarray(wrapped, dtype=np.int64), len(doc.text.encode("utf-8")))
-            tokens_seen += len(wrapped)
-            if split == "val" and held is None and not splits["train"].documents:
-                held = entry
-                continue
-            if split == "train" and held is not None:  # something trains after all: the held one validates
-                add("val", *held)
-                held = None
-            add(split, *entry)
-        if progress:
+    for split, ids, text_bytes in encode_documents(documents, tokenizer, config, skipped):
+        writer.add(split, ids, text_bytes)
+        documents_seen += 1
+        tokens_seen += len(ids)
+        if progress and documents_seen % config.batch_documents == 0:
             progress(documents_seen, tokens_seen, time.perf_counter() - started)
-    if held is not None:  # nothing went to training: the first held-out document trains instead
-        add("train", *held)
-        if splits["val"].documents:
-            notes.append(f"every document fell in the validation split (val_fraction "
-                         f"{config.val_fraction}); the first one trains instead")
-        else:
-            notes.append(f"the only document fell in the validation split (val_fraction "
-                         f"{config.val_fraction}); it trains instead, so there is no validation split "
-                         "(give several documents, e.g. one file per chapter, for a held-out loss)")
-    for writer in writers.values():
-        writer.flush()
-    if not splits["train"].tokens:
-        raise DataInputError("no documents to tokenize: the input held no text")
-    if hasattr(tokenizer, "save"):  # the shards carry their tokenizer: pretraining stores it with checkpoints
-        tokenizer.save(folder / TOKENIZER_FOLDER)
-
-    report = TokenizeReport(
-        output=str(folder),
-        tokenizer=tokenizer_name,
-        vocab_size=tokenizer.vocab_size,
-        dtype=dtype.name,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        splits=splits,
-        skipped=skipped,
-        seconds=time.perf_counter() - started,
-        notes=notes,
-    )
-    meta = report.to_dict() | {"format": "lmforge-token-shards", "config": asdict(config)}
-    with atomic_write(folder / "meta.json", "w") as f:
-        json.dump(meta, f, indent=2)
-    return report
+    if progress:
+        progress(documents_seen, tokens_seen, time.perf_counter() - started)
+    return finish_shard_folder(folder, tokenizer, writer, config, skipped, started, tokenizer_name)
 
 
 def _batches(documents: Iterable[Document], size: int) -> Iterator[list[Document]]:
