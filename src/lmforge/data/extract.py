@@ -30,6 +30,7 @@ class ExtractConfig:
     favor_precision: bool = True  # FineWeb's setting: when unsure, leave a block out
     include_comments: bool = False
     include_tables: bool = True
+    output_format: str = "txt"  # "markdown" keeps headings as `#` lines (lmforge.rag chunks by them)
     max_html_mb: float = 5.0  # bigger pages are almost never articles, and slow to parse
     min_chars: int = 1  # drop a page whose extracted text is shorter than this
 
@@ -72,7 +73,8 @@ class Extractor:
             return "html_too_large"
         text = self._extract(doc.text, favor_precision=self.config.favor_precision,
                              include_comments=self.config.include_comments,
-                             include_tables=self.config.include_tables, deduplicate=False)
+                             include_tables=self.config.include_tables, deduplicate=False,
+                             output_format=self.config.output_format)
         text = tidy_text(text or "")
         if len(text) < max(1, self.config.min_chars):
             return "no_main_text"
