@@ -209,3 +209,99 @@ def _status_mb(field: str) -> float:
     except (OSError, ValueError, IndexError):
         pass
     return 0.0
+
+
+# ---------------------------------------------------------------------------- a cluster on one machine
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRayCluster:
+    """A Ray head and `nodes - 1` more nodes, each a separate ``ray start`` on this machine,
+    as a real cluster's nodes would be: for tests, benchmarks, and trying ``--executor ray``.
+
+    ``with LocalRayCluster(nodes=2) as cluster: RayExecutor(cluster.address)``. Each node
+    gets `cpus` CPUs, a small object store and its own ports. Teardown ends only this
+    cluster's processes, by pid (those whose command line names its private temp folder,
+    and their children): ``ray stop`` would end every Ray on the machine, other users' too.
+    """
+
+    def __init__(self, nodes: int = 2, *, cpus: int = 1, object_store_bytes: int = 100_000_000,
+                 temp_root: str = "/tmp") -> None:
+        import sys
+        import tempfile
+
+        self.nodes, self.cpus, self.object_store_bytes = nodes, cpus, object_store_bytes
+        self.ray = str(Path(sys.executable).parent / "ray")
+        # short: Ray's unix socket paths live under it and must stay under 108 characters
+        self.temp = tempfile.mkdtemp(prefix="lmray", dir=temp_root)
+        self.address = ""
+
+    def _start(self, *args: str) -> None:
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        command = [self.ray, "start", *args, "--num-cpus", str(self.cpus), "--temp-dir", self.temp,
+                   "--object-store-memory", str(self.object_store_bytes), "--disable-usage-stats",
+                   "--dashboard-agent-listen-port", str(_free_port()),
+                   "--min-worker-port", "0", "--max-worker-port", "0"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise ExecutorError(f"`ray start` failed: {(done.stderr or done.stdout).strip()[-2000:]}")
+
+    def __enter__(self) -> LocalRayCluster:
+        port = _free_port()
+        try:
+            self._start("--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                        "--include-dashboard=false")
+            self.address = f"127.0.0.1:{port}"
+            for _ in range(self.nodes - 1):
+                self._start("--address", self.address, "--node-ip-address", "127.0.0.1")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def pids(self) -> list[int]:
+        """This cluster's processes: those naming its temp folder, and their descendants."""
+        parents: dict[int, int] = {}
+        own: set[int] = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[1])
+            if self.temp.encode() in cmdline:
+                own.add(int(entry.name))
+        grown = True
+        while grown:
+            children = {pid for pid, parent in parents.items() if parent in own} - own
+            own |= children
+            grown = bool(children)
+        return sorted(own)
+
+    def stop(self, grace: float = 2.0) -> None:
+        import shutil
+        import time
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while self.pids() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not self.pids():
+                break
+        shutil.rmtree(self.temp, ignore_errors=True)
