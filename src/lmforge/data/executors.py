@@ -75,8 +75,9 @@ def _die_with_parent(parent: int) -> None:
 class LocalExecutor:
     """This machine: in the calling process for one worker, else a pool of spawned processes.
 
-    The pool is started at the first multi-task phase and kept for the following ones,
-    so trafilatura and fastText load once per worker, not once per phase.
+    The pool is started at the first multi-task phase and kept for the following ones
+    (a single task then runs in it too, not in the caller), so trafilatura and fastText
+    load once per worker, not once per phase.
     """
 
     name = "local"
@@ -88,7 +89,7 @@ class LocalExecutor:
         self._pool: ProcessPoolExecutor | None = None
 
     def map(self, work: Callable[[Job], Result], jobs: Sequence[Job]) -> Iterator[Result]:
-        if self.workers <= 1 or len(jobs) <= 1:
+        if self.workers <= 1 or (len(jobs) <= 1 and self._pool is None):
             for job in jobs:
                 yield work(job)
             return
