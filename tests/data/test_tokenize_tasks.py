@@ -15,7 +15,7 @@ from lmforge.tokenizer import load_tokenizer
 @pytest.fixture(scope="module")
 def library(tmp_path_factory, handbook, handbook_pages):
     folder = tmp_path_factory.mktemp("library")
-    for page in handbook_pages[:6]:
+    for page in handbook_pages[:2]:
         (folder / page).write_bytes((handbook / "en-US" / page).read_bytes())
     for i in range(30):
         (folder / f"note-{i:02d}.txt").write_text(f"Note {i}: the pelican flies over the sea. " * (i + 1))

@@ -242,26 +242,26 @@ class LocalRayCluster:
         self.temp = tempfile.mkdtemp(prefix="lmray", dir=temp_root)
         self.address = ""
 
-    def _start(self, *args: str) -> None:
+    def _start(self, *args: str) -> Any:
         import subprocess
 
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         command = [self.ray, "start", *args, "--num-cpus", str(self.cpus), "--temp-dir", self.temp,
                    "--object-store-memory", str(self.object_store_bytes), "--disable-usage-stats",
-                   "--dashboard-agent-listen-port", str(_free_port()),
+                   "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(_free_port()),
                    "--min-worker-port", "0", "--max-worker-port", "0"]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise ExecutorError(f"`ray start` failed: {(done.stderr or done.stdout).strip()[-2000:]}")
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def __enter__(self) -> LocalRayCluster:
         port = _free_port()
-        try:
-            self._start("--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                        "--include-dashboard=false")
-            self.address = f"127.0.0.1:{port}"
-            for _ in range(self.nodes - 1):
-                self._start("--address", self.address, "--node-ip-address", "127.0.0.1")
+        self.address = f"127.0.0.1:{port}"
+        try:  # the other nodes start beside the head: each waits for the head's GCS by itself
+            starts = [self._start("--head", "--port", str(port), "--include-dashboard=false")]
+            starts += [self._start("--address", self.address) for _ in range(self.nodes - 1)]
+            for start in starts:
+                output, _ = start.communicate(timeout=180)
+                if start.returncode != 0:
+                    raise ExecutorError(f"`ray start` failed: {output.strip()[-2000:]}")
         except BaseException:
             self.stop()
             raise
