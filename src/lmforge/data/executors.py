@@ -149,10 +149,14 @@ class RayExecutor:
         ray = self._ray
         remote = ray.remote(work).options(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)
         pending = [remote.remote(job) for job in jobs]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                yield ray.get(ref)  # a task's own error is raised here as its original type
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    yield ray.get(ref)  # a task's own error is raised here as its original type
+        finally:  # an error, or the caller gave up: no task of this run goes on writing
+            for ref in pending:
+                ray.cancel(ref, force=True)
 
     def close(self) -> None:
         if self._owns_connection and self._ray.is_initialized():
