@@ -37,7 +37,7 @@ def run_json(capsys, argv):
 def test_index_search_and_update_bm25_only(docs, tmp_path, capsys):
     index = str(tmp_path / "index")
     report = run_json(capsys, ["rag", "index", str(docs), "-o", index, "--embedder", "none", "--json", "-q"])
-    assert (report["documents_added"], report["chunks"], report["kind"]) == (4, 5, "flat")
+    assert (report["documents_added"], report["chunks"], report["kind"]) == (4, 5, "none")
 
     hits = run_json(capsys, ["rag", "search", "--index", index, "aphids leaves", "--mode", "bm25", "--json"])
     assert hits[0]["source"] == "docs/guide.md" and hits[0]["headings"] == ["Garden", "Pests"]

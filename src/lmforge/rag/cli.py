@@ -72,10 +72,11 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json()))
         return 0
     d = report
+    kind = "BM25 only" if d.kind == "none" else f"{d.kind} + BM25"
     print(f"{d.path}: {d.documents_added} documents added, {d.documents_changed} changed, "
-          f"{d.documents_removed} removed, {d.documents_kept} kept; {d.chunks_added} chunks embedded, "
-          f"{d.chunks_removed} removed, {d.chunks} in all ({d.kind}, {_size(d.bytes)}, {d.seconds:.1f} s)"
-          + ("" if d.written else "; nothing changed"))
+          f"{d.documents_removed} removed, {d.documents_kept} kept; {d.chunks_added} chunks "
+          f"{'added' if d.kind == 'none' else 'embedded'}, {d.chunks_removed} removed, {d.chunks} in all "
+          f"({kind}, {_size(d.bytes)}, {d.seconds:.1f} s)" + ("" if d.written else "; nothing changed"))
     for reason in d.rebuilt:
         print(f"rebuilt {reason}")
     if d.skipped:

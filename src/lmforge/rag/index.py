@@ -308,7 +308,7 @@ def update_index(path: str | Path, documents: Iterable[SourceDocument], embedder
     report.chunks_added = len(new_chunks)
     report.chunks_removed = len(plan.dropped_rows)
     changed = bool(old is None or report.documents_added or report.documents_changed or plan.removed_keys)
-    kind_now = choose_kind(kind, len(plan.kept_rows) + len(new_chunks))
+    kind_now = choose_kind(kind, len(plan.kept_rows) + len(new_chunks)) if embedder is not None else "none"
     if old is not None and kind == "auto" and old.kind != kind_now and not changed:
         kind_now = old.kind
     report.kind = kind_now
