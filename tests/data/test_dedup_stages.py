@@ -75,10 +75,22 @@ def test_disk_stages_match_find_duplicates(tmp_path, monkeypatch, exact_on, minh
                        else {"exact_duplicate" if exact_on else "near_duplicate"})
 
 
+class ArrayRun:
+    def __init__(self, keys: list[int], first_doc: int) -> None:
+        self.keys = np.sort(np.array(keys, dtype=np.uint64))
+        self.docs = np.arange(len(keys), dtype=np.uint64) + first_doc
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.keys[start:stop], self.docs[start:stop]
+
+
 def test_merge_windows_carry_buckets_across():
     """One key spread over three runs and many windows still forms one bucket."""
-    runs = [(np.sort(np.array(keys, dtype=np.uint64)), np.arange(len(keys), dtype=np.uint64) + 100 * r)
-            for r, keys in enumerate([[5] * 600 + [9] * 10, [1, 5, 5, 7], [5] * 300])]
+    keys = [[5] * 600 + [9] * 10, [1, 5, 5, 7], [5] * 300]
+    runs = [ArrayRun(run, 1000 * r) for r, run in enumerate(keys)]
     pairs = np.concatenate(list(equal_key_pairs(runs, window=10)))
     parent = {}
 
@@ -89,6 +101,6 @@ def test_merge_windows_carry_buckets_across():
 
     for a, b in pairs.tolist():
         parent[find(a)] = find(b)
-    fives = [int(d) for keys, docs in runs for k, d in zip(keys, docs[0:len(keys)]) if k == 5]
+    fives = [int(d) for run in runs for k, d in zip(run.keys, run.docs) if k == 5]
     assert len({find(d) for d in fives}) == 1
     assert len(pairs) == (600 + 2 + 300 - 1) + 9  # every document but the first of its bucket, once

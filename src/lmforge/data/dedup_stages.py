@@ -23,11 +23,13 @@ what is done:
 4. **filter** (per shard, `finish_shard` in `lmforge.data.pipeline`): drop those rows.
 
 **Memory per task.** Stage 1 holds 128 bytes per document *of its shard*. A bucket
-task holds one merge window of at most `WINDOW_ENTRIES` keys (about 48 bytes each with
-their documents and sort order: ~50 MB), whatever the corpus size; the shards' runs
-stay on disk and are paged in block by block. The cluster task holds about 24 bytes per
-document *that has a duplicate candidate*, plus one chunk of `PAIR_CHUNK` pairs (16 MB):
-it grows with the number of duplicates, never with the number of documents.
+task holds one merge window of at most `WINDOW_ENTRIES` (2^18) keys with their
+documents, sort order and bucket numbers, under 150 bytes each: ~40 MB, whatever the
+corpus size. The shards' runs stay on disk and are read block by block (never left
+memory-mapped: mapped file pages count as the process's memory too). The cluster task
+holds about 24 bytes per document *that has a duplicate candidate*, plus one chunk of
+`PAIR_CHUNK` pairs (16 MB): it grows with the number of duplicates, never with the
+number of documents.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -49,7 +51,7 @@ from lmforge.data.executors import TaskMemory
 
 Family = Literal["exact", "minhash"]
 EXACT_PARTITIONS = 16  # exact-hash partitions (tasks) by the hash's first two bytes
-WINDOW_ENTRIES = 1 << 20  # keys in one merge window of a bucket task
+WINDOW_ENTRIES = 1 << 18  # keys in one merge window of a bucket task
 PAIR_CHUNK = 1 << 20  # pairs read at once by the cluster task
 _ROW_BITS = np.uint64(32)
 _PAIR = np.dtype("<u8")  # a pairs file is (doc, anchor) uint64 pairs, little-endian, no header
@@ -143,57 +145,87 @@ class Fingerprinter:
 
 
 # ---------------------------------------------------------------------------- 2. buckets
-def sorted_run(layout: DedupLayout, shard: str, family: Family, partition: int,
-               count: int) -> tuple[np.ndarray, np.ndarray]:
-    """One shard's sorted keys of a band (or exact partition) and their rows, memory-mapped."""
-    keys = np.load(layout.keys(shard, family), mmap_mode="r")
-    rows = np.load(layout.rows(shard, family), mmap_mode="r")
-    if family == "minhash":
-        return keys[partition], rows[partition]
-    def start(p: int) -> int:  # first key whose two-byte prefix falls in partition p
-        if p >= count:
-            return len(keys)
-        return int(np.searchsorted(keys, np.array((p * 65536 // count).to_bytes(2, "big"), dtype="S16")))
+class SortedRun:
+    """One shard's sorted keys of one band (or exact partition) and their documents, read a
+    block at a time. Each read maps the files and lets go again: file pages a process keeps
+    mapped count in its resident memory, so a task that held every run mapped would grow
+    with the corpus after all."""
 
-    lo, hi = start(partition), start(partition + 1)
-    return keys[lo:hi], rows[lo:hi]
+    def __init__(self, layout: DedupLayout, shard: str, number: int, family: Family, partition: int,
+                 count: int) -> None:
+        self.keys_path, self.rows_path = layout.keys(shard, family), layout.rows(shard, family)
+        self.number = number
+        self.band = partition if family == "minhash" else None
+        keys = np.load(self.keys_path, mmap_mode="r")
+        if self.band is not None:
+            self.lo, self.hi = 0, keys.shape[1]
+        else:  # the exact partition: keys whose two-byte prefix falls in it (sorted keys: one slice)
+            self.lo = _prefix_start(keys, partition, count)
+            self.hi = _prefix_start(keys, partition + 1, count)
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and document ids of entries start..stop (copies)."""
+        part = slice(self.lo + start, self.lo + min(stop, len(self)))
+        keys, rows = np.load(self.keys_path, mmap_mode="r"), np.load(self.rows_path, mmap_mode="r")
+        if self.band is not None:
+            keys, rows = keys[self.band], rows[self.band]
+        return np.array(keys[part]), doc_id(self.number, np.array(rows[part]))
 
 
-def equal_key_pairs(runs: Sequence[tuple[np.ndarray, np.ndarray]],
-                    window: int = WINDOW_ENTRIES) -> Iterator[np.ndarray]:
-    """Merge sorted runs ``(keys, docs)`` and yield, window by window, (m, 2) arrays of
-    ``(doc, anchor)``: every document whose key equals an earlier document's in the merge,
-    paired with its bucket's first one (or, for a bucket spanning windows, the first one seen).
+def _prefix_start(keys: np.ndarray, partition: int, count: int) -> int:
+    """Index of the first sorted exact hash in `partition` of `count` (by two-byte prefix)."""
+    if partition >= count:
+        return len(keys)
+    return int(np.searchsorted(keys, np.array((partition * 65536 // count).to_bytes(2, "big"), dtype="S16")))
 
-    Each window takes the next block of every run up to the smallest *last key* among the
-    blocks that do not reach their run's end: everything at or below it has been read from
-    every run, so the window holds whole buckets except possibly its last, which the next
-    window continues (its anchor is carried over).
+
+class Run(Protocol):
+    def __len__(self) -> int: ...
+
+    def block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def equal_key_pairs(runs: Sequence[Run], window: int = WINDOW_ENTRIES) -> Iterator[np.ndarray]:
+    """Merge sorted runs and yield, window by window, (m, 2) arrays of ``(doc, anchor)``:
+    every document whose key equals an earlier document's in the merge, paired with its
+    bucket's first one (or, for a bucket spanning windows, the first one seen).
+
+    Each window reads the next block of every run and takes entries up to the smallest
+    *last key* among the blocks that do not reach their run's end: everything at or below
+    it has been read from every run, so the window holds whole buckets except possibly
+    its last, which the next window continues (its anchor is carried over). At most
+    `window` entries are in memory at once.
     """
     block = max(256, window // max(1, len(runs)))
     position = [0] * len(runs)
-    live = [i for i, (keys, _) in enumerate(runs) if len(keys)]
+    live = [i for i, run in enumerate(runs) if len(run)]
     carry: tuple[Any, np.uint64] | None = None
     while live:
-        blocks = {i: runs[i][0][position[i]:position[i] + block] for i in live}
-        partial = [blocks[i][-1] for i in live if position[i] + block < len(runs[i][0])]
+        blocks = {i: runs[i].block(position[i], position[i] + block) for i in live}
+        partial = [blocks[i][0][-1] for i in live if position[i] + block < len(runs[i])]
         limit = min(partial) if partial else None
         key_parts, doc_parts = [], []
         for i in live:
-            take = len(blocks[i]) if limit is None else int(np.searchsorted(blocks[i], limit, side="right"))
-            key_parts.append(np.asarray(blocks[i][:take]))
-            doc_parts.append(np.asarray(runs[i][1][position[i]:position[i] + take]))
+            keys, docs = blocks.pop(i)
+            take = len(keys) if limit is None else int(np.searchsorted(keys, limit, side="right"))
+            key_parts.append(keys[:take])
+            doc_parts.append(docs[:take])
             position[i] += take
-        live = [i for i in live if position[i] < len(runs[i][0])]
+        live = [i for i in live if position[i] < len(runs[i])]
         keys, docs = np.concatenate(key_parts), np.concatenate(doc_parts)
+        del key_parts, doc_parts
         order = np.argsort(keys, kind="stable")
         keys, docs = keys[order], docs[order]
+        del order
         starts = np.ones(len(keys), dtype=bool)
         starts[1:] = keys[1:] != keys[:-1]
         bucket = np.cumsum(starts) - 1
         anchors = docs[starts][bucket]
         if carry is not None and keys[0] == carry[0]:
-            anchors[bucket == 0] = carry[1]
+            anchors[bucket == 0] = carry[1]  # the last window's last bucket goes on
         carry = (keys[-1], anchors[-1])
         duplicate = anchors != docs
         yield np.stack([docs[duplicate], anchors[duplicate]], axis=1)
@@ -213,10 +245,8 @@ def bucket_task(job: BucketJob) -> dict[str, Any]:
     layout = DedupLayout(Path(job.work))
     started = time.perf_counter()
     with TaskMemory() as memory:
-        runs = []
-        for number, shard in enumerate(job.shards):
-            keys, rows = sorted_run(layout, shard, job.family, job.partition, job.partitions)
-            runs.append((keys, _LazyDocs(number, rows)))
+        runs = [SortedRun(layout, shard, number, job.family, job.partition, job.partitions)
+                for number, shard in enumerate(job.shards)]
         count = 0
         with atomic_write(layout.pairs(job.family, job.partition)) as out:
             for pairs in equal_key_pairs(runs, WINDOW_ENTRIES):
@@ -228,22 +258,15 @@ def bucket_task(job: BucketJob) -> dict[str, Any]:
     return result
 
 
-class _LazyDocs:
-    """A shard's rows seen as document ids, converted slice by slice (the rows stay on disk)."""
-
-    def __init__(self, shard: int, rows: np.ndarray) -> None:
-        self.shard, self.rows = shard, rows
-
-    def __getitem__(self, index: slice) -> np.ndarray:
-        return doc_id(self.shard, np.asarray(self.rows[index]))
-
-
 # ---------------------------------------------------------------------------- 3. clusters
 def _pair_chunks(path: Path) -> Iterator[np.ndarray]:
-    pairs = np.memmap(path, dtype=_PAIR, mode="r") if path.stat().st_size else np.zeros(0, _PAIR)
-    pairs = pairs.reshape(-1, 2)
-    for start in range(0, len(pairs), PAIR_CHUNK):
-        yield np.array(pairs[start:start + PAIR_CHUNK])
+    """The pairs of a file, `PAIR_CHUNK` at a time (read, not mapped: see `SortedRun`)."""
+    with open(path, "rb") as f:
+        while True:
+            chunk = np.fromfile(f, dtype=_PAIR, count=2 * PAIR_CHUNK)
+            if not len(chunk):
+                return
+            yield chunk.reshape(-1, 2)
 
 
 def _find(parent: np.ndarray, items: np.ndarray) -> np.ndarray:
