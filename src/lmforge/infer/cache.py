@@ -24,10 +24,27 @@ Both hand the model a *view* of some of their sequences, which implements the mo
 row held before this forward pass, which `ModelRunner` uses to choose the cheapest
 attention call. `append` caches keys and values that no forward pass computed: a
 prefix-tuning adapter's virtual tokens, written before a sequence's prompt.
+
+**Prefix caching** (paged only, as vLLM does it). A full block's keys and values depend on
+its tokens and on every token before it, and on nothing else: so a full block is named by
+a hash chain, hash(parent block's hash, its own tokens), and a new sequence whose prompt
+starts with the same tokens can use the same blocks instead of computing them again (a
+conversation's earlier turns, a shared system prompt, k samples of one prompt). Blocks
+carry reference counts; a block no sequence uses any more keeps its contents and its
+name, and is evicted (least recently used first) only when a fresh block is needed and
+none is free. Only full blocks are shared and nothing is ever written into a shared
+block: a sequence's new tokens go to blocks of its own.
+
+The static cache has a simpler form of it, made for one conversation at a time (`lmforge
+chat`): a freed slot keeps what it held, and a new sequence placed in a free slot whose
+tokens start its own keeps those and runs only the rest (any length, not whole blocks).
+Slots are compacted as sequences leave, which overwrites what a freed slot held when
+another sequence moves into it; the paged cache keeps more under concurrency.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -57,6 +74,15 @@ def _append(cache: StaticKVCache | PagedKVCache, seq: Hashable, keys: torch.Tens
     view.advance(positions)
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 # ---------------------------------------------------------------------------------------- static
 class StaticKVCache:
     """Preallocated slots of `max_len` tokens each.
@@ -82,6 +108,8 @@ class StaticKVCache:
         self.lengths = [0] * slots
         self._slot_of: dict[Hashable, int] = {}
         self._whole: _SlotRows | None = None
+        # the tokens whose keys and values each slot holds, when known (`register`); a freed slot keeps them
+        self.resident: list[tuple[int, ...]] = [()] * slots
 
     def _shape(self, slots: int, length: int) -> tuple[int, ...]:
         return (self.n_layers, slots, self.kv_heads, length, self.head_dim)
@@ -101,6 +129,7 @@ class StaticKVCache:
         key_pos[:old_slots, :old_len] = self.key_pos
         self.key_pos = key_pos
         self.lengths += [0] * (slots - old_slots)
+        self.resident += [()] * (slots - old_slots)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int, *,
@@ -137,30 +166,59 @@ class StaticKVCache:
         self._whole.advance(positions)
 
     # -- slots for the engine
-    def allocate(self, seq: Hashable) -> None:
+    def allocate(self, seq: Hashable, reuse: Sequence[int] = ()) -> int:
+        """Give `seq` the next slot. With `reuse` (tokens `seq` starts with), a free slot holding the
+        longest run of them is moved there and that run kept; returns how many tokens were kept."""
         free = len(self._slot_of)  # slots in use are always 0..n-1 (see `free`)
         if free >= self.batch_size:
             raise CacheFullError(f"all {self.batch_size} slots are in use")
         if free >= self.key_pos.shape[0]:
             self._grow(free + 1, 0)
+        kept, best = 0, free
+        if reuse:
+            reuse = tuple(reuse)
+            for slot in range(free, len(self.resident)):
+                n = _common_prefix(self.resident[slot], reuse)
+                if n > kept:
+                    kept, best = n, slot
+        if best != free:
+            self._copy_slot(best, free, kept)
+            self.resident[best] = ()  # its copy moves on; what stays there is not tracked
         self._slot_of[seq] = free
-        self._clear(free, 0)
+        self._clear(free, kept)
+        self.resident[free] = ()
+        return kept
+
+    def register(self, seq: Hashable, tokens: Sequence[int]) -> None:
+        """Record that `seq`'s slot holds these tokens (the first `len(tokens)` it has cached)."""
+        slot = self._slot_of[seq]
+        if len(tokens) > self.lengths[slot]:
+            raise ValueError(f"{len(tokens)} tokens named, {self.lengths[slot]} cached")
+        self.resident[slot] = tuple(tokens)
+
+    def forget_prefixes(self) -> None:
+        """Forget what free slots hold (the weights changed: those keys and values are stale)."""
+        self.resident = [()] * len(self.resident)
+
+    def _copy_slot(self, source: int, target: int, n: int) -> None:
+        self.keys[:, target, :, :n] = self.keys[:, source, :, :n]
+        self.values[:, target, :, :n] = self.values[:, source, :, :n]
+        self.key_pos[target] = self.key_pos[source]
+        self.lengths[target] = n
 
     def free(self, seq: Hashable) -> None:
         """Release a sequence's slot at once; the last occupied slot moves into the gap, so
-        the sequences in use always fill slots 0..n-1 and a batch of them is a plain slice."""
+        the sequences in use always fill slots 0..n-1 and a batch of them is a plain slice.
+        Unless another sequence moved into it, the slot keeps its contents for `allocate`'s reuse."""
         slot = self._slot_of.pop(seq)
         last = max(self._slot_of.values(), default=-1)
         if last > slot:
             mover = next(s for s, i in self._slot_of.items() if i == last)
-            n = self.lengths[last]
-            self.keys[:, slot, :, :n] = self.keys[:, last, :, :n]
-            self.values[:, slot, :, :n] = self.values[:, last, :, :n]
-            self.key_pos[slot] = self.key_pos[last]
-            self.lengths[slot] = n
+            self._copy_slot(last, slot, self.lengths[last])
             self._slot_of[mover] = slot
+            self.resident[slot] = self.resident[last]
+            self.resident[last] = ()  # the mover's old copy: its tokens are not known
             slot = last
-        self._clear(slot, 0)
 
     def fork(self, source: Hashable, seq: Hashable) -> None:
         """Give `seq` a slot holding a copy of everything `source` has cached (a shared prompt)."""
@@ -268,11 +326,13 @@ class PagedKVCache:
     """A pool of `num_blocks` blocks of `block_size` tokens, shared by all sequences.
 
     Block 0 is never handed out: it pads short block tables, and its keys are marked
-    empty (-1), so padding is masked out of attention.
+    empty (-1), so padding is masked out of attention. With `prefix_caching` full blocks
+    are named by their tokens and shared (see the module docstring).
     """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 16, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 prefix_caching: bool = True) -> None:
         if num_blocks < 2 or block_size < 1:
             raise ValueError("a paged cache needs at least 2 blocks of at least 1 token")
         slots = num_blocks * block_size
@@ -282,57 +342,150 @@ class PagedKVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.key_pos = torch.full((slots,), -1, dtype=torch.long, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks = list(range(num_blocks - 1, 0, -1))  # a stack; block 0 is padding
+        self.free_blocks = list(range(num_blocks - 1, 0, -1))  # a stack of unused, unnamed blocks
         self.tables: dict[Hashable, list[int]] = {}
         self.lengths: dict[Hashable, int] = {}
         self.max_len = (num_blocks - 1) * block_size
+        self.prefix_caching = prefix_caching
+        self.refs = [0] * num_blocks  # sequences whose table holds each block
+        self.named: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> (hash, its tokens)
+        self.by_hash: dict[int, int] = {}  # hash -> the block holding those tokens after that prefix
+        self.idle: OrderedDict[int, None] = OrderedDict()  # named blocks nobody uses, least recent first
+        self.hits = self.lookups = 0  # prompt tokens found cached / asked for (`match_prefix`)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, num_blocks: int, block_size: int = 16) -> PagedKVCache:
+    def for_model(cls, model: torch.nn.Module, num_blocks: int, block_size: int = 16, *,
+                  prefix_caching: bool = True) -> PagedKVCache:
         dtype, device = _dtype_device(model)
-        return cls(model.config, num_blocks, block_size, dtype=dtype, device=device)
+        return cls(model.config, num_blocks, block_size, dtype=dtype, device=device,
+                   prefix_caching=prefix_caching)
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
 
-    def allocate(self, seq: Hashable) -> None:
-        self.tables[seq], self.lengths[seq] = [], 0
+    def allocate(self, seq: Hashable, shared: Sequence[int] = ()) -> None:
+        """A new sequence; `shared`: full cached blocks (`match_prefix`) its tokens start with."""
+        for block in shared:
+            self._use(block)
+        self.tables[seq], self.lengths[seq] = list(shared), len(shared) * self.block_size
 
     def fork(self, source: Hashable, seq: Hashable) -> None:
-        """Give `seq` blocks holding a copy of everything `source` has cached (a shared prompt).
-        The blocks are copied, not shared: sharing them would need reference counts."""
-        n = self.lengths[source]
-        self.allocate(seq)
-        self._grow(seq, n)
-        src, dst = self._token_slots(source, n), self._token_slots(seq, n)
-        self.keys[:, dst] = self.keys[:, src]
-        self.values[:, dst] = self.values[:, src]
-        self.key_pos[dst] = self.key_pos[src]
+        """Give `seq` everything `source` has cached (a shared prompt): its full blocks are
+        shared, the last, partly filled one is copied (it will be written to)."""
+        n, bs = self.lengths[source], self.block_size
+        full = n // bs
+        self.allocate(seq, self.tables[source][:full])
+        tail = n - full * bs
+        if tail:
+            self._grow(seq, n)
+            src, dst = self.tables[source][full] * bs, self.tables[seq][full] * bs
+            self.keys[:, dst:dst + tail] = self.keys[:, src:src + tail]
+            self.values[:, dst:dst + tail] = self.values[:, src:src + tail]
+            self.key_pos[dst:dst + tail] = self.key_pos[src:src + tail]
         self.lengths[seq] = n
 
-    def _token_slots(self, seq: Hashable, n: int) -> torch.Tensor:
-        """Where `seq`'s first n tokens are in the pool."""
-        table = torch.tensor(self.tables[seq], dtype=torch.long, device=self.key_pos.device)
-        i = torch.arange(n, device=self.key_pos.device)
-        return table[i // self.block_size] * self.block_size + i % self.block_size
+    # -- prefix caching
+    def _hashes(self, tokens: Sequence[int]) -> list[tuple[int, tuple[int, ...]]]:
+        """(hash, tokens) of each full block of `tokens`, the hash chained through the blocks before."""
+        out, parent, bs = [], 0, self.block_size
+        for start in range(0, len(tokens) - bs + 1, bs):
+            block = tuple(tokens[start:start + bs])
+            parent = hash((parent, block))
+            out.append((parent, block))
+        return out
+
+    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
+        """The cached blocks that hold the longest run of full blocks `tokens` starts with."""
+        if not self.prefix_caching:
+            return []
+        blocks = []
+        for name in self._hashes(tokens):
+            block = self.by_hash.get(name[0])
+            if block is None or self.named[block] != name:
+                break
+            blocks.append(block)
+        self.lookups += len(tokens)
+        self.hits += len(blocks) * self.block_size
+        return blocks
+
+    def register(self, seq: Hashable, tokens: Sequence[int]) -> None:
+        """Name `seq`'s full blocks by `tokens`, the tokens it has cached (so later prompts find them)."""
+        if not self.prefix_caching:
+            return
+        if len(tokens) > self.lengths[seq]:
+            raise ValueError(f"{len(tokens)} tokens named, {self.lengths[seq]} cached")
+        for block, name in zip(self.tables[seq], self._hashes(tokens)):
+            if block in self.named or name[0] in self.by_hash:
+                continue  # already named, or the same tokens already live in another block
+            self.named[block], self.by_hash[name[0]] = name, block
+
+    def forget_prefixes(self) -> None:
+        """Drop every name (the weights changed: cached keys and values no longer match them)."""
+        for block in self.idle:
+            self._unname(block)
+            self.free_blocks.append(block)
+        self.idle.clear()
+        for block in list(self.named):
+            self._unname(block)
+
+    def _unname(self, block: int) -> None:
+        name = self.named.pop(block, None)
+        if name is not None and self.by_hash.get(name[0]) == block:
+            del self.by_hash[name[0]]
+
+    def _use(self, block: int) -> None:
+        self.refs[block] += 1
+        self.idle.pop(block, None)
+
+    def _release(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block]:
+            return
+        if block in self.named:
+            self.idle[block] = None  # kept, findable, and the first to go when a block is needed
+        else:
+            self._blank(block)
+            self.free_blocks.append(block)
+
+    def _blank(self, block: int) -> None:
+        self.key_pos[block * self.block_size:(block + 1) * self.block_size] = -1
+
+    def _take(self) -> int:
+        """A block for new tokens: a free one, else the least recently used idle cached one."""
+        if self.free_blocks:
+            block = self.free_blocks.pop()
+        else:
+            block, _ = self.idle.popitem(last=False)
+            self._unname(block)
+            self._blank(block)
+        self.refs[block] = 1
+        return block
+
+    def available_blocks(self) -> int:
+        """Blocks a sequence could get: free ones and idle cached ones (evicted on demand)."""
+        return len(self.free_blocks) + len(self.idle)
 
     def free(self, seq: Hashable) -> None:
-        """Give a sequence's blocks back to the pool at once."""
-        self.truncate(seq, 0)
-        del self.tables[seq], self.lengths[seq]
+        """Give a sequence's blocks back to the pool at once (named ones stay findable until evicted)."""
+        for block in reversed(self.tables.pop(seq)):
+            self._release(block)
+        del self.lengths[seq]
 
     def truncate(self, seq: Hashable, length: int) -> None:
         if not 0 <= length <= self.lengths[seq]:
             raise ValueError(f"cannot truncate {self.lengths[seq]} tokens to {length}")
         table = self.tables[seq]
         keep = -(-length // self.block_size)
-        for block in table[keep:]:
-            self.key_pos[block * self.block_size:(block + 1) * self.block_size] = -1
-        self.free_blocks.extend(reversed(table[keep:]))
+        for block in reversed(table[keep:]):
+            self._release(block)
         del table[keep:]
-        if keep:
-            last = table[-1] * self.block_size
-            self.key_pos[last + length - (keep - 1) * self.block_size:last + self.block_size] = -1
+        if keep and length % self.block_size:
+            last = table[-1]
+            if self.refs[last] > 1:
+                raise ValueError("cannot cut into a block other sequences share")
+            self._unname(last)  # its tail will be written again
+            start = last * self.block_size
+            self.key_pos[start + length - (keep - 1) * self.block_size:start + self.block_size] = -1
         self.lengths[seq] = length
 
     def seq_length(self, seq: Hashable) -> int:
@@ -343,11 +496,11 @@ class PagedKVCache:
         _append(self, seq, keys, values)
 
     def capacity(self, seq: Hashable) -> int:
-        """Tokens this sequence could reach if it got every free block."""
-        return len(self.tables[seq]) * self.block_size + len(self.free_blocks) * self.block_size
+        """Tokens this sequence could reach if it got every available block."""
+        return (len(self.tables[seq]) + self.available_blocks()) * self.block_size
 
     def free_tokens(self) -> int:
-        return len(self.free_blocks) * self.block_size
+        return self.available_blocks() * self.block_size
 
     def order(self, seq: Hashable) -> int:
         return 0
@@ -358,10 +511,10 @@ class PagedKVCache:
     def _grow(self, seq: Hashable, length: int) -> None:
         table = self.tables[seq]
         needed = -(-length // self.block_size) - len(table)
-        if needed > len(self.free_blocks):
+        if needed > self.available_blocks():
             raise CacheFullError(f"KV cache is full: {needed} more blocks needed, "
-                                 f"{len(self.free_blocks)} free")
-        table.extend(self.free_blocks.pop() for _ in range(max(needed, 0)))
+                                 f"{self.available_blocks()} free")
+        table.extend(self._take() for _ in range(max(needed, 0)))
 
 
 class _PagedRows:

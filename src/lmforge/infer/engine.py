@@ -84,6 +84,7 @@ class GenerationStats:
     finish_reason: str | None = None
     draft_tokens: int = 0  # speculative decoding: tokens the draft proposed ...
     accepted_tokens: int = 0  # ... and how many of them the model accepted
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     extra: dict = field(default_factory=dict)
 
     @property
@@ -181,7 +182,10 @@ class Engine:
     `cache="static"` (default) gives each running request a preallocated slot (grown by
     doubling as needed); `cache="paged"` shares a pool of `num_blocks` blocks of
     `block_size` tokens. `max_seq_len` caps prompt + reply (default: the model's context).
-    `stop_ids` are the model's end-of-sequence tokens (`LoadedModel.stop_ids()`).
+    `stop_ids` are the model's end-of-sequence tokens (`LoadedModel.stop_ids()`). A new
+    prompt reuses the keys and values earlier requests left for the tokens it starts with
+    (prefix caching: shared blocks of the paged cache, or what a free static slot holds; see
+    `lmforge.infer.cache`) unless `prefix_caching=False`.
     """
 
     def __init__(
@@ -198,6 +202,7 @@ class Engine:
         token_bytes: Callable[[int], bytes] | None = None,
         draft_model: Transformer | None = None,
         num_speculative: int = 4,
+        prefix_caching: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -214,9 +219,10 @@ class Engine:
                 model, max_batch_size, self.context, lazy=True)
         elif cache == "paged":
             blocks = num_blocks or max_batch_size * -(-min(self.context, 1024) // block_size) + 1
-            self.cache = PagedKVCache.for_model(model, blocks, block_size)
+            self.cache = PagedKVCache.for_model(model, blocks, block_size, prefix_caching=prefix_caching)
         else:
             raise ValueError(f"cache must be 'static' or 'paged', got {cache!r}")
+        self.prefix_caching = prefix_caching
         self.path = None  # what `from_pretrained` loaded
         self.draft = None
         if draft_model is not None:
@@ -388,22 +394,47 @@ class Engine:
         while self.running:
             bs = self.cache.block_size
             needed = sum(1 for s in self.running if self.cache.seq_length(s.id) % bs == 0)
-            if needed <= len(self.cache.free_blocks):
+            if needed <= self.cache.available_blocks():
                 return
             seq = self.running.pop()
-            self.cache.free(seq.id)
+            self._release_cache(seq)
             self.waiting.appendleft(seq)
 
     def _prefill(self, seq: _Sequence) -> tuple[TokenEvent, torch.Tensor]:
         """Run the prompt (plus anything generated before a preemption) and take the next token;
-        also returns the logits it was drawn from, which a request with the same prompt reuses."""
-        self.runner.refresh()
-        self._admit(seq, self.cache.allocate)
+        also returns the logits it was drawn from, which a request with the same prompt reuses.
+
+        With a paged cache, the prompt's leading full blocks that an earlier request left in
+        the prefix cache are used as they are, and only the rest is run."""
+        reuse = self._prefix_caching()
+        if self.runner.refresh() and reuse:
+            self.cache.forget_prefixes()  # computed with the old weights
+        if isinstance(self.cache, PagedKVCache):
+            shared = self.cache.match_prefix(seq.all_ids[:-1]) if reuse else []
+            self._admit(seq, lambda seq_id: self.cache.allocate(seq_id, shared))
+        else:
+            self._admit(seq, lambda seq_id: self.cache.allocate(seq_id, seq.all_ids[:-1] if reuse else ()))
         if self.runner.prefix is not None:  # a prefix adapter's keys and values come first
             self.cache.append(seq.id, *self.runner.prefix)
-        ids = torch.tensor([seq.all_ids], device=self.device)
+        start = self.cache.seq_length(seq.id) - self._prefix_length()
+        seq.stats.cached_tokens = start
+        ids = torch.tensor([seq.all_ids[start:]], device=self.device)
         logits = self.runner(ids, self.cache.view([seq.id]))
+        if self._prefix_caching():
+            self.cache.register(seq.id, seq.all_ids)  # as soon as computed: a twin admitted next can share it
         return self._emit(seq, self._choose(logits[:1], [seq])[0], logits[0]), logits[0]
+
+    def _prefix_caching(self) -> bool:
+        """Whether prompts may reuse what earlier requests cached (blocks, or a static slot's tokens):
+        on unless turned off, and never with a prefix adapter (whose virtual tokens sit unnamed in
+        the cache)."""
+        return self.prefix_caching and self.runner.prefix is None
+
+    def _release_cache(self, seq: _Sequence) -> None:
+        """Free `seq`'s cache, first naming its full blocks so that a later prompt can reuse them."""
+        if self._prefix_caching():
+            self.cache.register(seq.id, seq.all_ids[:self.cache.seq_length(seq.id)])
+        self.cache.free(seq.id)
 
     def _fork(self, seq: _Sequence, twin: _Sequence, logits: torch.Tensor) -> TokenEvent:
         """Admit a request whose tokens are exactly those `twin` was just prefilled with (k samples
@@ -487,7 +518,7 @@ class Engine:
         seq.finished = seq.stats.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
-            self.cache.free(seq.id)
+            self._release_cache(seq)
             # a static cache refills a freed slot with its last one: keep the batch in slot order
             self.running.sort(key=lambda s: self.cache.order(s.id))
         if self.draft is not None:
