@@ -65,6 +65,7 @@ def test_padding_changes_nothing(minilm, encoder):
     ids, mask = batch(minilm)
     with torch.inference_mode():
         together = encoder(ids, mask)
+        assert not together[~mask].any()  # padding positions hold zeros, not stale values
         for i in range(len(TEXTS)):
             n = int(mask[i].sum())
             alone = encoder(ids[i:i + 1, :n], mask[i:i + 1, :n])

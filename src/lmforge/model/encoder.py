@@ -75,7 +75,12 @@ class EncoderConfig:
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm block: x = norm(x + attention(x)), then x = norm(x + mlp(x))."""
+    """Post-norm block: x = norm(x + attention(x)), then x = norm(x + mlp(x)).
+
+    Only attention needs the texts side by side ([B, T, d], padded to the longest); every other
+    step works token by token, so it runs on the real tokens alone ([N, d]): the padding a batch
+    of mixed lengths needs costs the MLP, two thirds of the work, nothing.
+    """
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -84,13 +89,17 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.mlp_norm = make_norm(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn(x, None, mask))
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens [N, d]: the batch's real tokens in order; mask [B, T]: where they sit when padded."""
+        padded = tokens.new_zeros(*mask.shape, tokens.shape[-1])
+        padded[mask] = tokens
+        attended = self.attn(padded, None, mask[:, None, None, :])[mask]  # each query sees its text's keys
+        x = self.attn_norm(tokens + attended)
         return self.mlp_norm(x + self.mlp(x))
 
 
 class Encoder(nn.Module):
-    """ids [B, T] and a padding mask [B, T] (True = real token) -> hidden states [B, T, d]."""
+    """ids [B, T] and a padding mask [B, T] (True = real token) -> hidden states [B, T, d] (0 at padding)."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -110,10 +119,12 @@ class Encoder(nn.Module):
         positions = torch.arange(length, device=ids.device)
         types = self.type_embed.weight[0] if token_types is None else self.type_embed(token_types)
         x = self.embed_norm(self.embed(ids) + self.pos_embed(positions) + types)
-        attend = mask[:, None, None, :]  # [B, 1, 1, T]: each query may see every real key of its text
+        tokens = x[mask]
         for layer in self.layers:
-            x = layer(x, attend)
-        return x
+            tokens = layer(tokens, mask)
+        out = torch.zeros_like(x)  # padding positions: zeros
+        out[mask] = tokens
+        return out
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: Pooling = "mean") -> torch.Tensor:
