@@ -41,7 +41,7 @@ def test_index_search_and_update_bm25_only(docs, tmp_path, capsys):
 
     hits = run_json(capsys, ["rag", "search", "--index", index, "aphids leaves", "--mode", "bm25", "--json"])
     assert hits[0]["source"] == "docs/guide.md" and hits[0]["headings"] == ["Garden", "Pests"]
-    hits = run_json(capsys, ["rag", "search", "--index", index, "yeast", "--mode", "bm25", "--json"])
+    hits = run_json(capsys, ["rag", "search", "--index", index, "yeast", "--json"])  # BM25-only: bm25
     assert hits[0]["source"] == "docs/rows.jsonl#r1"
     hits = run_json(capsys, ["rag", "search", "--index", index, "jupiter moons", "--mode", "bm25", "--json"])
     assert hits[0]["headings"] == ["Astronomy"]  # the HTML's <h1>, through extraction as Markdown

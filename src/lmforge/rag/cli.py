@@ -19,6 +19,7 @@ from typing import Any
 
 from lmforge.cli_parser import add_threads_flag, apply_threads
 
+MODE_HELP = "dense, bm25 or hybrid (default: hybrid; bm25 for an index built with --embedder none)"
 EMBEDDER_HELP = ("the sentence encoder: minilm (the packaged all-MiniLM-L6-v2), a sentence-transformers "
                  "folder, or none for a BM25-only index")
 
@@ -29,6 +30,10 @@ def _embedder(spec: str | None):
     from lmforge.rag.embed import load_embedder
 
     return load_embedder(spec)
+
+
+def _default_mode(index: Any) -> str:
+    return "hybrid" if index.embedder_name is not None else "bm25"
 
 
 def _index_embedder(index: Any, spec: str | None):
@@ -91,6 +96,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     apply_threads(args.threads)
     index = RagIndex.open(args.index)
+    args.mode = args.mode or _default_mode(index)
     embedder = _index_embedder(index, args.embedder) if args.mode != "bm25" else None
     hits = Retriever(index, embedder).search(args.query, args.k, args.mode)
     if args.json:
@@ -126,8 +132,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   f"{path}", file=sys.stderr)
         build_task_index(task, embedder, path, kind=args.kind, step=4000, progress=not args.quiet)
         index = RagIndex.open(path)
+        args.mode = args.mode or _default_mode(index)
     else:
         index = RagIndex.open(args.index)
+        args.mode = args.mode or _default_mode(index)
         embedder = _index_embedder(index, args.embedder) if args.mode != "bm25" else None
     check_corpus(task, {c.doc_id for c in index.chunks}, str(index.path))
     if args.mode != "bm25" and embedder is None:
@@ -185,7 +193,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("query")
     s.add_argument("--index", required=True, help="a folder written by `lmforge rag index`")
     s.add_argument("-k", type=int, default=5, help="how many chunks")
-    s.add_argument("--mode", choices=MODES, default="hybrid", help="dense, bm25 or hybrid (default: hybrid)")
+    s.add_argument("--mode", choices=MODES, default=None, help=MODE_HELP)
     s.add_argument("--embedder", default=None, help="(default: the one the index was built with)")
     s.add_argument("--json", action="store_true", help="print the hits as JSON")
     add_threads_flag(s)
@@ -199,7 +207,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--task", required=True, choices=TASKS, help="hotpotqa (66,581 paragraphs) or doc2dial")
     e.add_argument("--index", default=None,
                    help="an index of the task's corpus (default: build it in the cache)")
-    e.add_argument("--mode", choices=MODES, default="hybrid", help="dense, bm25 or hybrid (default: hybrid)")
+    e.add_argument("--mode", choices=MODES, default=None, help=MODE_HELP)
     e.add_argument("--embedder", default=None,
                    help=f"{EMBEDDER_HELP} (default: the index's; minilm for a task index built here)")
     e.add_argument("--kind", choices=KINDS, default="auto", help="FAISS kind of a task index built here")

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 MODES = ("dense", "bm25", "hybrid")
 RRF_K = 60
 FUSION_DEPTH = 100
+RECENT_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Retriever:
             index.check_embedder(embedder.name)
         self.index, self.embedder, self.rrf_k, self.depth = index, embedder, rrf_k, depth
         self.ef_search, self.nprobe = ef_search, nprobe
+        self._recent: dict[tuple[str, ...], np.ndarray] = {}  # the last batches' query vectors
 
     def search(self, query: str, k: int = 5, mode: str = "hybrid", *,
                within: Sequence[str] | None = None) -> list[Hit]:
@@ -98,7 +100,13 @@ class Retriever:
 
     def _dense(self, queries: list[str], k: int, rows: np.ndarray | None,
                progress: bool) -> list[list[tuple[int, float]]]:
-        vectors = np.asarray(self.embedder.encode(queries, progress=progress), dtype=np.float32)
+        key = tuple(queries)
+        vectors = self._recent.get(key)
+        if vectors is None:  # dense then hybrid on the same queries (an evaluation) embeds them once
+            vectors = np.asarray(self.embedder.encode(queries, progress=progress), dtype=np.float32)
+            while len(self._recent) >= RECENT_BATCHES:
+                del self._recent[next(iter(self._recent))]
+            self._recent[key] = vectors
         return self.index.dense_search(vectors, k, rows=rows, ef_search=self.ef_search, nprobe=self.nprobe)
 
 
