@@ -170,7 +170,9 @@ def run_task(task: RetrievalTask, retriever: Retriever, *, mode: str = "hybrid",
              limit: int | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Recall@k, MRR and nDCG@10 of `retriever` on the task's queries (a seeded sample of `limit`).
 
-    Each query retrieves `depth` passages, so MRR counts a first hit down to that rank.
+    Each query retrieves `depth` chunks, so MRR counts a first hit down to that rank. A
+    passage indexed as several chunks (cut to fit the encoder) ranks where its best chunk
+    ranks (MaxP, Dai & Callan 2019).
     With a shipped baseline run, its scores on the same queries come along (its top 5
     only: recall beyond @5, MRR and nDCG are over those five).
     """
@@ -183,7 +185,7 @@ def run_task(task: RetrievalTask, retriever: Retriever, *, mode: str = "hybrid",
     result: dict[str, Any] = {
         "task": task.name, "mode": mode, "queries": len(queries), "corpus": len(task.documents),
         "depth": depth, "seconds": seconds,
-        "metrics": evaluate([[h.chunk.doc_id for h in found] for found in hits], relevant)}
+        "metrics": evaluate([list(dict.fromkeys(h.chunk.doc_id for h in found)) for found in hits], relevant)}
     if task.baseline is not None:
         result["baseline"] = {"name": task.baseline_name, "metrics": evaluate(
             [task.baseline[q.id] for q in queries], relevant, recall_ks=(1, 2, 5))}
@@ -194,14 +196,16 @@ def run_task(task: RetrievalTask, retriever: Retriever, *, mode: str = "hybrid",
 TASK_CHUNKING = ChunkConfig("none")  # the corpora come cut: one passage, one chunk
 
 
-def task_index_dir(task: str, embedder_name: str | None) -> Path:
+def task_index_dir(task: str, embedder_name: str | None, chunking: ChunkConfig = TASK_CHUNKING) -> Path:
     """Where `lmforge rag eval --task NAME` keeps the corpus index it builds (one per embedder)."""
     slug = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in (embedder_name or "bm25-only"))
-    return cache_dir() / "rag" / f"{task}-{slug.strip('-').lower()}"
+    cut = "" if chunking.mode == "none" else f"-{chunking.mode}{chunking.max_tokens}-{chunking.overlap}"
+    return cache_dir() / "rag" / f"{task}-{slug.strip('-').lower()}{cut}"
 
 
 def build_task_index(task: RetrievalTask, embedder: Embedder | None, path: Path, *, kind: str = "auto",
-                     step: int | None = None, progress: bool = False) -> IndexReport:
+                     chunking: ChunkConfig = TASK_CHUNKING, step: int | None = None,
+                     progress: bool = False) -> IndexReport:
     """Index the task's corpus at `path`; with `step`, `step` documents more per update, so an
     interrupted build keeps what it embedded (every update is a complete index)."""
     documents = task.documents
@@ -215,6 +219,6 @@ def build_task_index(task: RetrievalTask, embedder: Embedder | None, path: Path,
     for end in [*range(done + size, len(documents), size), len(documents)]:
         final = end == len(documents)
         report = update_index(path, documents[:end], embedder, kind=kind if final else "flat",
-                              chunking=TASK_CHUNKING, progress=progress)
+                              chunking=chunking, progress=progress)
     assert report is not None
     return report
