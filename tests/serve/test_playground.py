@@ -351,3 +351,31 @@ def test_max_tokens_is_cut_to_the_room_the_prompt_leaves(page, serve, engine_fac
         # An API client that insists on more than fits is told so (as by OpenAI and vLLM).
         refused = api_chat(url, "tiny", messages, max_tokens=room + 1)
         assert refused.status_code == 400 and "maximum context length is 128" in refused.text
+
+
+def test_answering_from_documents_shows_the_retrieved_passages_under_the_reply(page, serve, engine_factory,
+                                                                               minilm_embedder, retriever):
+    app = create_app({"tiny": engine_factory(seed=0, max_seq_len=1024)},
+                     embedders={"minilm": minilm_embedder},
+                     retrievers={"handbook": retriever})
+    with serve(app) as (url, _server):
+        open_playground(page, url, models=1)  # the embedding model is not offered for chat
+        assert page.locator("#retrieval-section").is_visible()
+        page.select_option("#rag-index", "handbook")
+        set_sampling(page, max_tokens=6)
+        send(page, "How do I install a Debian package?")
+        wait_until_idle(page)
+        expected = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "system", "content": SYSTEM},
+                                          {"role": "user", "content": "How do I install a Debian package?"}],
+            "retrieval": {"index": "handbook"}, "max_tokens": 6, "temperature": 0}).json()
+        shown = page.locator(".pane-a .msg.assistant .source-where").all_inner_texts()
+        assert shown and shown[0].startswith("[1] ") and "apt.md" in shown[0]
+        assert len(shown) == len(expected["sources"])
+        assert replies(page) == [expected["choices"][0]["message"]["content"]]
+
+        send(page, "Who painted the Mona Lisa?")  # nothing relevant: said so, and the model was not asked
+        wait_until_idle(page)
+        assert replies(page)[-1] == "I don't know."
+        summaries = page.locator(".pane-a .msg.assistant .msg-sources summary")
+        assert "nothing relevant" in summaries.last.inner_text()

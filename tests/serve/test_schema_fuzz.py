@@ -24,6 +24,8 @@ OPERATIONS = [
     ("GET", "/v1/models/{model_id}"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/embeddings"),
+    ("GET", "/rag/indexes"),
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
     ("GET", "/metrics"),
@@ -36,7 +38,10 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def app(engine_factory):
-    return create_app({"tiny": engine_factory(max_seq_len=48, max_batch_size=8)}, web_dir=None)
+    from lmforge.rag.embed import load_embedder
+
+    return create_app({"tiny": engine_factory(max_seq_len=48, max_batch_size=8)}, web_dir=None,
+                      embedders={"minilm": load_embedder("minilm")})
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
     lmforge rag index DOCS... -o INDEX [--embedder minilm|none|FOLDER] [--kind auto|flat|hnsw|ivf]
                       [--chunking structure|tokens] [--chunk-tokens N] [--overlap M] [--json]
     lmforge rag search --index INDEX "query" [-k 5] [--mode dense|bm25|hybrid] [--json]
+    lmforge rag ask --index INDEX --model M "question" [-k 4] [--mode ...] [--json]
     lmforge rag eval --task hotpotqa|doc2dial [--index INDEX] [--mode ...] [--limit N] [--json]
+                     [--model M --answers N]   (hotpotqa: answer EM/F1 with and without retrieval)
 
 `index` makes INDEX mirror DOCS: new and changed documents are chunked and embedded,
 those no longer among DOCS are removed, the rest is kept as it was. `eval` without
@@ -116,6 +118,35 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ============================================================================ rag ask
+def cmd_ask(args: argparse.Namespace) -> int:
+    from lmforge.infer.engine import Engine
+    from lmforge.rag.answer import AnswerConfig, answer
+    from lmforge.rag.index import RagIndex
+    from lmforge.rag.retrieve import Retriever
+
+    apply_threads(args.threads)
+    index = RagIndex.open(args.index)
+    mode = args.mode or _default_mode(index)
+    embedder = _index_embedder(index, None)
+    config = AnswerConfig(k=args.k, mode=mode, min_relevance=args.min_relevance, max_tokens=args.max_tokens)
+    engine = Engine.from_pretrained(args.model, quantize=args.quantize)
+    result = answer(args.question, Retriever(index, embedder), engine, config)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print(result.text)
+    if result.abstained:
+        print(f"\n(no passage of {index.path} was relevant enough: similarity below {config.min_relevance})")
+    for number, (hit, relevance) in enumerate(zip(result.sources, result.relevance), start=1):
+        where = " > ".join((hit.chunk.source, *hit.chunk.headings))
+        mark = "cited" if number in result.cited else "not cited"
+        print(f"\n[{number}] {where}  (relevance {relevance:.2f}, {mark})")
+        text = " ".join(hit.chunk.text.split())
+        print(f"    {text[:300]}{'...' if len(text) > 300 else ''}")
+    return 0
+
+
 # ============================================================================ rag eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmforge.rag.index import RagIndex
@@ -143,6 +174,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = run_task(task, Retriever(index, embedder), mode=args.mode, limit=args.limit, seed=args.seed,
                       progress=not args.quiet)
     result["index"] = str(index.path)
+    if args.model is not None:
+        result["answers"] = _answer_quality(args, task.name, Retriever(index, embedder))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -151,7 +184,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "baseline" in result:
         base = result["baseline"]
         print(f"{base['name']}: " + ", ".join(f"{k} {v:.4f}" for k, v in base["metrics"].items()))
+    if "answers" in result:
+        from lmforge.rag.answer_quality import SETTINGS
+
+        quality = result["answers"]
+        print(f"answers of {args.model} to {quality['questions']} questions (EM / F1; "
+              f"{quality['abstained']} \"I don't know\" from the relevance guard):")
+        for setting in SETTINGS:
+            print(f"  {setting.replace('_', ' '):16} {quality[setting]['exact_match']:.3f} / "
+                  f"{quality[setting]['f1']:.3f}  ({quality[setting]['seconds']:.0f} s)")
     return 0
+
+
+def _answer_quality(args: argparse.Namespace, task: str, retriever: Any) -> dict[str, Any]:
+    """`--model`: HotpotQA EM/F1 closed book, with this retrieval, and with the gold paragraphs."""
+    from lmforge.infer.engine import Engine
+    from lmforge.rag.answer import AnswerConfig
+    from lmforge.rag.answer_quality import hotpotqa_answer_quality
+
+    if task != "hotpotqa":
+        raise ValueError(f"--model scores answers on hotpotqa (its questions have gold answers); {task} "
+                         "is scored on retrieval alone")
+    engine = Engine.from_pretrained(args.model)
+    say = (lambda text: None) if args.quiet else (lambda text: print(f"lmforge: {text}", file=sys.stderr))
+    quality = hotpotqa_answer_quality(retriever, engine, limit=args.answers, seed=args.seed,
+                                      config=AnswerConfig(mode=args.mode, max_tokens=32), say=say)
+    quality.pop("records")
+    return quality
 
 
 # ============================================================================ the parser
@@ -199,7 +258,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_threads_flag(s)
     s.set_defaults(func=cmd_search)
 
-    # `lmforge rag ask` (lmforge.rag.answer) is added here, beside search and eval
+    a = verbs.add_parser("ask", help="answer a question from an index, citing its passages",
+                         description="Retrieve passages for the question, put them in the model's prompt as "
+                                     "numbered sources, and answer citing them; \"I don't know.\" when no "
+                                     "passage is relevant (the model is then not asked).")
+    a.add_argument("question")
+    a.add_argument("--index", required=True, help="a folder written by `lmforge rag index`")
+    a.add_argument("--model", required=True,
+                   help="checkpoint or run folder, .gguf file or sample name (smollm2)")
+    a.add_argument("-k", type=int, default=4, help="passages retrieved (default: 4)")
+    a.add_argument("--mode", choices=MODES, default=None,
+                   help="dense, bm25 or hybrid (default: hybrid; bm25 for a BM25-only index)")
+    a.add_argument("--min-relevance", type=float, default=0.25,
+                   help="cosine similarity of question and passage below which a passage is not shown to "
+                        "the model (default: 0.25)")
+    a.add_argument("--max-tokens", type=int, default=256, help="the reply's most tokens")
+    a.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    a.add_argument("--json", action="store_true",
+                   help='print {"answer": ..., "sources": [{"source", "text", "score", ...}]}')
+    add_threads_flag(a)
+    a.set_defaults(func=cmd_ask)
 
     e = verbs.add_parser("eval", help="recall@k, MRR and nDCG@10 on HotpotQA or doc2dial",
                          description="Score retrieval on a benchmark's queries and gold passages. Without "
@@ -212,7 +290,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"{EMBEDDER_HELP} (default: the index's; minilm for a task index built here)")
     e.add_argument("--kind", choices=KINDS, default="auto", help="FAISS kind of a task index built here")
     e.add_argument("--limit", type=int, default=None, help="a seeded sample of N queries (default: all)")
-    e.add_argument("--seed", type=int, default=0, help="draws the --limit sample")
+    e.add_argument("--seed", type=int, default=0, help="draws the --limit (and --answers) sample")
+    e.add_argument("--model", default=None,
+                   help="hotpotqa: also score this model's answers (EM/F1) closed book, from the retrieved "
+                        "passages and from the gold paragraphs")
+    e.add_argument("--answers", type=int, default=200, help="questions answered with --model (default: 200)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     add_threads_flag(e)

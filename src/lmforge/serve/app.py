@@ -7,11 +7,14 @@ GET  /docs                  the API reference, one page without scripts (/openap
 GET  /v1/models             OpenAI's model list, each with max_model_len; /v1/models/{id} one of them
 POST /v1/chat/completions   chat, streamed (SSE) or not, with logprobs, n, seed, stop, penalties
 POST /v1/completions        legacy text completions (prompt: text, ids, or a batch of either)
+POST /v1/embeddings         sentence embeddings from an embedding model (`--model minilm`)
+GET  /rag/indexes           the indexes chat requests may retrieve from (`--rag-index`)
 POST /tokenize              text or a conversation -> token ids and their strings
 POST /detokenize            token ids -> text
 GET  /metrics               Prometheus text format
 ```
 
+Chat requests may carry `retrieval` (an index served with `--rag-index`): see `retrieval.py`.
 Requests are validated by the pydantic models in `schemas.py` and by `translate.py`,
 reach the model's engine thread through `scheduler.py`, and come back as OpenAI bodies
 or SSE chunks built by `responses.py`. Every error is OpenAI-shaped (`errors.py`).
@@ -30,6 +33,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from lmforge.infer.engine import Engine
+from lmforge.rag.answer import AnswerConfig
+from lmforge.rag.embed import Embedder
+from lmforge.rag.retrieve import Retriever
 from lmforge.serve.auth import check_api_key, require_api_key
 from lmforge.serve.catalog import Catalog
 from lmforge.serve.docs import docs_response
@@ -46,6 +52,7 @@ from lmforge.serve.responses import (
     stream_completion,
     token_text,
 )
+from lmforge.serve.retrieval import EmbeddingModels, abstain_response, ground, stream_abstain
 from lmforge.serve.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -53,10 +60,15 @@ from lmforge.serve.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingList,
+    EmbeddingRequest,
     ErrorResponse,
     Health,
     ModelCard,
     ModelList,
+    RagIndexCard,
+    RagIndexList,
+    Source,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -111,8 +123,12 @@ def _disconnect_probe(request: Request, every: float = 0.25) -> Callable[[], Awa
 
 def create_app(models: Mapping[str, Engine], *, api_key: str | None = None, max_queue: int = 256,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, web_dir: Path | None = WEB_DIR,
-               shutdown_timeout: float | None = 60.0) -> FastAPI:
+               shutdown_timeout: float | None = 60.0, embedders: Mapping[str, Embedder] | None = None,
+               retrievers: Mapping[str, Retriever] | None = None) -> FastAPI:
     """An app serving `models` ({id: Engine}); each model gets an engine thread.
+
+    `embedders` ({id: Embedder}) answer /v1/embeddings; `retrievers` ({name: Retriever})
+    are the indexes a chat request's `retrieval` may name.
 
     `api_key`: required as `Authorization: Bearer KEY` on every API route. `max_queue`:
     engine requests per model that may wait for a batch slot (beyond `max_batch_size`
@@ -122,7 +138,8 @@ def create_app(models: Mapping[str, Engine], *, api_key: str | None = None, max_
     """
     if api_key is not None:
         check_api_key(api_key)
-    catalog = Catalog(models, max_queue=max_queue)
+    embedding = EmbeddingModels(embedders or {})
+    catalog = Catalog(models, max_queue=max_queue, others=list(embedding.models))
     metrics = ServerMetrics(catalog.workers)
 
     @asynccontextmanager
@@ -142,11 +159,11 @@ def create_app(models: Mapping[str, Engine], *, api_key: str | None = None, max_
     app.state.metrics = metrics
     install_error_handlers(app)
     _add_open_routes(app, catalog, web_dir)
-    app.include_router(_api_routes(catalog, metrics, api_key))
+    app.include_router(_api_routes(catalog, metrics, api_key, embedding, dict(retrievers or {})))
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(JSONBodies)  # added after, runs before: a form body is refused unread
     routes = frozenset({"/", "/health", "/docs", "/v1/models", "/v1/chat/completions", "/v1/completions",
-                        "/tokenize", "/detokenize", "/metrics"})
+                        "/v1/embeddings", "/rag/indexes", "/tokenize", "/detokenize", "/metrics"})
     app.add_middleware(HTTPMetrics, metrics=metrics, routes=routes)
     return app
 
@@ -177,18 +194,34 @@ def _add_open_routes(app: FastAPI, catalog: Catalog, web_dir: Path | None) -> No
         app.mount("/web", _OptionalStaticFiles(directory=web_dir, check_dir=False), name="web")
 
 
-def _api_routes(catalog: Catalog, metrics: ServerMetrics, api_key: str | None) -> APIRouter:
+def _api_routes(catalog: Catalog, metrics: ServerMetrics, api_key: str | None, embedding: EmbeddingModels,
+                retrievers: dict[str, Retriever]) -> APIRouter:
     """The OpenAI routes and lmforge's own, behind the API key when there is one."""
     api = APIRouter(dependencies=[Depends(require_api_key(api_key))], responses=_ERRORS)
+    started = int(time.time())
+    guard = AnswerConfig()
 
     def card(model_id: str) -> ModelCard:
+        if model_id in embedding:
+            limit = embedding.models[model_id].max_tokens
+            return ModelCard(id=model_id, created=started, max_model_len=limit, task="embed")
         served = catalog.get(model_id)  # no `root`: where the checkpoint lies on disk is the operator's
         return ModelCard(id=served.id, created=int(served.worker.started_at),
                          max_model_len=served.max_model_len)
 
     @api.get("/v1/models", response_model=ModelList, tags=["openai"])
     async def list_models() -> ModelList:
-        return ModelList(data=[card(m.id) for m in catalog])
+        return ModelList(data=[card(m.id) for m in catalog] + [card(name) for name in embedding.models])
+
+    @api.post("/v1/embeddings", response_model=EmbeddingList, tags=["openai"])
+    async def embeddings(body: EmbeddingRequest) -> EmbeddingList:
+        return await embedding.embed(body)
+
+    @api.get("/rag/indexes", response_model=RagIndexList, tags=["lmforge"])
+    async def rag_indexes() -> RagIndexList:
+        cards = [RagIndexCard(name=name, passages=len(r.index.chunks), embedder=r.index.embedder_name)
+                 for name, r in retrievers.items()]
+        return RagIndexList(data=cards)
 
     @api.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"])
     async def get_model(model_id: str) -> ModelCard:
@@ -200,7 +233,21 @@ def _api_routes(catalog: Catalog, metrics: ServerMetrics, api_key: str | None) -
         served = catalog.get(body.model)
         refuse_unsupported(body)
         tokenizer = served.tokenizer
-        prompt = await run_in_threadpool(chat_prompt_ids, tokenizer, body.messages)
+        sources = None
+        if body.retrieval is not None:
+            reply_room = min(chat_max_tokens(body) or guard.max_tokens, served.max_model_len - 1)
+            grounded = await ground(retrievers, body.retrieval, body.messages, tokenizer,
+                                    context=served.max_model_len, max_tokens=reply_room,
+                                    min_relevance=guard.min_relevance)
+            if not grounded.messages:
+                if body.stream:
+                    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                    return EventStreamResponse(stream_abstain(served.id, body.n, include_usage=include_usage))
+                return abstain_response(served.id, body.n)
+            sources = [s.model_dump() for s in grounded.sources]
+            prompt = await run_in_threadpool(tokenizer.encode_chat_prompt, grounded.messages)
+        else:
+            prompt = await run_in_threadpool(chat_prompt_ids, tokenizer, body.messages)
         max_tokens = fit_reply(len(prompt), chat_max_tokens(body), served.max_model_len, param="messages")
         top = body.top_logprobs or 0
         params = [sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top,
@@ -210,9 +257,12 @@ def _api_routes(catalog: Catalog, metrics: ServerMetrics, api_key: str | None) -
                           prompt_of_choice=[0] * body.n)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStreamResponse(stream_chat(reply, gen, include_usage=include_usage))
+            return EventStreamResponse(stream_chat(reply, gen, include_usage=include_usage, sources=sources))
         texts, events = await collect(gen, until_disconnected=_disconnect_probe(request))
-        return chat_completion(reply, gen, texts, events)
+        response = chat_completion(reply, gen, texts, events)
+        if sources is not None:
+            response.sources = [Source(**s) for s in sources]
+        return response
 
     @api.post("/v1/completions", response_model=Completion, responses=_STREAMED, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request):

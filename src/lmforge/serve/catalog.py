@@ -9,7 +9,7 @@ name (a `.gguf` file's name without the extension).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +61,18 @@ class ServedModel:
 
 
 class Catalog:
-    def __init__(self, engines: Mapping[str, Engine], *, max_queue: int) -> None:
-        if not engines:
+    """The generating models; `others` names the server's embedding models, which this refuses
+    to generate with (with a pointer to /v1/embeddings)."""
+
+    def __init__(self, engines: Mapping[str, Engine], *, max_queue: int, others: Sequence[str] = ()) -> None:
+        if not engines and not others:
             raise ValueError("a server needs at least one model")
-        for name in engines:
+        for name in [*engines, *others]:
             if not _MODEL_ID.match(name):
                 raise ValueError(f"{name!r} is not a usable model id (letters, digits, . _ - : / @ +)")
         self.models = {name: ServedModel(name, EngineWorker(name, engine, max_queue=max_queue))
                        for name, engine in engines.items()}
+        self.others = list(others)
 
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(self.models.values())
@@ -82,7 +86,13 @@ class Catalog:
         if model is None:
             if len(self.models) == 1:
                 return next(iter(self.models.values()))
+            if not self.models:
+                raise bad_request("this server holds only embedding models: use /v1/embeddings",
+                                  param="model")
             raise bad_request(f"several models are served, name one in 'model': {', '.join(self.models)}",
+                              param="model")
+        if model in self.others:
+            raise bad_request(f"{model!r} is an embedding model: it answers /v1/embeddings, not generation",
                               param="model")
         served = self.models.get(model)
         if served is None:

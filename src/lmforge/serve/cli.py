@@ -3,6 +3,7 @@
     lmforge serve --model smollm2
     lmforge serve --model tiny=runs/tiny-cpu --model smollm2 --api-key secret --port 8080
     lmforge serve --model smollm2 --adapter identity=runs/smollm2-lora/adapter
+    lmforge serve --model smollm2 --model minilm --rag-index docs=runs/docs-index
 
 `register(sub)` adds the verb to the `lmforge` command; this module imports nothing
 heavy (torch, FastAPI, uvicorn load when the verb runs). `python -m lmforge serve` runs
@@ -21,10 +22,14 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH",
                    help="checkpoint or run folder, .gguf file or sample name (smollm2); repeat to serve "
-                        "several. The model id is NAME, else the sample name or the folder/file name")
+                        "several. The model id is NAME, else the sample name or the folder/file name. An "
+                        "embedding model (minilm, a sentence-transformers folder) answers /v1/embeddings")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve the first --model with this fine-tuned adapter as model NAME (repeatable; as "
                         "vLLM's --lora-modules; each adapter holds its own copy of the merged weights)")
+    p.add_argument("--rag-index", action="append", default=[], metavar="NAME=FOLDER",
+                   help="an index built by `lmforge rag index` (loaded with its own embedder); a chat "
+                        'request with "retrieval": {"index": NAME} is answered from it, citing its passages')
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
@@ -81,6 +86,42 @@ def _adapter_spec(spec: str) -> tuple[str, str]:
     return name, folder
 
 
+def _index_spec(spec: str) -> tuple[str, str]:
+    name, sep, folder = spec.partition("=")
+    if not sep or not name or not folder:
+        raise ValueError(f"--rag-index {spec!r}: give NAME=FOLDER (the name requests use, and the index)")
+    return name, folder
+
+
+def _is_embedding_model(path: str) -> bool:
+    """A packaged sentence encoder's name, or a sentence-transformers folder (it has modules.json)."""
+    from pathlib import Path
+
+    from lmforge.rag.embed import SAMPLE_NAMES
+
+    folder = Path(path).expanduser()
+    return (not folder.exists() and path in SAMPLE_NAMES) or (folder / "modules.json").is_file()
+
+
+def _load_retrievers(specs: list[tuple[str, str]]) -> dict:
+    """{name: Retriever} over each index, with the embedder it was built with (loaded once per name)."""
+    from lmforge.rag.embed import load_embedder
+    from lmforge.rag.index import RagIndex
+    from lmforge.rag.retrieve import Retriever
+
+    embedders: dict = {}
+    retrievers = {}
+    for name, folder in specs:
+        index = RagIndex.open(folder)
+        wanted = index.embedder_name
+        if wanted is not None and wanted not in embedders:
+            embedders[wanted] = load_embedder(wanted)
+        retrievers[name] = Retriever(index, embedders.get(wanted) if wanted else None)
+        print(f"lmforge serve: index {name} from {folder}: {len(index.chunks):,} passages, embedder "
+              f"{wanted or 'none (BM25 only)'}", file=sys.stderr)
+    return retrievers
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
@@ -99,7 +140,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     specs = [model_id_for(spec) for spec in args.model]
     adapters = [_adapter_spec(spec) for spec in args.adapter]
-    names = [name for name, _ in specs] + [name for name, _ in adapters]
+    indexes = [_index_spec(spec) for spec in args.rag_index]
+    if len({name for name, _ in indexes}) < len(indexes):
+        raise ValueError("two --rag-index share a name: give each its own NAME=FOLDER")
+    embedding_specs = [(name, path) for name, path in specs if _is_embedding_model(path)]
+    specs = [spec for spec in specs if spec not in embedding_specs]
+    if adapters and not specs:
+        raise ValueError("--adapter applies to the first generating --model, and none was given")
+    names = [name for name, _ in [*specs, *embedding_specs, *adapters]]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"two models are called {duplicates[0]!r}: name them with --model NAME=PATH or "
@@ -116,11 +164,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                quantize=args.quantize, max_batch_size=args.max_batch_size,
                                                max_seq_len=args.max_seq_len, cache=args.cache,
                                                prepare=adapter_step(adapter))
+    from lmforge.rag.embed import load_embedder
     from lmforge.serve.limits import header_timeout_protocol
 
+    embedders = {}
+    for name, path in embedding_specs:
+        print(f"lmforge serve: loading the embedding model {name} from {path}", file=sys.stderr)
+        embedders[name] = load_embedder(path, device=args.device)
+    retrievers = _load_retrievers(indexes)
     app = create_app(engines, api_key=args.api_key or None, max_queue=args.max_queue,
-                     max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout)
-    print(f"lmforge serve: {', '.join(engines)} at http://{args.host}:{args.port}/v1 "
+                     max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout,
+                     embedders=embedders, retrievers=retrievers)
+    print(f"lmforge serve: {', '.join([*engines, *embedders])} at http://{args.host}:{args.port}/v1 "
           f"(playground: http://{args.host}:{args.port}/){' with an API key' if args.api_key else ''}",
           file=sys.stderr)
     warning = exposure_warning(args.host, args.api_key)

@@ -26,6 +26,8 @@ MAX_STOP_CHARS = 256  # characters per stop string
 MAX_MESSAGES = 1024  # messages in one conversation
 MAX_TOKENS = 1 << 24  # a sanity bound on max_tokens; the model's context is the real one
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
+MAX_EMBEDDING_INPUTS = 2048  # texts in one embeddings request (OpenAI's limit)
+MAX_RETRIEVED = 16  # passages one chat request may retrieve
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB: about a million tokens of text
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds for a request line and its headers to arrive
 

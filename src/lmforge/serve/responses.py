@@ -148,18 +148,22 @@ def completion(reply: Reply, gen: Generation, texts: list[str], events: list[lis
 
 
 # ---------------------------------------------------------------------- streams
-async def stream_chat(reply: Reply, gen: Generation, *, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+async def stream_chat(reply: Reply, gen: Generation, *, include_usage: bool,
+                      sources: list[dict[str, Any]] | None = None) -> AsyncIterator[bytes]:
+    """The chunks of a streamed chat reply; `sources` (retrieval's passages) ride on the first ones."""
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None,
+              extra: dict[str, Any] | None = None) -> bytes:
         body: dict[str, Any] = {"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
-                                "model": reply.model, "choices": choices}
+                                "model": reply.model, "choices": choices, **(extra or {})}
         if include_usage:
             body["usage"] = usage
         return event(body)
 
+    first = {"sources": sources} if sources is not None else None
     try:
         for i in range(gen.job.size):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+                          "finish_reason": None}], extra=first)
         async for batch in gen.batches():
             text = "".join(e.text for e in batch.events)
             finish = batch.events[-1].finish_reason

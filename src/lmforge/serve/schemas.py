@@ -16,9 +16,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from lmforge.serve.limits import (
+    MAX_EMBEDDING_INPUTS,
     MAX_MESSAGES,
     MAX_N,
     MAX_PROMPTS,
+    MAX_RETRIEVED,
     MAX_STOP,
     MAX_STOP_CHARS,
     MAX_TOKENS,
@@ -89,8 +91,19 @@ class SamplingRequest(_Body):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class Retrieval(_Body):
+    """lmforge extra: answer from an index served with `--rag-index NAME=FOLDER` (see lmforge.rag)."""
+
+    index: str = Field(max_length=128, description="the index's NAME")
+    k: int = Field(4, ge=1, le=MAX_RETRIEVED, description="passages retrieved for the last user message")
+    mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    retrieval: Retrieval | None = Field(
+        None, description="lmforge extra: retrieve passages for the last user message, put them in the "
+                          "prompt as numbered sources and return them in `sources`")
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS,
                                               description="the newer name of max_tokens")
     logprobs: bool = Field(False, description="each token's log-probability in choices[].logprobs.content")
@@ -137,6 +150,22 @@ class TokenizeRequest(_Body):
         return self
 
 
+class EmbeddingRequest(_Body):
+    model: str | None = Field(None, max_length=512, description="an embedding model id from /v1/models")
+    input: (Annotated[str, StringConstraints(max_length=1 << 20)]
+            | Annotated[list[Annotated[str, StringConstraints(max_length=1 << 20)]],
+                        Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+            | Annotated[list[TokenId], Field(min_length=1)]
+            | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
+                        Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]) = Field(
+        description="text or a list of texts (token ids are refused: they would be another tokenizer's)")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector as little-endian float32 bytes (the openai client's "
+                             "default)")
+    dimensions: int | None = Field(None, ge=1, description="only the model's own dimension is supported")
+    user: str | None = None
+
+
 class DetokenizeRequest(_Body):
     model: str | None = Field(None, max_length=512)
     tokens: list[TokenId]
@@ -160,11 +189,24 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lmforge"
     max_model_len: int = Field(description="the model's context: prompt + reply tokens (vLLM's name)")
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="lmforge extra (vLLM's word): generation, or /v1/embeddings only")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class RagIndexCard(BaseModel):
+    name: str = Field(description="what a chat request's retrieval.index names")
+    passages: int
+    embedder: str | None = Field(description="the embedding model that built it (None: BM25 only)")
+
+
+class RagIndexList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RagIndexCard]
 
 
 class Usage(BaseModel):
@@ -199,6 +241,18 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
+class Source(BaseModel):
+    """A retrieved passage placed in the prompt as source `number` (lmforge extra)."""
+
+    number: int
+    source: str = Field(description="the file or URL the passage came from")
+    text: str
+    headings: list[str]
+    score: float = Field(description="the retrieval score (cosine, BM25 or fused ranks, by mode)")
+    relevance: float = Field(description="cosine similarity of question and passage (BM25 score without an "
+                                         "embedder)")
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -207,6 +261,8 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    sources: list[Source] | None = Field(None, description="lmforge extra, with `retrieval`: the passages "
+                                                           "the reply was given, numbered as it cites them")
 
 
 class CompletionLogprobs(BaseModel):
@@ -231,6 +287,24 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 float32 bytes with encoding_format")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class TokenizeResponse(BaseModel):

@@ -34,6 +34,12 @@ export class Api {
     return body.data;
   }
 
+  /** GET /rag/indexes → [{name, passages, embedder}]: what a chat turn may retrieve from */
+  async ragIndexes(signal) {
+    const body = await this.json("GET", "/rag/indexes", undefined, signal);
+    return Array.isArray(body?.data) ? body.data : [];
+  }
+
   /** POST /tokenize → {tokens, token_strs, count, max_model_len} */
   tokenize(request, signal) {
     return this.json("POST", "/tokenize", request, signal);

@@ -24,7 +24,8 @@ const api = new Api(() => $("api-key").value);
 const popover = new TokenPopover($("token-popover"));
 
 const state = {
-  models: [],
+  models: [], // the models that generate (embedding models answer /v1/embeddings only)
+  indexes: [], // what a turn may retrieve from (GET /rag/indexes)
   compare: false,
   controller: null, // AbortController of the turn in flight: Stop aborts it
   panes: [],
@@ -133,7 +134,10 @@ class MessageView {
     this.error = element("div", "msg-error");
     this.error.setAttribute("role", "alert");
     this.error.hidden = true;
-    this.root.append(head, this.body, this.error);
+    this.sources = element("details", "msg-sources");
+    this.sources.hidden = true;
+    this.root.append(head, this.body, this.sources, this.error);
+    if (message.sources) this.showSources(message.sources);
     this.message = message;
     if (!mine) {
       this.root.tabIndex = 0;
@@ -150,6 +154,26 @@ class MessageView {
 
   append(text) {
     this.body.append(text); // a Text node: model output is never parsed as HTML
+  }
+
+  /** The passages retrieval put in the prompt, numbered as the reply cites them. */
+  showSources(sources) {
+    const summary = element("summary", "", sources.length
+      ? `${sources.length} source${sources.length === 1 ? "" : "s"} retrieved`
+      : "nothing relevant retrieved: the model was not asked");
+    const list = element("ol", "source-list");
+    for (const s of sources) {
+      const item = element("li", "source");
+      item.value = s.number;
+      const where = [s.source, ...(s.headings || [])].join(" › ");
+      item.append(element("div", "source-where", `[${s.number}] ${where}`),
+        element("div", "source-score", `relevance ${s.relevance.toFixed(2)} · score ${s.score.toFixed(3)}`),
+        element("div", "source-text", s.text));
+      list.append(item);
+    }
+    this.sources.replaceChildren(summary, list);
+    this.sources.open = true;
+    this.sources.hidden = false;
   }
 
   /** Show how the message ended: its stats line, "stopped", or the server's error. */
@@ -212,6 +236,8 @@ async function runTurn(pane, text, signal) {
     model, messages, ...samplingRequest(),
     stream_options: { include_usage: true }, logprobs: true, top_logprobs: TOP_LOGPROBS,
   };
+  const index = $("rag-index").value;
+  if (index) body.retrieval = { index };
   // The server refuses a max_tokens that does not fit beside the prompt (as OpenAI and vLLM
   // do); the slider is a wish, so cut it to the room the prompt leaves in the context.
   const room = reply.prompt ? reply.prompt.max_model_len - reply.prompt.count : 0;
@@ -232,6 +258,10 @@ async function runTurn(pane, text, signal) {
 
   try {
     for await (const chunk of api.streamChat(body, signal)) {
+      if (chunk.sources && !reply.sources) {
+        reply.sources = chunk.sources;
+        reply.view.showSources(chunk.sources);
+      }
       const choice = chunk.choices?.[0];
       if (choice) {
         const delta = choice.delta?.content ?? "";
@@ -337,7 +367,8 @@ async function loadModels() {
   status.textContent = "connecting…";
   status.className = "server-status";
   try {
-    state.models = await api.models();
+    state.models = (await api.models()).filter((m) => m.task !== "embed");
+    state.indexes = await api.ragIndexes();
   } catch (err) {
     state.models = [];
     fillModelSelects();
@@ -350,6 +381,7 @@ async function loadModels() {
   }
   hideBanner();
   fillModelSelects();
+  fillIndexSelect();
   const n = state.models.length;
   status.textContent = n ? `${n} model${n === 1 ? "" : "s"} · connected` : "no models";
   status.classList.add(n ? "good" : "bad");
@@ -371,6 +403,20 @@ function fillModelSelects() {
     pane.modelChanged();
   });
   fitMaxTokens();
+}
+
+function fillIndexSelect() {
+  const select = $("rag-index");
+  const previous = select.value || loadSettings().rag_index || "";
+  const off = element("option", "", "none: the model answers alone");
+  off.value = "";
+  select.replaceChildren(off, ...state.indexes.map((index) => {
+    const option = element("option", "", `${index.name} (${index.passages.toLocaleString()} passages)`);
+    option.value = index.name;
+    return option;
+  }));
+  select.value = state.indexes.some((index) => index.name === previous) ? previous : "";
+  $("retrieval-section").hidden = !state.indexes.length;
 }
 
 /**
@@ -413,6 +459,7 @@ function saveSettings() {
   const settings = { system: $("system-prompt").value, compare: state.compare };
   for (const name of CONTROLS) settings[name] = $(`${name}-value`).value;
   for (const pane of state.panes) settings[`model_${pane.letter}`] = pane.model;
+  settings.rag_index = $("rag-index").value;
   try {
     localStorage.setItem(SETTINGS_STORAGE, JSON.stringify(settings));
   } catch {
@@ -511,6 +558,7 @@ function wire() {
     });
   }
   $("system-prompt").addEventListener("input", saveSettings);
+  $("rag-index").addEventListener("change", saveSettings);
 
   $("api-key-form").addEventListener("submit", (event) => event.preventDefault());
   let keyTimer = null;

@@ -1,0 +1,132 @@
+"""Answering from retrieved passages: the prompt's room, the relevance guard, citations, and SmolLM2 really
+answering from a passage it could not have known."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.rag.answer import (
+    DONT_KNOW,
+    SYSTEM,
+    AnswerConfig,
+    answer,
+    answer_many,
+    build_messages,
+    cited_numbers,
+    relevant_hits,
+    without_citations,
+)
+from lmforge.rag.chunk import Chunk
+from lmforge.rag.retrieve import Hit
+
+PAGES = {
+    "zorbania.md": "# Zorbania\n\nZorbania is a small island nation in the northern sea. Its capital is "
+                   "Quillport, a harbour town of 40,000 people. The national dish is smoked eel.\n\n"
+                   "# Trade\n\nZorbania exports wool and dried fish through the port of Quillport.\n",
+    "cron.md": "# Scheduled jobs\n\ncron runs commands at fixed times. Each line of a crontab holds five "
+               "time fields (minute, hour, day of month, month, day of week) and the command to run.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def embedder(minilm):
+    from lmforge.rag.embed import load_embedder
+
+    return load_embedder(minilm)
+
+
+@pytest.fixture(scope="module")
+def retriever(tmp_path_factory, embedder):
+    from lmforge.rag.index import RagIndex, update_index
+    from lmforge.rag.retrieve import Retriever
+    from lmforge.rag.sources import read_sources
+
+    docs = tmp_path_factory.mktemp("pages")
+    for name, text in PAGES.items():
+        (docs / name).write_text(text, encoding="utf-8")
+    folder = tmp_path_factory.mktemp("rag") / "index"
+    update_index(folder, read_sources([docs]), embedder)
+    return Retriever(RagIndex.open(folder), embedder)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2):
+    from lmforge.infer.engine import Engine
+
+    return Engine(smollm2.model, smollm2.tokenizer, stop_ids=smollm2.stop_ids())
+
+
+def _hit(text: str, n: int = 0) -> Hit:
+    return Hit(Chunk(text, f"doc{n}.md", f"doc{n}", 0, 0, len(text), ("Heading",)), 1.0, n + 1)
+
+
+@pytest.mark.parametrize(("reply", "cited"), [
+    ("Quillport [1].", [1]),
+    ("Both say so [2, 1], and [1][3] agree.", [2, 1, 3]),
+    ("No source: [7] and [0] name none.", []),
+    ("Array syntax a[1] is a citation too, a known limit.", [1]),
+])
+def test_citations_are_read_back_once_each_and_only_for_real_sources(reply, cited):
+    assert cited_numbers(reply, n_sources=3) == cited
+
+
+def test_without_citations_leaves_the_answer():
+    assert without_citations("Quillport [1], the harbour town [2, 3].") == "Quillport, the harbour town."
+
+
+def test_sources_fill_the_room_best_first_and_the_last_is_cut_not_silently_dropped(smollm2):
+    tokenizer = smollm2.tokenizer
+    hits = [_hit(f"Passage {n}: " + "words about packages " * 40, n) for n in range(4)]
+    context, max_tokens = 700, 200
+    messages, fitted = build_messages("How?", hits, tokenizer, context=context, max_tokens=max_tokens)
+    prompt = tokenizer.encode_chat_prompt(messages)
+    assert len(prompt) <= context - max_tokens
+    assert 1 <= fitted < 4
+    user = messages[-1]["content"]
+    assert messages[0] == {"role": "system", "content": SYSTEM}
+    assert user.endswith("Question: How?") and f"[{fitted}] (doc{fitted - 1}.md > Heading)" in user
+    assert user.count("…") <= 1 and f"[{fitted + 1}]" not in user
+    with pytest.raises(ValueError, match="no room"):
+        build_messages("How? " * 300, hits, tokenizer, context=context, max_tokens=max_tokens)
+
+
+def test_the_relevance_guard_drops_unrelated_passages(retriever):
+    hits = retriever.search("What is the capital of Zorbania?", k=3)
+    kept, relevance = relevant_hits("What is the capital of Zorbania?", hits, retriever, 0.25)
+    assert kept and all("Zorbania" in h.chunk.text for h in kept) and min(relevance) >= 0.25
+    hits = retriever.search("Who painted the Mona Lisa?", k=3)
+    assert relevant_hits("Who painted the Mona Lisa?", hits, retriever, 0.25) == ([], [])
+
+
+def test_smollm2_answers_from_the_passage_and_abstains_without_one(retriever, engine):
+    config = AnswerConfig(max_tokens=12)
+    questions = ["What is the capital of Zorbania?", "Who painted the Mona Lisa?"]
+    found, unknown = answer_many(questions, retriever, engine, config)
+    assert "Quillport" in found.text  # a made-up fact: only the retrieved passage holds it
+    assert found.sources[0].chunk.source.endswith("zorbania.md") and not found.abstained
+    assert unknown.text == DONT_KNOW and unknown.abstained and unknown.sources == []
+    as_json = found.to_json()
+    assert as_json["answer"] == found.text and as_json["sources"][0]["number"] == 1
+    with pytest.raises(ValueError, match="empty"):
+        answer("  ", retriever, engine, config)
+    with pytest.raises(ValueError, match="k must be"):
+        AnswerConfig(k=0)
+
+
+def test_rag_ask_prints_the_answer_and_its_sources_or_json(retriever, smollm2_gguf, capsys, tmp_path):
+    from lmforge.cli import main
+
+    index = str(retriever.index.path)
+    ask = ["rag", "ask", "--index", index, "--model", str(smollm2_gguf), "--max-tokens", "12"]
+    assert main([*ask, "What is the capital of Zorbania?", "--json"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert "Quillport" in reply["answer"]
+    assert reply["sources"][0]["source"].endswith("zorbania.md") and reply["sources"][0]["score"] > 0
+    assert main([*ask, "Who painted the Mona Lisa?"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(DONT_KNOW) and "relevant enough" in out
+    assert main(["rag", "ask", "--index", str(tmp_path / "nothing"), "--model", "smollm2", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing" in err and "Traceback" not in err and err.count("\n") == 1
