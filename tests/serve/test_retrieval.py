@@ -28,6 +28,10 @@ def test_openai_client_embeddings_equal_the_embedders(serve, app, minilm_embedde
         as_base64 = client.embeddings.create(model="minilm", input=texts)  # the client's default format
         as_floats = client.embeddings.create(model="minilm", input=texts[0], encoding_format="float")
         models = [m.id for m in client.models.list().data]
+        question = [{"role": "user", "content": "How do I install a package with apt-get?"}]
+        reply = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=question,
+                                               extra_body={"retrieval": {"index": "handbook", "k": 2}})
+    assert reply.model_extra["sources"][0]["source"].endswith("apt.md")  # as docs/serving.md reads them
     expected = minilm_embedder.encode(texts)
     got = np.array([d.embedding for d in sorted(as_base64.data, key=lambda d: d.index)], dtype=np.float32)
     np.testing.assert_allclose(got, expected, atol=1e-6)
