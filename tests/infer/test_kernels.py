@@ -60,6 +60,14 @@ def test_each_kernel_path_decodes_like_the_model(fresh_kernels, monkeypatch, tin
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ["portable", "native"])
+def test_the_read_loop_reads_every_byte_at_a_memory_rate(fresh_kernels, monkeypatch, isa):
+    if isa == "portable":
+        monkeypatch.setenv("LMFORGE_KERNEL_ISA", "portable")
+    rate = kernels.read_bandwidth(64 << 20, repeats=2)  # checks its sum of ones itself
+    assert 5e8 < rate < 5e12  # 0.5 GB/s .. 5 TB/s: a real memory rate, on any machine
+
+
 def test_a_failed_build_is_reported_and_pytorch_answers(fresh_kernels, monkeypatch, tiny):
     monkeypatch.setenv("CC", "/bin/false")
     assert kernels.library() is None

@@ -29,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from functools import cache
 from pathlib import Path
 
@@ -202,6 +203,8 @@ def library() -> ctypes.CDLL | None:
     lib.lmf_decode.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Step), ctypes.c_void_p]
     lib.lmf_scratch_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, ctypes.c_int64]
     lib.lmf_scratch_floats.restype = ctypes.c_int64
+    lib.lmf_read_stream.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
+    lib.lmf_read_stream.restype = ctypes.c_double
     for fn in (lib.lmf_linear, lib.lmf_norm, lib.lmf_decode):
         fn.restype = None
     return lib
@@ -209,6 +212,26 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes/s this machine reads from memory on all threads (best of `repeats` passes over `nbytes`,
+    far larger than the caches): the bound a batch-1 decode step, which reads every weight once,
+    cannot beat. A streaming loop in C (`lmf_read_stream`), not `torch.sum`, whose reduction
+    does more than load and underestimates the machine."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"lmforge's CPU kernels are {status()}")
+    data = torch.ones(nbytes // 4 // 64 * 64)
+    lib.lmf_read_stream(data.data_ptr(), data.numel(), 1)  # touch every page once first
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total = lib.lmf_read_stream(data.data_ptr(), data.numel(), 1)
+        best = min(best, time.perf_counter() - start)
+    if total != data.numel():
+        raise RuntimeError(f"the read loop summed {total} ones, not {data.numel()}")
+    return data.numel() * 4 / best
 
 
 def pointer(t: torch.Tensor | None) -> int | None:

@@ -591,3 +591,33 @@ void lmf_decode(const lmf_model* M, lmf_step* S, float* logits) {
     free(own);
   }
 }
+
+/* ------------------------------------------------------------------------- the bandwidth bound */
+/* The rate at which this machine can read memory: what a batch-1 decode step, which must read
+ * every weight once, is bound by. Every thread streams its share of `n` floats (n a multiple of
+ * 64; far larger than the caches) `repeats` times, summing them so the loads cannot be optimised
+ * away, with several independent accumulators so that additions never wait for each other. */
+double lmf_read_stream(const float* data, int64_t n, int32_t repeats) {
+  double total = 0.0;
+  for (int32_t r = 0; r < repeats; r++) {
+    double sum = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : sum)
+    for (int64_t i = 0; i < n; i += 64) {
+#if LMF_AVX2
+      __m256 a = _mm256_loadu_ps(data + i), b = _mm256_loadu_ps(data + i + 8);
+      __m256 c = _mm256_loadu_ps(data + i + 16), d = _mm256_loadu_ps(data + i + 24);
+      a = _mm256_add_ps(a, _mm256_loadu_ps(data + i + 32));
+      b = _mm256_add_ps(b, _mm256_loadu_ps(data + i + 40));
+      c = _mm256_add_ps(c, _mm256_loadu_ps(data + i + 48));
+      d = _mm256_add_ps(d, _mm256_loadu_ps(data + i + 56));
+      sum += hsum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+#else
+      float acc[8] = {0};
+      for (int j = 0; j < 64; j++) acc[j & 7] += data[i + j];
+      sum += acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
+#endif
+    }
+    total += sum;
+  }
+  return total;
+}
