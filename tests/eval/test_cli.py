@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from lmforge.cli import main
 from lmforge.eval.mmlu import read_questions, write_questions
 
@@ -33,3 +35,28 @@ def test_bad_input_is_one_line(tiny_hf, tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["eval", "compare", str(tmp_path)]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_task_options_reach_the_task_typed_and_checked(tmp_path):
+    from lmforge.eval.cli import task_option_values
+    from lmforge.eval.tasks import make_task
+
+    options = task_option_values(["hotpotqa.distractors=true", "max_gen_toks=8"], ["hotpotqa", "squad"])
+    assert options == {"hotpotqa": {"distractors": True, "max_gen_toks": 8}, "squad": {"max_gen_toks": 8}}
+    task = make_task("hotpotqa", **options["hotpotqa"])
+    assert task.distractors is True and task.max_gen_toks == 8
+    assert make_task("mmath", lang="de", ks=[1, 4]).lang == "de"
+    with pytest.raises(ValueError, match="has no option 'beam'; its options: distractors, max_gen_toks"):
+        make_task("hotpotqa", beam=4)
+    with pytest.raises(ValueError, match="option distractors takes bool, not 'maybe'"):
+        make_task("hotpotqa", distractors="maybe")
+    with pytest.raises(ValueError, match="option samples takes int, not 2.5"):
+        make_task("mmath", samples=2.5)
+    with pytest.raises(ValueError, match="not among the tasks asked for"):
+        task_option_values(["mmlu.shots=1"], ["hotpotqa"])
+
+
+def test_a_bad_option_is_a_one_line_error_before_the_model_loads(capsys):
+    assert main(["eval", "--model", "no-such-model", "--task", "hotpotqa", "--option", "beam=4"]) == 2
+    err = capsys.readouterr().err
+    assert "has no option 'beam'" in err and "Traceback" not in err

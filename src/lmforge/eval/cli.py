@@ -64,6 +64,29 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def task_option_values(items: list[str], names: list[str]) -> dict[str, dict[str, Any]]:
+    """`--option [TASK.]KEY=VALUE` -> {task: {key: value}}; values read as YAML scalars (true, 3, 0.8, de).
+    Without TASK the option goes to every task asked for."""
+    import yaml
+
+    options: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: give KEY=VALUE or TASK.KEY=VALUE")
+        task, dot, key = key.rpartition(".")
+        if dot and task not in options:
+            raise ValueError(f"--option {item!r}: {task!r} is not among the tasks asked for "
+                             f"({', '.join(names)})")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        for name in [task] if dot else names:
+            options[name][key] = value
+    return options
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_command == "compare":
         return cmd_compare(args)
@@ -77,7 +100,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("--model and --task are required (or `lmforge eval compare RUN...`)")
     apply_threads(args.threads)
     names = [n.strip() for n in args.task.split(",") if n.strip()]
-    tasks = {name: make_task(name, args.data) for name in names}  # unknown names fail before loading
+    options = task_option_values(args.option, names)
+    # unknown names and options fail before the model loads
+    tasks = {name: make_task(name, args.data, **options[name]) for name in names}
     model = EvalModel.load(args.model, dtype=getattr(torch, args.dtype), device=args.device,
                            quantize=args.quantize, prepare=adapter_step(args.adapter),
                            max_length=args.max_length, batch_tokens=args.batch_tokens)
@@ -172,6 +197,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=None, help="few-shot examples a prompt (default: the task's)")
     p.add_argument("--limit", type=int, default=None, help="a seeded sample of N items (default: all)")
     p.add_argument("--seed", type=int, default=0, help="draws the --limit sample and any sampling")
+    p.add_argument("--option", action="append", default=[], metavar="[TASK.]KEY=VALUE",
+                   help="a task's own setting, e.g. hotpotqa.distractors=true, mmath.lang=de, "
+                        "humaneval.samples=5 (repeatable; without TASK: every task asked for)")
     p.add_argument("--data", nargs="+", default=[], metavar="FILE",
                    help="the task's data instead of the packaged sample (default: none, the packaged data)")
     p.add_argument("--output", "-o", default=None, help="folder for results.json and results.md")

@@ -17,7 +17,9 @@ breakdowns (MMLU's per-subject table). A new task plugs in by adding one line to
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from lmforge.eval.lm import EvalModel, Progress
 
-__all__ = ["REGISTRY", "Task", "TaskInfo", "TaskResult", "make_task", "sample_items"]
+__all__ = ["REGISTRY", "Task", "TaskInfo", "TaskResult", "make_task", "sample_items", "task_options"]
 
 
 @dataclass
@@ -88,12 +90,59 @@ REGISTRY: dict[str, TaskInfo] = {info.name: info for info in (
 )}
 
 
-def make_task(name: str, data: Sequence[str | Path] = ()) -> Task:
-    """The registered task `name`, built over `data` (the user's files; empty: the packaged data)."""
+def make_task(name: str, data: Sequence[str | Path] = (), **options: Any) -> Task:
+    """The registered task `name`, built over `data` (the user's files; empty: the packaged data),
+    with `options` for its constructor (`lmforge eval --option KEY=VALUE`: e.g. hotpotqa's
+    `distractors`, mmath's `lang`, humaneval's `samples`)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(REGISTRY))}")
     module, _, attr = REGISTRY[name].target.partition(":")
-    return getattr(importlib.import_module(module), attr)([Path(p) for p in data])
+    cls = getattr(importlib.import_module(module), attr)
+    known = task_options(cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = ", ".join(known) or "none"
+        raise ValueError(f"task {name} has no option {unknown[0]!r}; its options: {takes}")
+    for key, value in options.items():
+        _check_option(name, key, value, known[key])
+    return cls([Path(p) for p in data], **options)
+
+
+def _check_option(task: str, key: str, value: Any, annotation: str) -> None:
+    """A typed value from the command line matches the option's plain type (see `task_options`)."""
+    if value is None and annotation.endswith("| None"):
+        return
+    base = annotation.removesuffix(" | None")
+    kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+    if base.startswith("Sequence["):
+        inner = kinds[base[9:-1]]
+        ok = isinstance(value, list) and all(isinstance(v, inner) and not isinstance(v, bool) for v in value)
+    else:
+        ok = isinstance(value, kinds[base]) and (base == "bool" or not isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"task {task}: option {key} takes {base}, not {value!r}")
+
+
+_PLAIN = re.compile(r"^(?:bool|int|float|str|Sequence\[(?:int|float|str)\])(?: \| None)?$")
+
+
+def task_options(cls: type) -> dict[str, str]:
+    """The options a task's constructor takes that a command line can give, with their types:
+    keyword-only, of plain types (bool, int, float, str, or a sequence of them), its parents'
+    included where it passes them on. (An MT-Bench judge endpoint, say, is built in code.)"""
+    names: dict[str, str] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        for param in parameters:
+            plain = isinstance(param.annotation, str) and _PLAIN.match(param.annotation)
+            if param.kind is param.KEYWORD_ONLY and plain and param.name not in names:
+                names[param.name] = param.annotation
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return names
 
 
 T = TypeVar("T")
