@@ -250,6 +250,9 @@ class LocalRayCluster:
         import subprocess
 
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # explicit, so that a token some earlier `ray.init()` left in ~/.ray does not switch
+        # this cluster's nodes to token auth behind the driver's back
+        env.setdefault("RAY_AUTH_MODE", "disabled")
         command = [self.ray, "start", *args, "--num-cpus", str(self.cpus), "--temp-dir", self.temp,
                    "--object-store-memory", str(self.object_store_bytes), "--disable-usage-stats",
                    "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(_free_port()),
