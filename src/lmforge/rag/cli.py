@@ -161,7 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"lmforge: the {task.name} corpus index ({len(task.documents):,} passages) is kept in "
                   f"{path}", file=sys.stderr)
-        build_task_index(task, embedder, path, kind=args.kind, step=4000, progress=not args.quiet)
+        step = 4000 if embedder is not None else None  # an interrupted build keeps what it embedded
+        build_task_index(task, embedder, path, kind=args.kind, step=step, progress=not args.quiet)
         index = RagIndex.open(path)
         args.mode = args.mode or _default_mode(index)
     else:
