@@ -138,10 +138,11 @@ class Fingerprinter:
             _save_npy(layout.keys(shard, "minhash"), np.take_along_axis(grid, order, axis=1))
             _save_npy(layout.rows(shard, "minhash"), rows[order].astype(np.uint32))
 
-    def files(self, layout: DedupLayout, shard: str) -> list[Path]:
-        """What `save` writes: a shard is filtered only when all of it exists."""
-        return [p for family in families(self.config)
-                for p in (layout.keys(shard, family), layout.rows(shard, family))]
+
+def signature_files(layout: DedupLayout, shard: str, config: DedupConfig) -> list[Path]:
+    """What `Fingerprinter.save` writes: a shard is filtered only when all of it exists."""
+    return [path for family in families(config)
+            for path in (layout.keys(shard, family), layout.rows(shard, family))]
 
 
 # ---------------------------------------------------------------------------- 2. buckets

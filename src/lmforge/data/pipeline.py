@@ -55,6 +55,7 @@ from lmforge.data.dedup_stages import (
     cluster_task,
     families,
     partitions,
+    signature_files,
 )
 from lmforge.data.document import Document, Stage, StageStats, run_stages
 from lmforge.data.errors import DataInputError, RunStateError
@@ -456,9 +457,8 @@ def _execute(folder: RunFolder, files: list[InputFile], plan: list[Shard], confi
     filter_markers = {s.index: _read_marker(folder.filter_done(s)) for s in plan}
     resumed = sum(1 for s in plan if filter_markers[s.index] is not None or s in finished)
     if len(finished) < len(plan) and dedup_marker is None:
-        outputs = Fingerprinter(config.dedup)
         todo = [s for s in plan if filter_markers[s.index] is None or not folder.filtered(s).exists()
-                or not all(p.exists() for p in outputs.files(folder.dedup, s.name))]
+                or not all(p.exists() for p in signature_files(folder.dedup, s.name, config.dedup))]
         tick = time.perf_counter()
         jobs = [ShardJob(str(folder.output), s, config) for s in todo]
         for result in run_tasks("filter", filter_shard, jobs, executor, progress, len(plan) - len(todo),
