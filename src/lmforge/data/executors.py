@@ -241,7 +241,7 @@ class LocalRayCluster:
         import tempfile
 
         self.nodes, self.cpus, self.object_store_bytes = nodes, cpus, object_store_bytes
-        self.ray = str(Path(sys.executable).parent / "ray")
+        self.ray = [sys.executable, "-m", "ray.scripts.scripts"]  # `ray`, of this very Python
         # short: Ray's unix socket paths live under it and must stay under 108 characters
         self.temp = tempfile.mkdtemp(prefix="lmray", dir=temp_root)
         self.address = ""
@@ -253,7 +253,7 @@ class LocalRayCluster:
         # explicit, so that a token some earlier `ray.init()` left in ~/.ray does not switch
         # this cluster's nodes to token auth behind the driver's back
         env.setdefault("RAY_AUTH_MODE", "disabled")
-        command = [self.ray, "start", *args, "--num-cpus", str(self.cpus), "--temp-dir", self.temp,
+        command = [*self.ray, "start", *args, "--num-cpus", str(self.cpus), "--temp-dir", self.temp,
                    "--object-store-memory", str(self.object_store_bytes), "--disable-usage-stats",
                    "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(_free_port()),
                    "--min-worker-port", "0", "--max-worker-port", "0"]
