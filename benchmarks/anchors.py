@@ -18,6 +18,7 @@ from pathlib import Path
 #: import name -> distribution name, where the two differ
 DISTRIBUTIONS = {
     "cchardet": "faust-cchardet",
+    "faiss": "faiss-cpu",
     "magic": "python-magic",
     "llama_cpp": "llama-cpp-python",
     "yaml": "pyyaml",

@@ -97,13 +97,22 @@ def ann(index: RagIndex, queries: np.ndarray, ef_values: list[int]) -> dict[str,
     build_seconds = time.perf_counter() - started
     flat = build_dense("flat", index.vectors, index.ids, {})
 
+    threads = faiss.omp_get_max_threads()
+
     def timed(search, batch: bool) -> tuple[np.ndarray, float]:
-        started = time.perf_counter()
-        if batch:
-            _, found = search(queries)
-        else:
-            found = np.concatenate([search(queries[i:i + 1])[1] for i in range(len(queries))])
-        return found, len(queries) / (time.perf_counter() - started)
+        """Best of three (the machine is shared); one query at a time on one thread, as a chat
+        retrieves (OpenMP over a single query only adds synchronisation), a batch on all."""
+        faiss.omp_set_num_threads(threads if batch else 1)
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            if batch:
+                _, found = search(queries)
+            else:
+                found = np.concatenate([search(queries[i:i + 1])[1] for i in range(len(queries))])
+            best = min(best, time.perf_counter() - started)
+        faiss.omp_set_num_threads(threads)
+        return found, len(queries) / best
 
     exact, flat_qps_one = timed(lambda q: flat.search(q, 10), batch=False)
     _, flat_qps_batch = timed(lambda q: flat.search(q, 10), batch=True)
@@ -116,7 +125,7 @@ def ann(index: RagIndex, queries: np.ndarray, ef_values: list[int]) -> dict[str,
         rows.append({"ef_search": ef, "recall@10_vs_flat": recall, "qps_one": qps_one, "qps_batch": qps_batch,
                      "speedup_one": qps_one / flat_qps_one, "speedup_batch": qps_batch / flat_qps_batch})
     return {"vectors": int(index.vectors.shape[0]), "dim": int(index.vectors.shape[1]),
-            "queries": len(queries), "threads": faiss.omp_get_max_threads(),
+            "queries": len(queries), "threads": threads,
             "hnsw_build_seconds": build_seconds, "flat_qps_one": flat_qps_one,
             "flat_qps_batch": flat_qps_batch, "hnsw": rows}
 
@@ -138,6 +147,7 @@ def main() -> int:
                              "ranked by its best window; default: one chunk a passage")
     parser.add_argument("--ann", action="store_true",
                         help="hotpotqa --corpus sample: HNSW vs flat over every vector embedded so far too")
+    parser.add_argument("--ann-only", action="store_true", help="skip the modes: only HNSW vs flat")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     machine = announce()
@@ -172,7 +182,7 @@ def main() -> int:
         retriever = Retriever(index, embedder)
         entry: dict[str, Any] = {"corpus": entry_corpus, "chunks": len(index.chunks),
                                  "chunking": chunking.__dict__, "queries": len(task.queries), "modes": {}}
-        for mode in args.modes:
+        for mode in [] if args.ann_only else args.modes:
             depth = 200 if args.chunk_tokens else 100  # several chunks a passage: look deeper
             result = run_task(task, retriever, mode=mode, depth=depth, progress=True)
             entry["modes"][mode] = {"metrics": result["metrics"], "seconds": result["seconds"]}
@@ -187,7 +197,8 @@ def main() -> int:
             vectors = embedder.encode([q.text for q in task.queries])
             entry["ann"] = ann(index, vectors, args.ef)
             a = entry["ann"]
-            print(f"ANN over {a['vectors']:,} vectors, {a['queries']} queries, {a['threads']} threads: flat "
+            print(f"ANN over {a['vectors']:,} vectors, {a['queries']} queries (batched on {a['threads']} "
+                  f"threads): flat "
                   f"{a['flat_qps_one']:.0f} q/s one at a time, {a['flat_qps_batch']:.0f} batched; "
                   f"HNSW built in {a['hnsw_build_seconds']:.0f} s", flush=True)
             for row in a["hnsw"]:
