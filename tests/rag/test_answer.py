@@ -21,35 +21,6 @@ from lmforge.rag.answer import (
 from lmforge.rag.chunk import Chunk
 from lmforge.rag.retrieve import Hit
 
-PAGES = {
-    "zorbania.md": "# Zorbania\n\nZorbania is a small island nation in the northern sea. Its capital is "
-                   "Quillport, a harbour town of 40,000 people. The national dish is smoked eel.\n\n"
-                   "# Trade\n\nZorbania exports wool and dried fish through the port of Quillport.\n",
-    "cron.md": "# Scheduled jobs\n\ncron runs commands at fixed times. Each line of a crontab holds five "
-               "time fields (minute, hour, day of month, month, day of week) and the command to run.\n",
-}
-
-
-@pytest.fixture(scope="module")
-def embedder(minilm):
-    from lmforge.rag.embed import load_embedder
-
-    return load_embedder(minilm)
-
-
-@pytest.fixture(scope="module")
-def retriever(tmp_path_factory, embedder):
-    from lmforge.rag.index import RagIndex, update_index
-    from lmforge.rag.retrieve import Retriever
-    from lmforge.rag.sources import read_sources
-
-    docs = tmp_path_factory.mktemp("pages")
-    for name, text in PAGES.items():
-        (docs / name).write_text(text, encoding="utf-8")
-    folder = tmp_path_factory.mktemp("rag") / "index"
-    update_index(folder, read_sources([docs]), embedder)
-    return Retriever(RagIndex.open(folder), embedder)
-
 
 @pytest.fixture(scope="module")
 def engine(smollm2):
@@ -92,33 +63,33 @@ def test_sources_fill_the_room_best_first_and_the_last_is_cut_not_silently_dropp
         build_messages("How? " * 300, hits, tokenizer, context=context, max_tokens=max_tokens)
 
 
-def test_the_relevance_guard_drops_unrelated_passages(retriever):
-    hits = retriever.search("What is the capital of Zorbania?", k=3)
-    kept, relevance = relevant_hits("What is the capital of Zorbania?", hits, retriever, 0.25)
+def test_the_relevance_guard_drops_unrelated_passages(rag_retriever):
+    hits = rag_retriever.search("What is the capital of Zorbania?", k=3)
+    kept, relevance = relevant_hits("What is the capital of Zorbania?", hits, rag_retriever, 0.25)
     assert kept and all("Zorbania" in h.chunk.text for h in kept) and min(relevance) >= 0.25
-    hits = retriever.search("Who painted the Mona Lisa?", k=3)
-    assert relevant_hits("Who painted the Mona Lisa?", hits, retriever, 0.25) == ([], [])
+    hits = rag_retriever.search("Who painted the Mona Lisa?", k=3)
+    assert relevant_hits("Who painted the Mona Lisa?", hits, rag_retriever, 0.25) == ([], [])
 
 
-def test_smollm2_answers_from_the_passage_and_abstains_without_one(retriever, engine):
+def test_smollm2_answers_from_the_passage_and_abstains_without_one(rag_retriever, engine):
     config = AnswerConfig(max_tokens=12)
     questions = ["What is the capital of Zorbania?", "Who painted the Mona Lisa?"]
-    found, unknown = answer_many(questions, retriever, engine, config)
+    found, unknown = answer_many(questions, rag_retriever, engine, config)
     assert "Quillport" in found.text  # a made-up fact: only the retrieved passage holds it
     assert found.sources[0].chunk.source.endswith("zorbania.md") and not found.abstained
     assert unknown.text == DONT_KNOW and unknown.abstained and unknown.sources == []
     as_json = found.to_json()
     assert as_json["answer"] == found.text and as_json["sources"][0]["number"] == 1
     with pytest.raises(ValueError, match="empty"):
-        answer("  ", retriever, engine, config)
+        answer("  ", rag_retriever, engine, config)
     with pytest.raises(ValueError, match="k must be"):
         AnswerConfig(k=0)
 
 
-def test_rag_ask_prints_the_answer_and_its_sources_or_json(retriever, smollm2_gguf, capsys, tmp_path):
+def test_rag_ask_prints_the_answer_and_its_sources_or_json(rag_retriever, smollm2_gguf, capsys, tmp_path):
     from lmforge.cli import main
 
-    index = str(retriever.index.path)
+    index = str(rag_retriever.index.path)
     ask = ["rag", "ask", "--index", index, "--model", str(smollm2_gguf), "--max-tokens", "12"]
     assert main([*ask, "What is the capital of Zorbania?", "--json"]) == 0
     reply = json.loads(capsys.readouterr().out)

@@ -94,35 +94,3 @@ def live_server(app, *, startup_timeout: float = 20.0, **config) -> Iterator[tup
 def serve():
     """`with serve(app) as (url, server):` a live uvicorn server for `app`."""
     return live_server
-
-
-# ---------------------------------------------------------------------- retrieval
-DOCS = {
-    "apt.md": "# Installing packages\n\napt-get install NAME downloads a Debian package and the packages it "
-              "depends on, then installs them. apt-get remove NAME uninstalls it again.\n",
-    "cron.md": "# Scheduled jobs\n\ncron runs commands at fixed times. Each line of a crontab holds five "
-               "time fields (minute, hour, day of month, month, day of week) and the command to run.\n",
-}
-
-
-@pytest.fixture(scope="session")
-def minilm_embedder():
-    """The packaged all-MiniLM-L6-v2 (fetched once)."""
-    from lmforge.rag.embed import load_embedder
-
-    return load_embedder("minilm")
-
-
-@pytest.fixture(scope="session")
-def retriever(tmp_path_factory, minilm_embedder):
-    """A real index over two short handbook-like pages, built with MiniLM."""
-    from lmforge.rag.index import RagIndex, update_index
-    from lmforge.rag.retrieve import Retriever
-    from lmforge.rag.sources import read_sources
-
-    docs = tmp_path_factory.mktemp("docs")
-    for name, text in DOCS.items():
-        (docs / name).write_text(text, encoding="utf-8")
-    folder = tmp_path_factory.mktemp("index") / "handbook"
-    update_index(folder, read_sources([docs]), minilm_embedder)
-    return Retriever(RagIndex.open(folder), minilm_embedder)

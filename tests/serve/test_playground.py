@@ -353,11 +353,11 @@ def test_max_tokens_is_cut_to_the_room_the_prompt_leaves(page, serve, engine_fac
         assert refused.status_code == 400 and "maximum context length is 128" in refused.text
 
 
-def test_answering_from_documents_shows_the_retrieved_passages_under_the_reply(page, serve, engine_factory,
-                                                                               minilm_embedder, retriever):
+def test_answering_from_documents_shows_the_retrieved_passages_under_the_reply(
+        page, serve, engine_factory, minilm_embedder, rag_retriever):
     app = create_app({"tiny": engine_factory(seed=0, max_seq_len=1024)},
                      embedders={"minilm": minilm_embedder},
-                     retrievers={"handbook": retriever})
+                     retrievers={"handbook": rag_retriever})
     with serve(app) as (url, _server):
         open_playground(page, url, models=1)  # the embedding model is not offered for chat
         assert page.locator("#retrieval-section").is_visible()

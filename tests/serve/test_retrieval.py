@@ -14,9 +14,9 @@ from lmforge.serve.app import create_app
 
 
 @pytest.fixture(scope="module")
-def app(engine_factory, minilm_embedder, retriever):
+def app(engine_factory, minilm_embedder, rag_retriever):
     return create_app({"tiny": engine_factory(seed=0, max_seq_len=1024)},
-                      embedders={"minilm": minilm_embedder}, retrievers={"handbook": retriever})
+                      embedders={"minilm": minilm_embedder}, retrievers={"handbook": rag_retriever})
 
 
 def test_openai_client_embeddings_equal_the_embedders(serve, app, minilm_embedder):
