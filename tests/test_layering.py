@@ -16,13 +16,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # package -> the lmforge packages it may import (besides itself). The ground floor
 # (atomic, config, hub, formats) may be used by anyone.
-GROUND = {"lmforge.atomic", "lmforge.config", "lmforge.hub", "lmforge.formats", "lmforge.cli_parser"}
+GROUND = {"lmforge.atomic", "lmforge.config", "lmforge.hub", "lmforge.formats", "lmforge.cli_parser",
+          "lmforge.progress"}
 ALLOWED = {
     "lmforge.atomic": set(),
     "lmforge.config": set(),
     "lmforge.hub": {"lmforge.atomic"},
     "lmforge.formats": {"lmforge.atomic"},
     "lmforge.cli_parser": set(),
+    "lmforge.progress": set(),
     "lmforge.data": GROUND | {"lmforge.tokenizer"},
     "lmforge.tokenizer": GROUND,
     "lmforge.model": GROUND | {"lmforge.tokenizer"},
@@ -33,6 +35,10 @@ ALLOWED = {
     "lmforge.eval": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer"},
     "lmforge.compress": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer",
                                   "lmforge.eval", "lmforge.train"},  # train: distillation, QAT
+    # the encoder and the engine that answers; data: prepare's readers; eval: HotpotQA's answers and metrics
+    "lmforge.rag": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.data", "lmforge.infer",
+                             "lmforge.eval"},
+    "lmforge.serve": GROUND | {"lmforge.model", "lmforge.tokenizer", "lmforge.infer", "lmforge.rag"},
 }
 
 

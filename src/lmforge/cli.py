@@ -257,7 +257,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmforge.export import Progress, export_model
+    from lmforge.export import export_model
+    from lmforge.progress import Progress
 
     apply_threads(args.threads)
     result = export_model(args.model, args.to, args.output, dtype=args.dtype, progress=Progress())

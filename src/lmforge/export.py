@@ -10,18 +10,17 @@ tokenizer, since ids mean nothing without it.
 from __future__ import annotations
 
 import os
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from lmforge.formats.ggml import QUANTIZERS, GGMLType, dequantize, encode_q4_0, encode_q4_1, encode_q8_0
 from lmforge.model.gguf import BLOCK_DTYPES, gguf_matrix_type, tensor_names
+from lmforge.progress import Progress
 
 Target = Literal["hf", "gguf"]
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -156,28 +155,6 @@ def _notes(kept: dict[str, int], requantized: list[tuple[str, float, float]], sc
         notes.append(f"{len(as_float)} quantized layers written as their dequantized weights in {kind}"
                      + (" (exact)" if kind == "f32" else " (rounded)"))
     return notes
-
-
-class Progress:
-    """'what: done/total, N s left' on one stderr line, redrawn at most twice a second: quantizing
-    a model's matrices to the 4-bit types takes a while (Q4_K's search most)."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.what, self.start, self.drawn = "", 0.0, 0.0
-
-    def phase(self, what: str) -> Callable[[int, int], None]:
-        self.what, self.start, self.drawn = what, time.perf_counter(), 0.0
-        return self.update
-
-    def update(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done < total and now - self.drawn < 0.5:
-            return
-        self.drawn = now
-        left = (now - self.start) / max(done, 1) * (total - done)
-        end = "\n" if done >= total else ""
-        print(f"\r{self.what}: {done}/{total}, {left:.0f} s left ", end=end, file=self.stream, flush=True)
 
 
 @dataclass

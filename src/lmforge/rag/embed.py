@@ -91,7 +91,7 @@ def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _progress(what: str):
-    from lmforge.export import Progress  # the project's done/total + time-left line on stderr
+    from lmforge.progress import Progress
 
     return Progress().phase(what)
 
