@@ -171,9 +171,12 @@ def _read_bpe_model(
 ) -> tuple[dict[str, int], list[tuple[str, str]], dict[str, Any]]:
     kind = model.get("type", "BPE" if "merges" in model else None)
     if kind != "BPE":
+        wordpiece = (" (a BERT WordPiece vocabulary: sentence encoders read it with "
+                     "lmforge.tokenizer.wordpiece, e.g. `lmforge rag index --embedder FOLDER`)"
+                     if kind == "WordPiece" else "")
         raise TokenizerError(
-            f"{path}: tokenizer model {kind!r} is not supported; lmforge runs byte-level BPE "
-            "(Unigram, WordPiece and WordLevel models are not implemented)"
+            f"{path}: tokenizer model {kind!r} is not supported here; a generating model's tokenizer is "
+            f"byte-level BPE (Unigram and WordLevel models are not implemented){wordpiece}"
         )
     if model.get("dropout") not in (None, 0, 0.0):
         raise TokenizerError(
