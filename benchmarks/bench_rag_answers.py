@@ -9,8 +9,10 @@ would give). Same questions (a seeded sample), same greedy decoding, same scorin
 The corpus index is the one `lmforge rag eval --task hotpotqa` and bench_retrieval.py build
 in the lmforge cache (embedding 66,581 paragraphs takes a while on a laptop CPU: build it
 once with `python benchmarks/bench_retrieval.py --stage build --task hotpotqa`). An
-index still being built holds fewer paragraphs: the table says how many, and a question
-whose gold paragraphs are not in it yet can only be answered closed-book.
+index still being built holds fewer paragraphs: the table says how many, and
+`--only-indexed` draws the questions among those whose gold paragraphs it holds (the
+search then covers a smaller pool than the whole corpus, but one holding every such
+question's own eight distractors, chosen by HotpotQA to resemble it).
 
     python benchmarks/bench_rag_answers.py --questions 200 --json rag-answers.json
 """
@@ -38,6 +40,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="passages retrieved per question")
     parser.add_argument("--mode", default="hybrid", choices=["dense", "bm25", "hybrid"])
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--hint", default="short", choices=["short", "yesno"],
+                        help="the instruction after each question (see lmforge.rag.answer_quality)")
+    parser.add_argument("--only-indexed", action="store_true",
+                        help="draw only questions whose gold paragraphs the index holds (a partial index)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results, every reply too")
     args = parser.parse_args()
     announce()
@@ -59,9 +65,11 @@ def main() -> None:
     engine = Engine.from_pretrained("smollm2")
     config = AnswerConfig(k=args.k, mode=args.mode, max_tokens=args.max_tokens)
     result = hotpotqa_answer_quality(retriever, engine, limit=args.questions, seed=args.seed, config=config,
+                                     only_indexed=args.only_indexed, hint=args.hint,
                                      say=lambda text: print(text, file=sys.stderr, flush=True))
-    print(f"\nSmolLM2-135M-Instruct, {result['questions']} HotpotQA dev questions (seed {args.seed}), "
-          f"retrieval {args.mode} k={args.k} over {len(index.chunks):,} paragraphs; "
+    drawn = " whose gold paragraphs the index holds" if args.only_indexed else ""
+    print(f"\nSmolLM2-135M-Instruct, {result['questions']} HotpotQA dev questions{drawn} (seed {args.seed}), "
+          f"retrieval {args.mode} k={args.k} over {len(index.chunks):,} paragraphs, hint {args.hint!r}; "
           f"{result['abstained']} answered \"I don't know\" by the relevance guard\n")
     print("| setting | EM | F1 | seconds |\n|---|---|---|---|")
     for setting in SETTINGS:
