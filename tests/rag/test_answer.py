@@ -30,7 +30,7 @@ def engine(smollm2):
 
 
 def _hit(text: str, n: int = 0) -> Hit:
-    return Hit(Chunk(text, f"doc{n}.md", f"doc{n}", 0, 0, len(text), ("Heading",)), 1.0, n + 1)
+    return Hit(Chunk(text, f"doc{n}.md", f"doc{n}", 0, 0, len(text), ("Heading",)), 1.0, n + 1, n)
 
 
 @pytest.mark.parametrize(("reply", "cited"), [
@@ -69,6 +69,30 @@ def test_the_relevance_guard_drops_unrelated_passages(rag_retriever):
     assert kept and all("Zorbania" in h.chunk.text for h in kept) and min(relevance) >= 0.25
     hits = rag_retriever.search("Who painted the Mona Lisa?", k=3)
     assert relevant_hits("Who painted the Mona Lisa?", hits, rag_retriever, 0.25) == ([], [])
+
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid", "bm25"])
+def test_relevance_is_the_cosine_an_encoder_pass_gives_without_embedding_any_passage(rag_retriever, mode,
+                                                                                      monkeypatch):
+    question = "What is the capital of Zorbania?"
+    hits = rag_retriever.search(question, k=4, mode=mode)
+    embedder = rag_retriever.embedder
+    fresh = embedder.encode([question, *(h.chunk.indexed_text for h in hits)])
+    expected = fresh[1:] @ fresh[0]
+    encoded: list[list[str]] = []
+    real_encode = embedder.encode
+
+    def counting_encode(texts, **options):
+        encoded.append(list(texts))
+        return real_encode(texts, **options)
+
+    monkeypatch.setattr(embedder, "encode", counting_encode)
+    got = rag_retriever.relevance([question], [hits])[0]
+    assert got == pytest.approx(list(expected), abs=1e-5)
+    if mode != "bm25":
+        assert encoded == []  # the search embedded the question; the passages' vectors are stored
+    else:
+        assert encoded in ([], [[question]])  # at most the question (BM25 needed no vector)
 
 
 def test_smollm2_answers_from_the_passage_and_abstains_without_one(rag_retriever, engine):

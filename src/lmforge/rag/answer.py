@@ -35,7 +35,7 @@ from typing import Any
 from lmforge.rag.retrieve import Hit, Retriever
 
 __all__ = ["DONT_KNOW", "Answer", "AnswerConfig", "answer", "answer_many", "build_messages", "cited_numbers",
-           "relevant_hits", "without_citations"]
+           "relevant_hits", "relevant_hits_many", "without_citations"]
 
 DONT_KNOW = "I don't know."
 SYSTEM = ("Answer the question using only the numbered sources. Cite each source you use by its number in "
@@ -83,16 +83,20 @@ class Answer:
 def relevant_hits(question: str, hits: Sequence[Hit], retriever: Retriever,
                   min_relevance: float) -> tuple[list[Hit], list[float]]:
     """The hits that pass the relevance guard, with their relevance, in retrieval order."""
-    if not hits:
-        return [], []
+    return relevant_hits_many([question], [hits], retriever, min_relevance)[0]
+
+
+def relevant_hits_many(questions: Sequence[str], hits: Sequence[Sequence[Hit]], retriever: Retriever,
+                       min_relevance: float) -> list[tuple[list[Hit], list[float]]]:
+    """`relevant_hits` for a batch: passages whose cosine to the question reaches `min_relevance`
+    (with no embedder, a BM25-only index: those sharing a word with it)."""
     if retriever.embedder is None:
-        scores = [h.score for h in hits] if retriever.index.bm25 is not None else [0.0] * len(hits)
-        kept = [(h, s) for h, s in zip(hits, scores) if s > 0]
+        bm25 = retriever.index.bm25 is not None
+        kept = [[(h, h.score) for h in found if bm25 and h.score > 0] for found in hits]
     else:
-        vectors = retriever.embedder.encode([question, *(h.chunk.indexed_text for h in hits)])
-        scores = [float(v) for v in vectors[1:] @ vectors[0]]
-        kept = [(h, s) for h, s in zip(hits, scores) if s >= min_relevance]
-    return [h for h, _ in kept], [s for _, s in kept]
+        kept = [[(h, s) for h, s in zip(found, row) if s >= min_relevance]
+                for found, row in zip(hits, retriever.relevance(questions, hits))]
+    return [([h for h, _ in pairs], [s for _, s in pairs]) for pairs in kept]
 
 
 def _source_block(number: int, hit: Hit, text: str) -> str:
@@ -178,8 +182,9 @@ def answer_many(questions: Sequence[str], retriever: Retriever, engine: Any,
     max_tokens = min(config.max_tokens, engine.context - 1)
     answers: list[Answer] = []
     prompts: list[list[int]] = []
-    for question, hits in zip(questions, retriever.search_many(questions, config.k, config.mode)):
-        kept, relevance = relevant_hits(question, hits, retriever, config.min_relevance)
+    found = retriever.search_many(questions, config.k, config.mode)
+    guarded = relevant_hits_many(questions, found, retriever, config.min_relevance)
+    for question, (kept, relevance) in zip(questions, guarded):
         if not kept:
             answers.append(Answer(question, DONT_KNOW, [], [], abstained=True))
             continue

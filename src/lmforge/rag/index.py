@@ -156,19 +156,12 @@ class RagIndex:
     @classmethod
     def open(cls, path: str | Path, *, load_vectors: bool = False) -> RagIndex:
         import faiss
-        from safetensors.numpy import load_file
 
         path = Path(path)
         manifest = read_manifest(path)
         try:
             chunks, ids = _read_chunks(path / "chunks.jsonl")
-            vectors = None
-            if manifest.get("embedder") and load_vectors:
-                stored = load_file(str(path / "vectors.safetensors"))
-                vectors = stored["vectors"]
-                if not np.array_equal(stored["ids"], ids):
-                    raise RagIndexError(f"{path}: vectors.safetensors and chunks.jsonl disagree "
-                                        f"(damaged index)")
+            vectors = _read_vectors(path, ids) if manifest.get("embedder") and load_vectors else None
             dense = faiss.read_index(str(path / "dense.faiss")) if manifest.get("embedder") else None
             bm25 = _load_bm25(path / "bm25") if chunks else None
         except (OSError, RuntimeError, KeyError, ValueError) as err:
@@ -180,6 +173,21 @@ class RagIndex:
             raise RagIndexError(f"{path}: dense.faiss holds {dense.ntotal} vectors for {len(chunks)} chunks "
                                 f"(damaged index)")
         return cls(path, manifest, chunks, ids, vectors, dense, bm25)
+
+    def stored_vectors(self, rows: Sequence[int]) -> np.ndarray:
+        """The embedder's vectors of these rows as they were indexed (read on first use), so that a
+        retrieved chunk's similarity to the query costs a dot product, not another encoder pass."""
+        if self.manifest.get("embedder") is None:
+            raise RagIndexError(f"{self.path} has no dense vectors (built with --embedder none)")
+        if self.vectors is None:
+            try:
+                self.vectors = _read_vectors(self.path, self.ids)
+            except (OSError, KeyError, ValueError) as err:
+                if isinstance(err, RagIndexError):
+                    raise
+                raise RagIndexError(f"{self.path}: damaged index ({type(err).__name__}: {err}); rebuild it "
+                                    f"with `lmforge rag index`") from err
+        return self.vectors[np.asarray(rows, dtype=np.int64)]
 
     def rows_of_documents(self, keys: Iterable[str]) -> np.ndarray:
         wanted = set(keys)
@@ -255,6 +263,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise RagIndexError(f"{path}: index format version {manifest.get('version')}, this lmforge reads "
                             f"{VERSION}; rebuild it with `lmforge rag index`")
     return manifest
+
+
+def _read_vectors(path: Path, ids: np.ndarray) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(path / "vectors.safetensors"))
+    if not np.array_equal(stored["ids"], ids):
+        raise RagIndexError(f"{path}: vectors.safetensors and chunks.jsonl disagree (damaged index)")
+    return stored["vectors"]
 
 
 def _read_chunks(file: Path) -> tuple[list[Chunk], np.ndarray]:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 MODES = ("dense", "bm25", "hybrid")
 RRF_K = 60
 FUSION_DEPTH = 100
-RECENT_BATCHES = 8
+RECENT_QUERIES = 4096
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Hit:
     chunk: Chunk
     score: float  # cosine (dense), BM25 score (bm25), or fused reciprocal ranks (hybrid)
     rank: int  # 1 = best
+    row: int  # the chunk's row in the index
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
@@ -58,7 +59,7 @@ class Retriever:
             index.check_embedder(embedder.name)
         self.index, self.embedder, self.rrf_k, self.depth = index, embedder, rrf_k, depth
         self.ef_search, self.nprobe = ef_search, nprobe
-        self._recent: dict[tuple[str, ...], np.ndarray] = {}  # the last batches' query vectors
+        self._recent: dict[str, np.ndarray] = {}  # the last queries' vectors, oldest first
 
     def search(self, query: str, k: int = 5, mode: str = "hybrid", *,
                within: Sequence[str] | None = None) -> list[Hit]:
@@ -94,20 +95,39 @@ class Retriever:
                 else:
                     ranked = reciprocal_rank_fusion([[r for r, _ in dense[n]], [r for r, _ in sparse[n]]],
                                                     self.rrf_k)
-                results[i] = [Hit(self.index.chunks[row], score, rank)
+                results[i] = [Hit(self.index.chunks[row], score, rank, row)
                               for rank, (row, score) in enumerate(ranked[:k], start=1)]
         return results
 
+    def relevance(self, queries: Sequence[str], hits: Sequence[Sequence[Hit]]) -> list[list[float]]:
+        """Cosine similarity of each hit to its query, whatever the mode that found it (a fused or
+        BM25 score says nothing about how related a passage is). From the query vectors the search
+        just made and the vectors stored in the index, so no passage is embedded again."""
+        if self.embedder is None:
+            raise ValueError(f"relevance needs the index's embedder ({self.index.embedder_name})")
+        vectors = self._query_vectors(list(queries), progress=False)
+        if self.index.dense is None:  # a BM25-only index searched with an embedder at hand
+            return [[float(v) for v in self.embedder.encode([h.chunk.indexed_text for h in found]) @ q]
+                    if found else [] for q, found in zip(vectors, hits)]
+        return [[float(v) for v in self.index.stored_vectors([h.row for h in found]) @ q] if found else []
+                for q, found in zip(vectors, hits)]
+
     def _dense(self, queries: list[str], k: int, rows: np.ndarray | None,
                progress: bool) -> list[list[tuple[int, float]]]:
-        key = tuple(queries)
-        vectors = self._recent.get(key)
-        if vectors is None:  # dense then hybrid on the same queries (an evaluation) embeds them once
-            vectors = np.asarray(self.embedder.encode(queries, progress=progress), dtype=np.float32)
-            while len(self._recent) >= RECENT_BATCHES:
-                del self._recent[next(iter(self._recent))]
-            self._recent[key] = vectors
+        vectors = self._query_vectors(queries, progress)
         return self.index.dense_search(vectors, k, rows=rows, ef_search=self.ef_search, nprobe=self.nprobe)
+
+    def _query_vectors(self, queries: list[str], progress: bool) -> np.ndarray:
+        """The queries' vectors, embedding (in one batch) only those not among the recent ones: an
+        evaluation's dense then hybrid pass, or a search and then its relevance guard, embed once."""
+        missing = list(dict.fromkeys(q for q in queries if q not in self._recent))
+        if missing:
+            fresh = np.asarray(self.embedder.encode(missing, progress=progress), dtype=np.float32)
+            for query, vector in zip(missing, fresh):
+                self._recent[query] = vector
+            while len(self._recent) > max(RECENT_QUERIES, len(queries)):
+                del self._recent[next(iter(self._recent))]
+        return np.stack([self._recent[q] for q in queries]) if queries else np.zeros((0, 0), np.float32)
 
 
 def _groups(queries: Sequence[str],
