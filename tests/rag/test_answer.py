@@ -122,6 +122,9 @@ def test_rag_ask_prints_the_answer_and_its_sources_or_json(rag_retriever, smollm
     assert main([*ask, "Who painted the Mona Lisa?"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(DONT_KNOW) and "relevant enough" in out
+    nowhere = ["rag", "ask", "--index", index, "--model", str(tmp_path / "no-model")]
+    assert main([*nowhere, "Who painted the Mona Lisa?"]) == 0  # abstaining needs no model: none is loaded
+    assert capsys.readouterr().out.startswith(DONT_KNOW)
     assert main(["rag", "ask", "--index", str(tmp_path / "nothing"), "--model", "smollm2", "hi"]) == 2
     err = capsys.readouterr().err
     assert "nothing" in err and "Traceback" not in err and err.count("\n") == 1

@@ -91,3 +91,16 @@ def test_nothing_relevant_retrieved_is_i_dont_know_without_asking_the_model(serv
     assert reply["usage"]["completion_tokens"] == 0
     assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == DONT_KNOW
     assert lines[-1] == "data: [DONE]"
+
+
+def test_an_index_uses_the_served_embedding_model_instead_of_loading_it_again(rag_retriever, minilm_embedder,
+                                                                              monkeypatch):
+    import lmforge.rag.embed
+    from lmforge.serve.cli import _load_retrievers
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("the embedder was loaded a second time")
+
+    monkeypatch.setattr(lmforge.rag.embed, "load_embedder", no_second_load)
+    retrievers = _load_retrievers([("pages", str(rag_retriever.index.path))], {"minilm": minilm_embedder})
+    assert retrievers["pages"].embedder is minilm_embedder

@@ -121,17 +121,22 @@ def cmd_search(args: argparse.Namespace) -> int:
 # ============================================================================ rag ask
 def cmd_ask(args: argparse.Namespace) -> int:
     from lmforge.infer.engine import Engine
-    from lmforge.rag.answer import AnswerConfig, answer
+    from lmforge.rag.answer import DONT_KNOW, Answer, AnswerConfig, answer, relevant_hits
     from lmforge.rag.index import RagIndex
     from lmforge.rag.retrieve import Retriever
 
     apply_threads(args.threads)
     index = RagIndex.open(args.index)
     mode = args.mode or _default_mode(index)
-    embedder = _index_embedder(index, None)
+    retriever = Retriever(index, _index_embedder(index, None))
     config = AnswerConfig(k=args.k, mode=mode, min_relevance=args.min_relevance, max_tokens=args.max_tokens)
-    engine = Engine.from_pretrained(args.model, quantize=args.quantize)
-    result = answer(args.question, Retriever(index, embedder), engine, config)
+    question = args.question.strip()
+    if question and not relevant_hits(question, retriever.search(question, config.k, mode), retriever,
+                                      config.min_relevance)[0]:  # nothing to answer from: no model needed
+        result = Answer(question, DONT_KNOW, [], [], abstained=True)
+    else:
+        engine = Engine.from_pretrained(args.model, quantize=args.quantize)
+        result = answer(question, retriever, engine, config)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0

@@ -64,12 +64,17 @@ class Embedder:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise EmbedError(f"text {i} is a {type(text).__name__}, not a string")
+        return self.encode_ids(self.token_ids(texts), batch_size=batch_size, progress=progress)
+
+    def encode_ids(self, ids: Sequence[Sequence[int]], *, batch_size: int = 64,
+                   progress: bool = False) -> np.ndarray:
+        """`encode` of texts already turned into `token_ids` (a caller that also counts them, as the
+        server's usage does, tokenizes once)."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise EmbedError(f"batch_size must be a positive integer, got {batch_size!r}")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        ids = self.token_ids(texts)
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-        update = _progress(f"embedding {len(texts):,} texts") if progress and texts else None
+        update = _progress(f"embedding {len(ids):,} texts") if progress and len(ids) else None
         device = self.device
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):

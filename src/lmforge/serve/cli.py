@@ -103,13 +103,14 @@ def _is_embedding_model(path: str) -> bool:
     return (not folder.exists() and path in SAMPLE_NAMES) or (folder / "modules.json").is_file()
 
 
-def _load_retrievers(specs: list[tuple[str, str]]) -> dict:
-    """{name: Retriever} over each index, with the embedder it was built with (loaded once per name)."""
+def _load_retrievers(specs: list[tuple[str, str]], served: dict) -> dict:
+    """{name: Retriever} over each index, with the embedder it was built with: the served embedding
+    model of that name when there is one, else loaded (once per name)."""
     from lmforge.rag.embed import load_embedder
     from lmforge.rag.index import RagIndex
     from lmforge.rag.retrieve import Retriever
 
-    embedders: dict = {}
+    embedders = {embedder.name: embedder for embedder in served.values()}
     retrievers = {}
     for name, folder in specs:
         index = RagIndex.open(folder)
@@ -171,7 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, path in embedding_specs:
         print(f"lmforge serve: loading the embedding model {name} from {path}", file=sys.stderr)
         embedders[name] = load_embedder(path, device=args.device)
-    retrievers = _load_retrievers(indexes)
+    retrievers = _load_retrievers(indexes, embedders)
     app = create_app(engines, api_key=args.api_key or None, max_queue=args.max_queue,
                      max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_timeout=args.shutdown_timeout,
                      embedders=embedders, retrievers=retrievers)

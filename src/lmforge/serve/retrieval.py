@@ -82,8 +82,8 @@ class EmbeddingModels:
 
         def work() -> tuple[np.ndarray, int]:
             with self._locks[name]:
-                tokens = sum(len(ids) for ids in embedder.token_ids(texts))
-                return embedder.encode(texts), tokens
+                ids = embedder.token_ids(texts)
+                return embedder.encode_ids(ids), sum(map(len, ids))
 
         vectors, tokens = await run_in_threadpool(work)
         data = [EmbeddingData(index=i, embedding=_encoded(v, body.encoding_format))
