@@ -44,6 +44,7 @@ from typing import Literal
 import torch
 
 from lmforge.infer.cache import CacheFullError, PagedKVCache, StaticKVCache
+from lmforge.infer.quant import int8_activations
 from lmforge.infer.runner import ModelRunner
 from lmforge.infer.sampling import (
     SamplingParams,
@@ -186,6 +187,8 @@ class Engine:
     prompt reuses the keys and values earlier requests left for the tokens it starts with
     (prefix caching: shared blocks of the paged cache, or what a free static slot holds; see
     `lmforge.infer.cache`) unless `prefix_caching=False`.
+    `activations="int8"` makes the model's int8 and int4 layers round their inputs to int8 per
+    token and multiply integers (`lmforge.infer.quant.int8_activations`; changes the model).
     """
 
     def __init__(
@@ -203,10 +206,16 @@ class Engine:
         draft_model: Transformer | None = None,
         num_speculative: int = 4,
         prefix_caching: bool = True,
+        activations: Literal["int8"] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
+        if activations is not None:  # int8/int4 weights times int8-rounded inputs (`quant.int8_activations`)
+            if activations != "int8":
+                raise ValueError(f"activations must be 'int8' (or None: as the layers are), "
+                                 f"got {activations!r}")
+            int8_activations(model)
         self.tokenizer = tokenizer
         self.token_bytes = token_bytes or (_vocabulary_bytes(tokenizer) if tokenizer is not None else None)
         self.runner = ModelRunner(model)

@@ -14,8 +14,16 @@ stay in floating point (only weights are rounded), which keeps the error small:
   `pack_int4`); d and m are fp16. Groups let outliers in one part of a row
   spoil only their own group's resolution.
 
+**int8 activations** (an option, `int8_activations`): an int8 or int4 layer can also
+round each input row to int8 with its own scale, x ~ s * c with s = max|x| / 127 per
+token, and multiply integers, as llama.cpp runs its Q8_0/Q4_1 files (its scales are per
+32 inputs): fewer instructions per weight on CPUs without fast float conversion, at the
+cost of the activations' rounding error. `Int8ActLinear` (SmoothQuant's W8A8) always
+does, per token or with one calibrated scale.
+
 On CPU, small batches (decode) go to lmforge's kernels (`infer/kernels/decode.c`),
-which read the small integers directly. Everywhere else (long prefills, CUDA, no
+which read the small integers directly (and, with int8 activations, round the input and
+multiply integers). Everywhere else (long prefills, CUDA, no
 compiler) the weights are dequantized and a normal matmul runs: correct, not fast.
 Full quantization tooling (calibration, GPTQ/AWQ, QAT) belongs to `lmforge.compress`.
 """
@@ -34,7 +42,20 @@ from torch import nn
 from lmforge.infer import kernels
 
 QuantMode = Literal["int8", "int4"]
+ActivationScales = Literal["dynamic", "static"]
 KERNEL_MAX_ROWS = 16  # beyond this many rows a dequantize + BLAS matmul is faster than the kernels
+
+
+def round_activations(x: torch.Tensor,
+                      scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x [rows, in] rounded to int8: (codes as fp32 integers in [-127, 127], scale [rows, 1]
+    or the given one), x ~ codes * scale. Without `scale`, each row's own max|x| / 127 (per token).
+    The C kernels round the same way (fp32 division, ties to even)."""
+    x = x.float()
+    if scale is None:
+        scale = x.abs().amax(dim=1, keepdim=True) / 127
+    scale = scale.clamp(min=1e-12)
+    return torch.round(x / scale).clamp_(-127, 127), scale
 
 
 class QuantizedLinear(nn.Module, abc.ABC):
@@ -44,6 +65,9 @@ class QuantizedLinear(nn.Module, abc.ABC):
     in_features: int
     out_features: int
     bias: torch.Tensor | None
+    #: None: weight-only (fp32 inputs); "dynamic": each input row is rounded to int8 with its own scale
+    #: first (`int8_activations`); "static": with the layer's one calibrated `act_scale` (W8A8 only)
+    activations: ActivationScales | None = None
 
     def weight_bytes(self) -> int:
         """Bytes a forward pass reads for the weight (values + scales)."""
@@ -52,6 +76,10 @@ class QuantizedLinear(nn.Module, abc.ABC):
     @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [out, in] in floating point."""
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes as fp32 integers [rows, in], scale [rows, 1] or [1]): x ~ codes * scale."""
+        return round_activations(x, self.act_scale if self.activations == "static" else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -62,12 +90,23 @@ class QuantizedLinear(nn.Module, abc.ABC):
                 y = y + self.bias.float()
             y = y.to(x.dtype)
         else:
+            if self.activations is not None:  # the rounded input, in floating point
+                codes, scale = self.quantize_input(x2)
+                x2 = (codes * scale).to(x.dtype)
             y = F.linear(x2, self.dequantize(x.dtype), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
     @abc.abstractmethod
     def kernel_weight(self, bias: torch.Tensor | None = None) -> kernels.Weight:
         """This layer as the CPU kernels' `Weight` (pointers into its buffers)."""
+
+    def _kernel_activations(self) -> dict[str, int | float]:
+        """How the kernels take this layer's input (`kernels.weight`'s act and act_scale)."""
+        if self.activations is None:
+            return {}
+        if self.activations == "dynamic":
+            return {"act": kernels.ACT_DYNAMIC}
+        return {"act": kernels.ACT_STATIC, "act_scale": float(self.act_scale)}
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
@@ -110,10 +149,8 @@ class Int8Linear(QuantizedLinear):
 
     def kernel_weight(self, bias: torch.Tensor | None = None) -> kernels.Weight:
         grouped = self.group_size < self.in_features
-        return kernels.weight(kernels.INT8, self.qweight, self.scale, bias, self.group_size if grouped else 0)
-
-
-ActivationScales = Literal["dynamic", "static"]
+        return kernels.weight(kernels.INT8, self.qweight, self.scale, bias, self.group_size if grouped else 0,
+                              **self._kernel_activations())
 
 
 class Int8ActLinear(Int8Linear):
@@ -127,10 +164,11 @@ class Int8ActLinear(Int8Linear):
     clips tokens beyond the calibrated range.
 
     Where the integer product runs: on CUDA, `torch._int_mm` (int8 tensor cores) for
-    more than 16 rows. On CPU the codes are multiplied as fp32 numbers by the int8 weight
-    kernel or BLAS: the result is the integer product (sums of int8 x int8 terms are exact
-    in fp32 up to 2^24), because PyTorch's CPU int8 GEMM measured ~50x slower than sgemm
-    on an AVX2 CPU; integer dot-product kernels (VNNI) are the engine's to add.
+    more than 16 rows. On CPU up to 16 rows (decode, in the engine's fused step too), the
+    C kernels round the input and multiply integers; longer inputs multiply the codes as
+    fp32 numbers with BLAS: the result is the integer product (sums of int8 x int8 terms
+    are exact in fp32 up to 2^24), because PyTorch's CPU int8 GEMM measured ~50x slower
+    than sgemm on an AVX2 CPU.
     """
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -143,22 +181,13 @@ class Int8ActLinear(Int8Linear):
         self.activations = activations
         self.register_buffer("act_scale", torch.as_tensor(act_scale, dtype=torch.float32).reshape(1).clone())
 
-    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes as fp32 integers [rows, in], scale [rows, 1] or [1]): x ~ codes * scale."""
-        x = x.float()
-        if self.activations == "dynamic":
-            scale = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-        else:
-            scale = self.act_scale.clamp(min=1e-12)
-        return torch.round(x / scale).clamp_(-127, 127), scale
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS and kernels.available():
+            return super().forward(x)  # the kernel rounds the input itself
         codes, x_scale = self.quantize_input(x2)
         if x2.device.type == "cuda" and x2.shape[0] > 16:
             dot = torch._int_mm(codes.to(torch.int8), self.qweight.t()).float() * self.scale
-        elif x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS and kernels.available():
-            dot = kernels.linear(self.kernel_weight(), codes.contiguous())
         else:  # integers times integers: exact in fp32, the weight scale applied after
             dot = F.linear(codes, self.qweight.float()) * self.scale
         y = dot * x_scale
@@ -214,7 +243,8 @@ class Int4Linear(QuantizedLinear):
         return (q * d[..., None] + m[..., None]).view(self.out_features, self.in_features).to(dtype)
 
     def kernel_weight(self, bias: torch.Tensor | None = None) -> kernels.Weight:
-        return kernels.weight(kernels.INT4, self.packed, self.dm, bias, self.group_size)
+        return kernels.weight(kernels.INT4, self.packed, self.dm, bias, self.group_size,
+                              **self._kernel_activations())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
@@ -315,14 +345,34 @@ def concat_linears(layers: Sequence[nn.Module]) -> nn.Module:
             raise TypeError("can only fuse W8A8 layers that round their (shared) input the same way")
         return Int8ActLinear(torch.cat([m.qweight for m in layers]), torch.cat([m.scale for m in layers]),
                              bias, activations=first.activations, act_scale=first.act_scale)
+    if len({m.activations for m in layers}) != 1:
+        raise TypeError("can only fuse layers that all take int8 activations or all take floats")
     if isinstance(first, Int8Linear):
-        return Int8Linear(torch.cat([m.qweight for m in layers]), torch.cat([m.scale for m in layers]), bias)
-    if isinstance(first, Int4Linear):
+        quantized: QuantizedLinear = Int8Linear(torch.cat([m.qweight for m in layers]),
+                                                torch.cat([m.scale for m in layers]), bias)
+    elif isinstance(first, Int4Linear):
         if len({m.group_size for m in layers}) != 1:
             raise TypeError("can only fuse int4 layers with one group size")
-        return Int4Linear(torch.cat([m.packed for m in layers]), torch.cat([m.dm for m in layers]),
-                          first.group_size, bias)
-    raise TypeError(f"cannot fuse {type(first).__name__}")
+        quantized = Int4Linear(torch.cat([m.packed for m in layers]), torch.cat([m.dm for m in layers]),
+                               first.group_size, bias)
+    else:
+        raise TypeError(f"cannot fuse {type(first).__name__}")
+    quantized.activations = first.activations
+    return quantized
+
+
+def int8_activations(model: nn.Module) -> int:
+    """Make every weight-only int8 and int4 layer of `model` round its input to int8 per token
+    (dynamic scale) and multiply integers; returns how many layers that is. W8A8 layers keep
+    their own scales. Set it before building an `Engine`/`ModelRunner`, which fuse the layers."""
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))
+              and not isinstance(m, Int8ActLinear)]
+    if not layers and not any(isinstance(m, Int8ActLinear) for m in model.modules()):
+        raise ValueError("int8 activations need int8 or int4 weights: quantize the model first "
+                         "(--quantize int8 or int4)")
+    for layer in layers:
+        layer.activations = "dynamic"
+    return len(layers)
 
 
 def interleave_linears(a: nn.Module, b: nn.Module) -> nn.Module:

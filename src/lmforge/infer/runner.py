@@ -18,7 +18,8 @@ speculative verification). Compared with `Transformer.forward`:
 **The C decode path** (CPU, fp32 activations, one new token per row, no MoE/ALiBi):
 the whole step is one call into `infer/kernels/decode.c` (embedding; per layer norm,
 fused q/k/v, QK-norm, RoPE, cache write, attention, output projection, norm, MLP; final
-norm and LM head), reading fp32, int8 or int4 weights directly, inside one OpenMP
+norm and LM head), reading fp32, int8 or int4 weights directly (with int8 activations
+where the layers round their inputs: W8A8, `quant.int8_activations`), inside one OpenMP
 parallel region. Python's share of a decode step drops from ~2,500 operations to ~15.
 
 Both read the model's weights (sharing their memory except for the fused
@@ -49,7 +50,7 @@ from torch import nn
 
 from lmforge.infer import kernels
 from lmforge.infer.cache import PagedKVCache, StaticKVCache, _PagedRows, _SlotRows
-from lmforge.infer.quant import Int8ActLinear, concat_linears, interleave_linears
+from lmforge.infer.quant import concat_linears, interleave_linears
 from lmforge.model.layers.alibi import alibi_bias, alibi_slopes
 from lmforge.model.layers.attention import attention_mask
 from lmforge.model.layers.norms import RMSNorm
@@ -157,9 +158,7 @@ class ModelRunner:
         adapters = any(la.attn_adapter is not None or la.mlp_adapter is not None for la in self.layers)
         self.fast = (self._fast_decode is not False and self.device.type == "cpu"
                      and self.dtype == torch.float32 and cfg.position != "alibi" and not cfg.n_experts
-                     and not adapters and kernels.available()
-                     # W8A8 layers round their inputs first, which the fused C decode does not do
-                     and not any(isinstance(m, Int8ActLinear) for m in model.modules()))
+                     and not adapters and kernels.available())
         if self.fast:
             self._build_kernel_layers()
         self._weights_version = self._version()

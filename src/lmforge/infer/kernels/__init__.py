@@ -41,16 +41,18 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.c")
 F32, INT8, INT4 = 0, 1, 2
+ACT_F32, ACT_DYNAMIC, ACT_STATIC = 0, 1, 2  # a matmul's input: fp32, or int8 per token / with a fixed scale
 RMSNORM, LAYERNORM = 0, 1
 MLP_KINDS = {"swiglu": 0, "gelu_tanh": 1, "gelu": 2, "relu2": 3}
 
 
 class Weight(ctypes.Structure):
-    """A weight matrix in one of three formats (`lmf_weight`); pointers into PyTorch tensors."""
+    """A weight matrix in one of three formats (`lmf_weight`); pointers into PyTorch tensors. `act`
+    says whether the matmul rounds its input to int8 first (int8 and int4 weights)."""
 
     _fields_ = [("kind", ctypes.c_int32), ("group", ctypes.c_int32), ("n", ctypes.c_int64),
                 ("k", ctypes.c_int64), ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p)]
+                ("bias", ctypes.c_void_p), ("act", ctypes.c_int32), ("act_scale", ctypes.c_float)]
 
 
 class Layer(ctypes.Structure):
@@ -239,11 +241,15 @@ def pointer(t: torch.Tensor | None) -> int | None:
 
 
 def weight(kind: int, data: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-           group: int = 0) -> Weight:
-    """A `Weight` viewing these tensors (fp32 CPU, contiguous). The caller keeps them alive."""
+           group: int = 0, act: int = ACT_F32, act_scale: float = 0.0) -> Weight:
+    """A `Weight` viewing these tensors (fp32 CPU, contiguous). The caller keeps them alive.
+    `act`: ACT_DYNAMIC rounds each input row to int8 with its own scale (max|x| / 127), ACT_STATIC
+    with `act_scale`; then the products are integer (int8 and int4 weights only)."""
+    if act != ACT_F32 and kind == F32:
+        raise ValueError("int8 activations need int8 or int4 weights")
     n = data.shape[0]
     k = data.shape[1] * (2 if kind == INT4 else 1)
-    return Weight(kind, group, n, k, pointer(data), pointer(scale), pointer(bias))
+    return Weight(kind, group, n, k, pointer(data), pointer(scale), pointer(bias), act, act_scale)
 
 
 def linear(w: Weight, x: torch.Tensor, out: torch.Tensor | None = None,

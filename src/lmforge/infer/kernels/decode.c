@@ -19,6 +19,10 @@
  *   INT4: groups of G inputs share a step d and an offset m, w = d * q + m, q in 0..15 (like GGUF
  *         Q4_1). Codes are packed 64 inputs to 32 bytes (see row_i4 for the order); d and m are fp16,
  *         interleaved as dm[n, k / G, 2]. G is a multiple of 32 and k a multiple of 64.
+ *
+ * Activations: fp32 (weight-only quantization), or, for INT8 and INT4 weights, rounded to int8 once per
+ * token and multiplied as integers (`act`, see "int8 activations" below): W8A8 (SmoothQuant) layers,
+ * and weight-only models run the way llama.cpp runs its Q8_0/Q4_1 files.
  */
 
 #include <math.h>
@@ -34,6 +38,7 @@
 #endif
 
 enum { LMF_F32 = 0, LMF_INT8 = 1, LMF_INT4 = 2 };
+enum { LMF_ACT_F32 = 0, LMF_ACT_DYNAMIC = 1, LMF_ACT_STATIC = 2 }; /* how a matmul takes its input */
 
 /* Which code path this build holds: 1 = AVX2 + FMA + F16C, 0 = portable C. */
 int lmf_isa(void) { return LMF_AVX2; }
@@ -47,7 +52,19 @@ typedef struct {
   const void* data;   /* float [n, k] | int8 [n, k] | uint8 [n, k / 2] */
   const void* scale;  /* INT8: float [n] or [n, k / group]; INT4: fp16 [n, k / group, 2] */
   const float* bias;  /* [n] or NULL */
+  int32_t act;        /* LMF_ACT_*: INT8 and INT4 may round their input to int8 (F32 ignores it) */
+  float act_scale;    /* LMF_ACT_STATIC: the input's one calibrated scale */
 } lmf_weight;
+
+/* A matmul's input rows as the row functions read them: the rows themselves, and what is derived from
+ * them once per call (not once per output channel). */
+typedef struct {
+  const float* x; /* [M, k] */
+  float* xsum;    /* INT4: [M, k / G] group sums of x (fp32 input), or [M, k / G, 2] of its int8 codes
+                   (int8 input: pairs (0, sum), to meet the (step, offset) pairs of the weight's dm) */
+  int8_t* xq;     /* int8 input: [M, k] codes (for INT4 in the nibble order, see quantize_row) */
+  float* xscale;  /* int8 input: [M], row m ~ xscale[m] * xq[m] */
+} lmf_input;
 
 /* ------------------------------------------------------------------------------------ helpers */
 static float half_to_float(uint16_t h) {
@@ -250,19 +267,210 @@ static inline __attribute__((always_inline)) void row_i4(const uint8_t* w, const
 #endif
 }
 
-static void group_sums(const lmf_weight* W, const float* x, int64_t M, float* xsum);
-static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, int64_t r, const float* x,
-                                                          const float* xsum, const int mt, float* out);
+/* ------------------------------------------------------------------------- int8 activations
+ * With W->act set, a matmul first rounds each input row x to int8 with one scale per row (per token):
+ * x ~ s * c, c = round(x / s) clamped to [-127, 127], where s = max|x| / 127 (LMF_ACT_DYNAMIC, what
+ * llama.cpp does to its activations, though per token instead of per 32) or the one calibrated scale of
+ * the layer (LMF_ACT_STATIC, SmoothQuant's static scales). Each output is then integer dot products,
+ * scaled once per weight group:
+ *   INT8: y = s * sum_g scale_g * (c_g . q_g)                   (one group per row when per channel)
+ *   INT4: y = s * sum_g [d_g * (c_g . q_g) + m_g * sum(c_g)]    (the sums of c once per token, shared)
+ * that is, exactly the rounded input times the dequantized weight, up to the fp32 additions of the
+ * per-group terms. On AVX2 the products are llama.cpp's: _mm256_maddubs_epi16 multiplies unsigned by
+ * signed bytes into sums of pairs in 16 bits, so an int8 weight enters as |w| and its sign moves onto
+ * the activation (_mm256_sign_epi8); 128 * 127 * 2 < 2^15, so nothing saturates. _mm256_madd_epi16
+ * widens to 32 bits. INT4 codes are already unsigned (0..15), and the activations are stored in the
+ * weights' nibble order, so 64 inputs are one load, two masks and two byte products. Per input this is
+ * a third of the instructions of converting each weight to fp32 (row_dense, row_i4). */
+
+/* Position of input j (0..63) of a 64-input block among the codes of an INT4 matmul's activations:
+ * the low nibbles of the block's 32 bytes (byte 4i + b holds input 16b + i, see row_i4) pair with
+ * codes 0..31, the high nibbles (input 16b + 8 + i) with codes 32..63. */
+static inline int64_t nibble_position(int64_t j) { return (j % 16 >= 8 ? 32 : 0) + 4 * (j % 8) + j / 16; }
+
+/* Rounds row x [k] to int8 codes c and returns its scale s (x ~ s * c), rounding as PyTorch's
+ * `torch.round(x / s).clamp(-127, 127)` does (to nearest, ties to even). For an INT4 weight (`group` > 0)
+ * the codes go in the nibble order and csum gets each group's sum of codes, as pairs (0, sum). */
+static float quantize_row(const float* x, int64_t k, int32_t act, float fixed, int64_t group, int8_t* c,
+                          float* csum) {
+  float s = fixed;
+  int64_t i = 0;
+  if (act == LMF_ACT_DYNAMIC) {
+    float amax = 0.f;
+#if LMF_AVX2
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_setzero_ps();
+    for (; i + 8 <= k; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#endif
+    for (; i < k; ++i) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    s = amax / 127.f;
+  }
+  s = s > 1e-12f ? s : 1e-12f;
+  i = 0;
+#if LMF_AVX2
+  const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (; i + 32 <= k; i += 32) { /* 4 x 8 floats -> 32 int8, packed in order (the packs work per 128 bits) */
+    __m256i v[4];
+    for (int j = 0; j < 4; ++j) {
+      __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i + 8 * j), sv),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi));
+    }
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256((__m256i*)(c + i), _mm256_permutevar8x32_epi32(b, order));
+  }
+#endif
+  for (; i < k; ++i) {
+    const float q = nearbyintf(x[i] / s);
+    c[i] = (int8_t)(q < -127.f ? -127.f : q > 127.f ? 127.f : q);
+  }
+  if (group) {
+    for (int64_t g = 0; g < k / group; ++g) {
+      int32_t total = 0;
+      for (int64_t j = g * group; j < (g + 1) * group; ++j) total += c[j];
+      csum[2 * g] = 0.f;
+      csum[2 * g + 1] = (float)total;
+    }
+    for (int64_t b = 0; b < k; b += 64) {
+      int8_t block[64];
+      for (int64_t j = 0; j < 64; ++j) block[nibble_position(j)] = c[b + j];
+      memcpy(c + b, block, 64);
+    }
+  }
+  return s;
+}
+
+#if LMF_AVX2
+static inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+/* 32 products w_i * c_i, summed in fours into 8 int32 lanes (|w| unsigned, w's sign moved onto c) */
+static inline __m256i dot32_i8(__m256i w, __m256i abs_w, const int8_t* c) {
+  const __m256i pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)c), w));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+#endif
+
+/* INT8 weights times int8 codes c: sum over groups g of G inputs (G = k: one scale per row) of
+ * scale_g * (c_g . q_g), each dot product exact in 32-bit integers. */
+static inline __attribute__((always_inline)) void row_i8q(const int8_t* w, const float* scale, const int8_t* c,
+                                                          int64_t k, int64_t group, const int mt, float* out) {
+  const int64_t groups = k / group;
+  for (int t = 0; t < mt; ++t) out[t] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* wg = w + g * group;
+    const int8_t* cg = c + g * group;
+    int32_t dots[MAX_TILE] = {0};
+    int64_t i = 0;
+#if LMF_AVX2
+    __m256i acc[MAX_TILE];
+    for (int t = 0; t < mt; ++t) acc[t] = _mm256_setzero_si256();
+    for (; i + 32 <= group; i += 32) {
+      if (!(i & 63)) _mm_prefetch((const char*)wg + i + PREFETCH8, _MM_HINT_T0);
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(wg + i)), abs_w = _mm256_sign_epi8(wv, wv);
+      for (int t = 0; t < mt; ++t) acc[t] = _mm256_add_epi32(acc[t], dot32_i8(wv, abs_w, cg + t * k + i));
+    }
+    for (int t = 0; t < mt; ++t) dots[t] = hsum_i32(acc[t]);
+#endif
+    for (; i < group; ++i)
+      for (int t = 0; t < mt; ++t) dots[t] += (int32_t)wg[i] * cg[t * k + i];
+    for (int t = 0; t < mt; ++t) out[t] += scale[g] * (float)dots[t];
+  }
+}
+
+/* INT4 weights times int8 codes (nibble order), csum[t, g] = (0, the codes' group sum):
+ * sum_g d_g * (c_g . q_g) + m_g * sum(c_g). Each 64-input block spans one or two groups (G >= 32): the
+ * 16-bit pair sums of a 32-bit lane are its first half (inputs 0..31 of the block) then its second. */
+static inline __attribute__((always_inline)) void row_i4q(const uint8_t* w, const uint16_t* dm, const int8_t* c,
+                                                          const float* csum, int64_t k, int64_t group,
+                                                          const int mt, float* out) {
+  const int64_t groups = k / group;
+  float offset[MAX_TILE] = {0}; /* sum_g m_g * sum(c_g): the row's (d, m) pairs times the (0, sum) pairs */
+  int64_t i = 0;
+#if LMF_AVX2
+  __m256 o[MAX_TILE];
+  for (int t = 0; t < mt; ++t) o[t] = _mm256_setzero_ps();
+  for (; i + 8 <= 2 * groups; i += 8) {
+    const __m256 pairs = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(dm + i)));
+    for (int t = 0; t < mt; ++t) o[t] = _mm256_fmadd_ps(pairs, _mm256_loadu_ps(csum + t * 2 * groups + i), o[t]);
+  }
+  for (int t = 0; t < mt; ++t) offset[t] = hsum(o[t]);
+#endif
+  for (; i < 2 * groups; ++i)
+    for (int t = 0; t < mt; ++t) offset[t] += half_to_float(dm[i]) * csum[t * 2 * groups + i];
+#if LMF_AVX2
+  __m256 acc[MAX_TILE], acc2[MAX_TILE]; /* two chains of FMAs (first and second halves), not one twice as long */
+  for (int t = 0; t < mt; ++t) acc[t] = acc2[t] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m256i first = _mm256_set1_epi32(1), second = _mm256_set1_epi32(1 << 16);
+  /* the 16-bit pair sums of block b's codes times t's activations: 2 * 2 * 15 * 127, no saturation */
+#define PAIRS(b, t)                                                                                       \
+  _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256((const __m256i*)(c + (t) * k + 64 * (b)))), \
+                   _mm256_maddubs_epi16(high, _mm256_loadu_si256((const __m256i*)(c + (t) * k + 64 * (b) + 32))))
+#define UNPACK(b)                                                                                         \
+  if (!((b) & 1)) _mm_prefetch((const char*)w + 32 * (b) + PREFETCH8, _MM_HINT_T0);                     \
+  const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * (b)));                                 \
+  const __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble)
+  if (group % 64 == 0) { /* whole blocks per group: the group's integer sum, then one conversion */
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i sum[MAX_TILE];
+      for (int t = 0; t < mt; ++t) sum[t] = _mm256_setzero_si256();
+      for (int64_t b = g * (group / 64); b < (g + 1) * (group / 64); ++b) {
+        UNPACK(b);
+        for (int t = 0; t < mt; ++t) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(PAIRS(b, t), ones));
+      }
+      const __m256 d = _mm256_set1_ps(half_to_float(dm[2 * g]));
+      for (int t = 0; t < mt; ++t) acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[t]), d, acc[t]);
+    }
+  } else { /* a block's two halves in two groups (or, for G = 96, 160, ..., sometimes one) */
+    for (int64_t b = 0; b < k / 64; ++b) {
+      UNPACK(b);
+      const int64_t g0 = group == 32 ? 2 * b : (64 * b) / group, g1 = group == 32 ? 2 * b + 1 : (64 * b + 32) / group;
+      const __m256 d0 = _mm256_set1_ps(half_to_float(dm[2 * g0])), d1 = _mm256_set1_ps(half_to_float(dm[2 * g1]));
+      for (int t = 0; t < mt; ++t) {
+        const __m256i pairs = PAIRS(b, t);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, first)), d0, acc[t]);
+        acc2[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, second)), d1, acc2[t]);
+      }
+    }
+  }
+#undef PAIRS
+#undef UNPACK
+  for (int t = 0; t < mt; ++t) out[t] = hsum(_mm256_add_ps(acc[t], acc2[t])) + offset[t];
+#else
+  float acc[MAX_TILE] = {0};
+  for (int64_t b = 0; b < k / 64; ++b) {
+    int32_t half[2][MAX_TILE] = {{0}};
+    for (int p = 0; p < 32; ++p) { /* byte 4i + j: j = 0, 1 in the block's first half, 2, 3 its second */
+      const int lo = w[32 * b + p] & 15, hi = w[32 * b + p] >> 4, h = (p >> 1) & 1;
+      for (int t = 0; t < mt; ++t) half[h][t] += lo * c[t * k + 64 * b + p] + hi * c[t * k + 64 * b + 32 + p];
+    }
+    const float d0 = half_to_float(dm[2 * ((64 * b) / group)]), d1 = half_to_float(dm[2 * ((64 * b + 32) / group)]);
+    for (int t = 0; t < mt; ++t) acc[t] += d0 * (float)half[0][t] + d1 * (float)half[1][t];
+  }
+  for (int t = 0; t < mt; ++t) out[t] = acc[t] + offset[t];
+#endif
+}
+
+static void prepare_input(const lmf_weight* W, const float* x, int64_t M, lmf_input* in);
+static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, int64_t r, const lmf_input* in,
+                                                          int64_t m0, const int mt, float* out);
 
 static int64_t row_bytes(const lmf_weight* W) {
   return W->kind == LMF_F32 ? 4 * W->k : W->kind == LMF_INT8 ? W->k : W->k / 2;
 }
 
 /* y[m, :] (= or +=) x[m, :] @ W^T + bias, m < M, called by every thread of a parallel region (or
- * outside one, by a single thread). `xsum` has room for M * k / group floats (INT4 only). */
-static void linear_rows(const lmf_weight* W, const float* x, int64_t M, float* y, int accumulate,
-                        const float* xsum) {
-  const int64_t n = W->n, k = W->k, groups = W->kind == LMF_INT4 ? k / W->group : 0;
+ * outside one, by a single thread), with the input prepared by prepare_input. */
+static void linear_rows(const lmf_weight* W, const lmf_input* in, int64_t M, float* y, int accumulate) {
+  const int64_t n = W->n;
   /* Threads take chunks of ~64 KB of weights as they go (not one fixed half each): on a busy machine a
    * thread that loses its core for a while then holds up the others for one chunk, not half the matrix. */
   const int64_t chunk = row_bytes(W) >= 8192 ? 1 : 8192 / row_bytes(W);
@@ -274,7 +482,7 @@ static void linear_rows(const lmf_weight* W, const float* x, int64_t M, float* y
       /* each case inlines the row function with a constant tile, so its accumulators live in registers */
 #define TILE(T)                                                            \
   case T:                                                                \
-    row_any(W, r, x + m0 * k, xsum + m0 * groups, T, out);               \
+    row_any(W, r, in, m0, T, out);                                      \
     break;
       switch (mt) { TILE(1) TILE(2) TILE(3) default: TILE(4) }
 #undef TILE
@@ -289,11 +497,15 @@ static void linear_rows(const lmf_weight* W, const float* x, int64_t M, float* y
 /* The same as a standalone call (quantized layers in the PyTorch path use it). Below ~256 KB of weights,
  * waking a second thread costs more than it saves. */
 void lmf_linear(const lmf_weight* W, const float* x, int64_t M, float* y, int accumulate) {
-  float* xsum = W->kind == LMF_INT4 ? (float*)malloc(sizeof(float) * (size_t)(M * (W->k / W->group))) : NULL;
-  group_sums(W, x, M, xsum);
+  const int64_t groups = W->kind == LMF_INT4 ? W->k / W->group : 0;
+  lmf_input in = {x, (float*)malloc(sizeof(float) * (size_t)(2 * M * groups + M)),
+                  (int8_t*)malloc((size_t)(M * W->k)), NULL};
+  in.xscale = in.xsum + 2 * M * groups;
+  prepare_input(W, x, M, &in);
 #pragma omp parallel if (W->n * row_bytes(W) * M >= (1 << 18))
-  linear_rows(W, x, M, y, accumulate, xsum);
-  free(xsum);
+  linear_rows(W, &in, M, y, accumulate);
+  free(in.xsum);
+  free(in.xq);
 }
 
 /* ------------------------------------------------------------------------------------- norms */
@@ -393,25 +605,48 @@ static float activation(int32_t kind, float x) {
 typedef struct { float *x, *qkv, *attn, *act, *scores; } buffers;
 
 /* Per-thread scratch: the normalised input of the next matmul (each thread needs all of it, so each
- * computes it: cheaper than one thread computing it while the others wait at a barrier), the group
- * sums of that input (int4), and one query/key/value head. */
-typedef struct { float *h, *xsum, *q, *k; } private_buffers;
+ * computes it: cheaper than one thread computing it while the others wait at a barrier), what the
+ * matmul derives from its input (`in`: int4 group sums, int8 codes), and one query/key/value head. */
+typedef struct {
+  float *h, *q, *k;
+  lmf_input in;
+} private_buffers;
 
-/* the group sums of x for an int4 weight, or nothing */
-static void group_sums(const lmf_weight* W, const float* x, int64_t M, float* xsum) {
-  if (W->kind != LMF_INT4) return;
-  for (int64_t i = 0; i < M * (W->k / W->group); ++i) {
+/* What W's rows need of input x [M, k] besides x: its int8 codes and scales (int8 activations; for INT4
+ * also the codes' group sums) or its group sums (INT4 with fp32 activations), or nothing. */
+static void prepare_input(const lmf_weight* W, const float* x, int64_t M, lmf_input* in) {
+  const int64_t k = W->k, group = W->kind == LMF_INT4 ? W->group : 0, groups = group ? k / group : 0;
+  in->x = x;
+  if (W->act != LMF_ACT_F32 && W->kind != LMF_F32) {
+    for (int64_t m = 0; m < M; ++m)
+      in->xscale[m] = quantize_row(x + m * k, k, W->act, W->act_scale, group, in->xq + m * k,
+                                   in->xsum + 2 * m * groups);
+    return;
+  }
+  for (int64_t i = 0; i < M * groups; ++i) {
     float s = 0.f;
-    for (int64_t j = 0; j < W->group; ++j) s += x[i * W->group + j];
-    xsum[i] = s;
+    for (int64_t j = 0; j < group; ++j) s += x[i * group + j];
+    in->xsum[i] = s;
   }
 }
 
-/* one output row r of W for MT input rows (any format) */
-static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, int64_t r, const float* x,
-                                                          const float* xsum, const int mt, float* out) {
-  const int64_t k = W->k;
-  if (W->kind == LMF_F32) {
+/* one output row r of W for MT input rows m0.. (any format) */
+static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, int64_t r, const lmf_input* in,
+                                                          int64_t m0, const int mt, float* out) {
+  const int64_t k = W->k, groups = W->kind == LMF_INT4 ? k / W->group : 0;
+  const float* x = in->x + m0 * k;
+  const float* xsum = in->xsum + m0 * groups;
+  if (W->act != LMF_ACT_F32 && W->kind != LMF_F32) { /* int8 activations */
+    const int8_t* c = in->xq + m0 * k;
+    if (W->kind == LMF_INT8) {
+      const int64_t group = W->group && W->group < k ? W->group : k;
+      row_i8q((const int8_t*)W->data + r * k, (const float*)W->scale + r * (k / group), c, k, group, mt, out);
+    } else {
+      row_i4q((const uint8_t*)W->data + r * (k / 2), (const uint16_t*)W->scale + r * groups * 2, c,
+              in->xsum + 2 * m0 * groups, k, W->group, mt, out);
+    }
+    for (int t = 0; t < mt; ++t) out[t] *= in->xscale[m0 + t];
+  } else if (W->kind == LMF_F32) {
     row_dense((const float*)W->data + r * k, 0, x, k, mt, out);
   } else if (W->kind == LMF_INT8 && W->group && W->group < k) {
     row_i8g((const int8_t*)W->data + r * k, (const float*)W->scale + r * (k / W->group), x, k, W->group, mt, out);
@@ -420,7 +655,6 @@ static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, i
     const float s = ((const float*)W->scale)[r];
     for (int t = 0; t < mt; ++t) out[t] *= s;
   } else {
-    const int64_t groups = k / W->group;
     row_i4((const uint8_t*)W->data + r * (k / 2), (const uint16_t*)W->scale + r * groups * 2, x, xsum, k,
            W->group, mt, out);
   }
@@ -431,24 +665,22 @@ static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, i
 /* The MLP's first projection with the activation applied as each output is produced: a thread that
  * computes gate row r (and up row r for SwiGLU) writes act[r] at once, so no separate activation pass.
  * For SwiGLU the weight's rows alternate gate and up (g0, u0, g1, u1, ...): one sequential stream. */
-static void up_and_activate(const lmf_layer* L, const float* h, const float* xsum, int64_t M, float* act) {
+static void up_and_activate(const lmf_layer* L, const lmf_input* in, int64_t M, float* act) {
   const lmf_weight* W = &L->up;
-  const int64_t F = L->d_ff, groups = W->kind == LMF_INT4 ? W->k / W->group : 0;
+  const int64_t F = L->d_ff;
   const int64_t chunk = row_bytes(W) >= 8192 ? 1 : 8192 / row_bytes(W);
 #pragma omp for schedule(guided, chunk)
   for (int64_t r = 0; r < F; ++r) {
     for (int64_t m0 = 0; m0 < M; m0 += MAX_TILE) {
       const int mt = (int)(M - m0 < MAX_TILE ? M - m0 : MAX_TILE);
-      const float* xm = h + m0 * W->k;
-      const float* sm = xsum + m0 * groups;
       float g[MAX_TILE], u[MAX_TILE];
 #define TILE(T)                                                          \
   case T:                                                              \
     if (L->mlp == LMF_SWIGLU) {                                        \
-      row_any(W, 2 * r, xm, sm, T, g);                                 \
-      row_any(W, 2 * r + 1, xm, sm, T, u);                             \
+      row_any(W, 2 * r, in, m0, T, g);                                 \
+      row_any(W, 2 * r + 1, in, m0, T, u);                             \
     } else {                                                           \
-      row_any(W, r, xm, sm, T, g);                                     \
+      row_any(W, r, in, m0, T, g);                                     \
     }                                                                  \
     break;
       switch (mt) { TILE(1) TILE(2) TILE(3) default: TILE(4) }
@@ -462,14 +694,15 @@ static void up_and_activate(const lmf_layer* L, const float* h, const float* xsu
 /* x[b] += attention(norm(x[b])) then x[b] += mlp(norm(x[b])), one new token per row b. Run by every
  * thread of the step's parallel region: the `omp for` loops share out the work and end in the only
  * barriers (five per layer: after q/k/v, attention, the output projection, up+activation, down). */
-static void layer(const lmf_layer* L, const lmf_step* S, const buffers* buf, const private_buffers* mine) {
+static void layer(const lmf_layer* L, const lmf_step* S, const buffers* buf, private_buffers* mine) {
   const int64_t B = S->batch, d = L->d, H = L->n_heads, KV = L->n_kv, hd = L->head_dim, half = hd / 2;
   const int64_t width = L->qkv.n, group = H / KV;
   float *x = buf->x, *qkv = buf->qkv, *attn = buf->attn;
 
+  lmf_input* in = &mine->in; /* each thread's own */
   lmf_norm(L->norm, x, L->attn_norm_w, L->attn_norm_b, L->eps, B, d, mine->h);
-  group_sums(&L->qkv, mine->h, B, mine->xsum);
-  linear_rows(&L->qkv, mine->h, B, qkv, 0, mine->xsum);
+  prepare_input(&L->qkv, mine->h, B, in);
+  linear_rows(&L->qkv, in, B, qkv, 0);
 
   if (S->chunk) { /* later rows attend to earlier rows' keys: store them all first (one more barrier) */
 #pragma omp for schedule(static)
@@ -526,14 +759,14 @@ static void layer(const lmf_layer* L, const lmf_step* S, const buffers* buf, con
     }
     for (int64_t i = 0; i < hd; ++i) out[i] /= total;
   }
-  group_sums(&L->o, attn, B, mine->xsum);
-  linear_rows(&L->o, attn, B, x, 1, mine->xsum);
+  prepare_input(&L->o, attn, B, in);
+  linear_rows(&L->o, in, B, x, 1);
 
   lmf_norm(L->norm, x, L->mlp_norm_w, L->mlp_norm_b, L->eps, B, d, mine->h);
-  group_sums(&L->up, mine->h, B, mine->xsum);
-  up_and_activate(L, mine->h, mine->xsum, B, buf->act);
-  group_sums(&L->down, buf->act, B, mine->xsum);
-  linear_rows(&L->down, buf->act, B, x, 1, mine->xsum);
+  prepare_input(&L->up, mine->h, B, in);
+  up_and_activate(L, in, B, buf->act);
+  prepare_input(&L->down, buf->act, B, in);
+  linear_rows(&L->down, in, B, x, 1);
 }
 
 /* One decode step for a batch of rows, one new token each: embedding, every layer, final norm and
@@ -565,20 +798,24 @@ void lmf_decode(const lmf_model* M, lmf_step* S, float* logits) {
     if (M->pos_embed)
       for (int64_t i = 0; i < d; ++i) buf.x[b * d + i] += M->pos_embed[S->lengths[b] * d + i];
   }
-  const int64_t widest = L0->d_ff > d ? L0->d_ff : d;
+  const int64_t attn_width = L0->n_heads * L0->head_dim;
+  int64_t widest = L0->d_ff > d ? L0->d_ff : d; /* the widest input of any matmul */
+  widest = attn_width > widest ? attn_width : widest;
   const int parallel = M->head.n * row_bytes(&M->head) >= (1 << 22); /* tiny test models: one thread */
 #pragma omp parallel if (parallel)
   {
     private_buffers mine;
-    float* own = (float*)malloc(sizeof(float) * (size_t)(B * d + B * (widest / 16 + 1) + 2 * L0->head_dim));
+    float* own = (float*)malloc(sizeof(float) * (size_t)(B * d + B * (widest / 16 + 1) + 2 * L0->head_dim + B));
     mine.h = own;
-    mine.xsum = own + B * d;
-    mine.q = mine.xsum + B * (widest / 16 + 1);
+    mine.in.xsum = own + B * d;
+    mine.q = mine.in.xsum + B * (widest / 16 + 1);
     mine.k = mine.q + L0->head_dim;
+    mine.in.xscale = mine.k + L0->head_dim;
+    mine.in.xq = (int8_t*)malloc((size_t)(B * widest));
     for (int64_t i = 0; i < M->n_layers; ++i) layer(&M->layers[i], S, &buf, &mine);
     lmf_norm(M->final_norm, buf.x, M->final_w, M->final_b, M->final_eps, B, d, mine.h);
-    group_sums(&M->head, mine.h, B, mine.xsum);
-    linear_rows(&M->head, mine.h, B, logits, 0, mine.xsum);
+    prepare_input(&M->head, mine.h, B, &mine.in);
+    linear_rows(&M->head, &mine.in, B, logits, 0);
     if (S->argmax) {
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) {
@@ -589,6 +826,7 @@ void lmf_decode(const lmf_model* M, lmf_step* S, float* logits) {
       }
     }
     free(own);
+    free(mine.in.xq);
   }
 }
 
