@@ -7,6 +7,7 @@ import torch
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.quant import quantize_model
+from lmforge.infer.runner import ModelRunner
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import accept_drafts
 
@@ -73,3 +74,45 @@ def test_smollm2_with_its_int4_self_as_draft(smollm2):
     spec = Engine(smollm2.model, tok, draft_model=draft).complete([prompt], params)[0]
     assert spec.token_ids == plain.token_ids
     assert spec.stats.acceptance_rate > 0.6
+
+
+@pytest.mark.parametrize("cache", ["static", "paged"])
+def test_several_requests_are_speculated_together_with_greedy_tokens_unchanged(tiny, cache, monkeypatch):
+    """One batched draft forward per draft token and one verification forward for all running requests;
+    each request accepts its own drafts, and its tokens are plain greedy decoding's."""
+    model, draft = tiny(seed=0), tiny(seed=1)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11], [12, 13, 14, 15, 16, 17], [1, 2, 3]]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (24, 9, 17, 30, 5, 24)]
+    options = {"block_size": 4, "num_blocks": 80} if cache == "paged" else {}
+    plain = Engine(model, cache=cache, **options).complete(prompts, params)
+    engine = Engine(model, cache=cache, draft_model=draft, num_speculative=3, max_batch_size=4, **options)
+    calls = []
+    forward = ModelRunner.__call__
+    monkeypatch.setattr(ModelRunner, "__call__", lambda self, ids, *a, **kw: calls.append(tuple(ids.shape))
+                        or forward(self, ids, *a, **kw))
+    spec = engine.complete(prompts, params)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert (4, 4) in calls  # four requests verified together: [last token, 3 drafts] each
+    assert all(r.stats.draft_tokens > 0 for r in spec)
+
+
+def test_seeded_sampling_speculated_together_equals_each_request_alone(tiny):
+    model, draft = tiny(seed=0), tiny(seed=2)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [1, 2, 3]]
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=s, max_tokens=14, ignore_eos=True,
+                             frequency_penalty=0.5 * (s % 2)) for s in range(4)]
+    together = Engine(model, draft_model=draft, num_speculative=3).complete(prompts, params)
+    alone = [Engine(model, draft_model=draft, num_speculative=3).complete([p], [sp])[0]
+             for p, sp in zip(prompts, params)]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert sum(r.stats.accepted_tokens for r in together) > 0
+
+
+def test_speculation_beside_chunked_prefill(tiny):
+    """Running requests are speculated while a long prompt is prefilled in chunks beside them."""
+    model, draft = tiny(seed=0), tiny(seed=1)
+    prompts = [[1, 2], list(range(3, 43)), [5, 6, 7]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = Engine(model, prefill_chunk=None).complete(prompts, params)
+    spec = Engine(model, draft_model=draft, num_speculative=2, prefill_chunk=8).complete(prompts, params)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]

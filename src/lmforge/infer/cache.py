@@ -230,6 +230,19 @@ class StaticKVCache:
         self.key_pos[dst, :n] = self.key_pos[src, :n]
         self.lengths[dst] = n
 
+    def swap(self, a: Hashable, b: Hashable) -> None:
+        """Exchange two sequences' slots, contents included (the engine keeps the requests that decode
+        in the lowest slots and those whose prompt is still being prefilled above them)."""
+        sa, sb = self._slot_of[a], self._slot_of[b]
+        n = max(self.lengths[sa], self.lengths[sb])
+        pair, flipped = [sa, sb], [sb, sa]  # advanced indexing copies the right-hand side first
+        self.keys[:, pair, :, :n] = self.keys[:, flipped, :, :n]
+        self.values[:, pair, :, :n] = self.values[:, flipped, :, :n]
+        self.key_pos[pair] = self.key_pos[flipped]
+        self.lengths[sa], self.lengths[sb] = self.lengths[sb], self.lengths[sa]
+        self.resident[sa], self.resident[sb] = self.resident[sb], self.resident[sa]
+        self._slot_of[a], self._slot_of[b] = sb, sa
+
     def _clear(self, slot: int, length: int) -> None:
         self.key_pos[slot, length:] = -1
         self.lengths[slot] = length
@@ -502,6 +515,15 @@ class PagedKVCache:
     def free_tokens(self) -> int:
         return self.available_blocks() * self.block_size
 
+    def blocks_needed(self, seq: Hashable, length: int) -> int:
+        """Blocks `seq` lacks to hold `length` tokens."""
+        return max(-(-length // self.block_size) - len(self.tables[seq]), 0)
+
+    def reserve(self, seq: Hashable, length: int) -> None:
+        """Give `seq` the blocks for `length` tokens now (a prompt prefilled in chunks: its later
+        chunks cannot then find the pool empty). Raises `CacheFullError` if too few are available."""
+        self._grow(seq, length)
+
     def order(self, seq: Hashable) -> int:
         return 0
 
@@ -532,7 +554,7 @@ class _PagedRows:
         self._t = t
         longest = max(self.prior_lengths) + t
         width = -(-longest // bs)
-        padded = [c.tables[s] + [0] * (width - len(c.tables[s])) for s in self.seqs]
+        padded = [c.tables[s][:width] + [0] * (width - len(c.tables[s])) for s in self.seqs]  # (reserved)
         tables = torch.tensor(padded, device=device)
         token_slots = (tables[:, :, None] * bs + torch.arange(bs, device=device)).view(n, width * bs)
         self._read = token_slots[:, :longest]  # [n, S]: where each row's keys are, in order

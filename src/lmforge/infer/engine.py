@@ -6,7 +6,9 @@ and runs requests with *continuous batching*:
 ```
 add_request(prompt, params) -> request id          (queued: "waiting")
 step():
-    admit waiting requests while a slot is free:   prefill each prompt -> its first token
+    prefill up to `prefill_chunk` prompt tokens:   prompts under way first, then waiting
+                                                   requests while a slot is free; a prompt's
+                                                   last chunk gives its first token
     one decode step for every running request:     one batched forward, [n, 1] tokens
     finished requests (stop, length) leave at once and free their cache
     -> the TokenEvents produced by this step
@@ -18,9 +20,17 @@ for the slowest member of a batch. A decode step reads every weight once whateve
 batch size, so at small batches n requests cost little more than one: that is where the
 throughput comes from.
 
-With a draft model, a lone running request is decoded speculatively
-(`lmforge.infer.speculative`): the draft proposes k tokens, the model checks them in one
-forward pass, and the accept/reject rule keeps the model's own output distribution.
+*Chunked prefill*: a step runs at most `prefill_chunk` prompt tokens, so a long prompt
+is prefilled over several steps while the running requests go on decoding a token in
+every one of them (without it, a 2,000-token prompt stalls every stream for as long as
+its whole prefill takes). A request joins the decode batch once its last chunk has
+given its first token. The chunks attend to the keys and values the earlier ones
+cached, so the output is what one whole-prompt forward gives (up to float rounding).
+
+With a draft model, the running requests are decoded speculatively
+(`lmforge.infer.speculative`): the draft proposes k tokens for each of them, the model
+checks them all in one forward pass, and the accept/reject rule keeps the model's own
+output distribution.
 
 Convenience wrappers: `generate` (stream one request), `complete` (run many to the end),
 `beam_search` (`lmforge.infer.beam`).
@@ -55,8 +65,11 @@ from lmforge.infer.sampling import (
     filter_logits,
     logprobs_of,
 )
-from lmforge.infer.speculative import Drafter, speculative_round
+from lmforge.infer.speculative import Drafter, judge
 from lmforge.model.transformer import Transformer
+
+#: prompt tokens per engine step (chunked prefill); chosen by measurement, see docs/benchmarks.md
+PREFILL_CHUNK = 512
 
 
 class GenerationError(ValueError):
@@ -186,7 +199,8 @@ class Engine:
     `stop_ids` are the model's end-of-sequence tokens (`LoadedModel.stop_ids()`). A new
     prompt reuses the keys and values earlier requests left for the tokens it starts with
     (prefix caching: shared blocks of the paged cache, or what a free static slot holds; see
-    `lmforge.infer.cache`) unless `prefix_caching=False`.
+    `lmforge.infer.cache`) unless `prefix_caching=False`. `prefill_chunk` caps the prompt
+    tokens one step runs (chunked prefill; None or 0: every admitted prompt whole at once).
     `activations="int8"` makes the model's int8 and int4 layers round their inputs to int8 per
     token and multiply integers (`lmforge.infer.quant.int8_activations`; changes the model).
     """
@@ -206,10 +220,14 @@ class Engine:
         draft_model: Transformer | None = None,
         num_speculative: int = 4,
         prefix_caching: bool = True,
+        prefill_chunk: int | None = PREFILL_CHUNK,
         activations: Literal["int8"] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk is not None and prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: whole prompts), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk or None
         self.model = model.eval()
         if activations is not None:  # int8/int4 weights times int8-rounded inputs (`quant.int8_activations`)
             if activations != "int8":
@@ -237,12 +255,13 @@ class Engine:
         if draft_model is not None:
             if draft_model.config.vocab_size != model.config.vocab_size:
                 raise ValueError("the draft model must share the model's vocabulary")
-            self.draft = Drafter(draft_model, self.context)
+            self.draft = Drafter(draft_model, self.context, max_batch_size)
         if num_speculative < 1:
             raise ValueError(f"num_speculative must be >= 1, got {num_speculative}")
         self.num_speculative = num_speculative
         self.waiting: deque[_Sequence] = deque()
-        self.running: list[_Sequence] = []
+        self.running: list[_Sequence] = []  # decoding: their prompt is cached and they have a first token
+        self.prefilling: list[_Sequence] = []  # holding a cache while their prompt is run chunk by chunk
         self.sequences: dict[int, _Sequence] = {}
         self._ids = itertools.count()
 
@@ -338,7 +357,7 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
     def stats(self, request_id: int) -> GenerationStats:
         return self.sequences[request_id].stats
@@ -362,30 +381,39 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[TokenEvent]:
-        """Admit what fits, then decode one token for every running request."""
+        """Prefill up to `prefill_chunk` prompt tokens, then decode one token for every running request."""
         events: list[TokenEvent] = []
+        # prompts whose last chunk ran in this step, and the logits of their first token: an
+        # identical prompt admitted next copies the cache instead of running the prompt again
         prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]] = {}
-        while self.waiting and len(self.running) < self.max_batch_size and self._fits(self.waiting[0]):
-            seq = self.waiting.popleft()
-            key = tuple(seq.all_ids)
-            twin = prefilled.get(key)
+        budget = self.prefill_chunk or self.context
+        for seq in list(self.prefilling):  # prompts under way first, in slot order
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(seq, budget, events, prefilled)
+        while (self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size
+               and self._fits(self.waiting[0])):
+            seq = self.waiting[0]
+            twin = prefilled.get(tuple(seq.all_ids))
             if twin is not None and not twin[0].finished:  # the same prompt was just prefilled: copy it
-                events.append(self._fork(seq, *twin))
-            else:
-                event, logits = self._prefill(seq)
-                events.append(event)
-                prefilled[key] = (seq, logits)
+                events.append(self._fork(self.waiting.popleft(), *twin))
+                continue
+            if budget <= 0 or any(p.all_ids == seq.all_ids for p in self.prefilling):
+                break  # no tokens left in this step; or its twin is still being prefilled (it forks later)
+            self._start(self.waiting.popleft())
+            budget -= self._prefill_chunk(seq, budget, events, prefilled)
         if not self.running:
-            if self.waiting:  # nothing runs and the first request cannot fit even alone
+            if self.waiting and not self.prefilling:  # nothing runs, and the first request cannot fit alone
                 seq = self.waiting.popleft()
                 self._finish(seq, "length")
                 raise GenerationError(f"request {seq.id} does not fit in the KV cache")
             return events
-        if self.draft is not None and len(self.running) == 1 and not self.waiting:
-            seq = self.running[0]
-            if seq.max_tokens - len(seq.output_ids) > 1:
-                return events + self._speculative(seq)
-        self._make_room()
+        self._settle()
+        if self.draft is not None:
+            depths = self._speculation_depths()
+            if max(depths) >= 1:
+                return events + self._speculative(depths)
+        self._make_room(1)
         if self.running:
             events += self._decode()
         return events
@@ -395,43 +423,79 @@ class Engine:
             return self.cache.free_tokens() >= self._prefix_length() + seq.length + self.cache.block_size
         return True
 
-    def _make_room(self) -> None:
-        """Paged cache: if the running requests need more blocks than are free, send the most
-        recent ones back to the queue (their cache is freed; they are prefilled again later)."""
+    def _make_room(self, tokens: int) -> None:
+        """Paged cache: if the running requests need more blocks than are free for `tokens` more
+        tokens each, send the most recently admitted requests (decoding or still prefilling) back
+        to the queue (their cache is freed; they are prefilled again later)."""
         if not isinstance(self.cache, PagedKVCache):
             return
         while self.running:
-            bs = self.cache.block_size
-            needed = sum(1 for s in self.running if self.cache.seq_length(s.id) % bs == 0)
+            needed = sum(self.cache.blocks_needed(s.id, self.cache.seq_length(s.id) + tokens)
+                         for s in self.running)
             if needed <= self.cache.available_blocks():
                 return
-            seq = self.running.pop()
+            seq = max(self.running + self.prefilling, key=lambda s: s.admitted)
+            (self.running if seq in self.running else self.prefilling).remove(seq)
             self._release_cache(seq)
+            if self.draft is not None:
+                self.draft.forget(seq.id)
             self.waiting.appendleft(seq)
 
-    def _prefill(self, seq: _Sequence) -> tuple[TokenEvent, torch.Tensor]:
-        """Run the prompt (plus anything generated before a preemption) and take the next token;
-        also returns the logits it was drawn from, which a request with the same prompt reuses.
+    def _settle(self) -> None:
+        """Static cache: keep the decoding requests in the lowest slots, those still prefilling above
+        them (a decode batch must be one run of slots). A prompt's slot is taken after every other
+        one's, and prompts finish in slot order, so this has work to do only when a freed slot was
+        filled with a prefilling request's, or a fork's slot lies past a prompt still under way."""
+        if not isinstance(self.cache, StaticKVCache) or not self.prefilling:
+            return
+        n = len(self.running)
+        high = [s for s in self.running if self.cache.order(s.id) >= n]
+        low = [s for s in self.prefilling if self.cache.order(s.id) < n]
+        for a, b in zip(high, low):
+            self.cache.swap(a.id, b.id)
+        self._sort()
 
-        With a paged cache, the prompt's leading full blocks that an earlier request left in
-        the prefix cache are used as they are, and only the rest is run."""
+    def _sort(self) -> None:
+        self.running.sort(key=lambda s: self.cache.order(s.id))
+        self.prefilling.sort(key=lambda s: self.cache.order(s.id))
+
+    def _start(self, seq: _Sequence) -> None:
+        """Give a request its cache: the part of its prompt an earlier request left (prefix caching:
+        the paged cache's leading full blocks, or a free static slot's tokens), a prefix adapter's
+        keys and values, and with a paged cache the blocks for the rest of its prompt."""
         reuse = self._prefix_caching()
         if self.runner.refresh() and reuse:
             self.cache.forget_prefixes()  # computed with the old weights
         if isinstance(self.cache, PagedKVCache):
             shared = self.cache.match_prefix(seq.all_ids[:-1]) if reuse else []
-            self._admit(seq, lambda seq_id: self.cache.allocate(seq_id, shared))
+            self._admit(seq, lambda seq_id: self.cache.allocate(seq_id, shared), self.prefilling)
         else:
-            self._admit(seq, lambda seq_id: self.cache.allocate(seq_id, seq.all_ids[:-1] if reuse else ()))
+            self._admit(seq, lambda seq_id: self.cache.allocate(seq_id, seq.all_ids[:-1] if reuse else ()),
+                        self.prefilling)
         if self.runner.prefix is not None:  # a prefix adapter's keys and values come first
             self.cache.append(seq.id, *self.runner.prefix)
+        if isinstance(self.cache, PagedKVCache):
+            self.cache.reserve(seq.id, self._prefix_length() + seq.length)
+        seq.stats.cached_tokens = self.cache.seq_length(seq.id) - self._prefix_length()
+
+    def _prefill_chunk(self, seq: _Sequence, budget: int, events: list[TokenEvent],
+                       prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]]) -> int:
+        """Run the next `budget` tokens (at most) of a prompt (plus anything generated before a
+        preemption); after its last chunk, take the first token and join the decode batch.
+        Returns how many tokens it ran."""
         start = self.cache.seq_length(seq.id) - self._prefix_length()
-        seq.stats.cached_tokens = start
-        ids = torch.tensor([seq.all_ids[start:]], device=self.device)
+        end = min(seq.length, start + budget)
+        ids = torch.tensor([seq.all_ids[start:end]], device=self.device)
         logits = self.runner(ids, self.cache.view([seq.id]))
-        if self._prefix_caching():
-            self.cache.register(seq.id, seq.all_ids)  # as soon as computed: a twin admitted next can share it
-        return self._emit(seq, self._choose(logits[:1], [seq])[0], logits[0]), logits[0]
+        if self._prefix_caching():  # as soon as computed: a twin admitted next can share it
+            self.cache.register(seq.id, seq.all_ids[:end])
+        if end == seq.length:
+            self.prefilling.remove(seq)
+            self.running.append(seq)
+            self._sort()
+            prefilled[tuple(seq.all_ids)] = (seq, logits[0])
+            events.append(self._emit(seq, self._choose(logits[:1], [seq])[0], logits[0]))
+        return end - start
 
     def _prefix_caching(self) -> bool:
         """Whether prompts may reuse what earlier requests cached (blocks, or a static slot's tokens):
@@ -449,15 +513,16 @@ class Engine:
         """Admit a request whose tokens are exactly those `twin` was just prefilled with (k samples
         of one prompt, as RL rollouts and `n > 1` ask for): copy twin's cache instead of running
         the prompt again, and draw its own first token from the same logits with its own seed."""
-        self._admit(seq, lambda seq_id: self.cache.fork(twin.id, seq_id))
+        self._admit(seq, lambda seq_id: self.cache.fork(twin.id, seq_id), self.running)
         return self._emit(seq, self._choose(logits[None], [seq])[0], logits)
 
-    def _admit(self, seq: _Sequence, place: Callable[[int], None]) -> None:
-        """Give `seq` its cache (`place(seq.id)`: a fresh one, or a copy) and a place in the running batch."""
+    def _admit(self, seq: _Sequence, place: Callable[[int], None], into: list[_Sequence]) -> None:
+        """Give `seq` its cache (`place(seq.id)`: a fresh one, or a copy) and a place in `into`
+        (`prefilling`, or the running batch for a copy)."""
         seq.admitted = time.perf_counter()
         place(seq.id)
-        self.running.append(seq)
-        self.running.sort(key=lambda s: self.cache.order(s.id))
+        into.append(seq)
+        self._sort()
 
     def _decode(self) -> list[TokenEvent]:
         batch = self.running
@@ -525,32 +590,50 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         seq.finished = seq.stats.finish_reason = reason
-        if seq in self.running:
-            self.running.remove(seq)
+        held = self.running if seq in self.running else self.prefilling if seq in self.prefilling else None
+        if held is not None:
+            held.remove(seq)
             self._release_cache(seq)
-            # a static cache refills a freed slot with its last one: keep the batch in slot order
-            self.running.sort(key=lambda s: self.cache.order(s.id))
+            self._sort()  # a static cache refills a freed slot with its last one: keep slot order
         if self.draft is not None:
             self.draft.forget(seq.id)
 
-    def _speculative(self, seq: _Sequence) -> list[TokenEvent]:
-        remaining = seq.max_tokens - len(seq.output_ids)
-        room = self._capacity() - seq.length
-        k = min(self.num_speculative, remaining - 1, room - 1)
-        if k < 1:
-            return self._decode()
-        view = self.cache.view([seq.id])
-        result = speculative_round(self.draft, lambda ids: self.runner(ids, view, last_only=False)[0],
-                                   seq.id, seq.all_ids, k, seq.params, seq.counts, seq.generator)
-        # keep a prefix adapter's tokens, the sequence's tokens (the last included) and the accepted drafts
-        self.cache.truncate(seq.id, self._prefix_length() + seq.length + result.accepted)
-        seq.stats.draft_tokens += result.proposed
-        seq.stats.accepted_tokens += result.accepted
+    def _speculation_depths(self) -> list[int]:
+        """Each running request's k for a speculative round: as many drafts as it would get alone
+        (`num_speculative`, less near its `max_tokens`; 0: its round is a plain decode step), all
+        short enough that the batch's longest row, which every row is padded to, fits the context."""
+        room = min(self._capacity() - seq.length - 1 for seq in self.running)
+        return [max(min(self.num_speculative, seq.max_tokens - len(seq.output_ids) - 1, room), 0)
+                for seq in self.running]
+
+    def _speculative(self, depths: list[int]) -> list[TokenEvent]:
+        """One round for every running request: k drafts each (batched), one verification forward
+        over all of them ([n, max k + 1] tokens, shorter rows padded), then each accepts its own drafts."""
+        self._make_room(max(depths) + 1)
+        batch = list(self.running)
+        if not batch:
+            return []
+        if len(batch) < len(depths):  # some were preempted: the rest have room for as many tokens as before
+            depths = [min(k, max(depths)) for k in self._speculation_depths()]
+        width = max(depths) + 1
+        drafts, dists = self.draft.propose([s.id for s in batch], [s.all_ids for s in batch], depths,
+                                           [s.params for s in batch], [s.counts for s in batch],
+                                           [s.generator for s in batch])
+        rows = [[s.output_ids[-1], *d] for s, d in zip(batch, drafts)]
+        ids = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows], device=self.device)
+        logits = self.runner(ids, self.cache.view([s.id for s in batch]), last_only=False)  # [n, width, V]
         events = []
-        for token, logits in zip(result.tokens, result.logits):
-            events.append(self._emit(seq, token, logits))
-            if seq.finished:
-                break
+        for i, seq in enumerate(batch):
+            result = judge(self.draft, seq.id, seq.all_ids, drafts[i], dists[i], logits[i, :depths[i] + 1],
+                           seq.params, seq.counts, seq.generator)
+            # keep a prefix adapter's tokens, the sequence's (the last included) and the accepted drafts
+            self.cache.truncate(seq.id, self._prefix_length() + seq.length + result.accepted)
+            seq.stats.draft_tokens += result.proposed
+            seq.stats.accepted_tokens += result.accepted
+            for token, row in zip(result.tokens, result.logits):
+                events.append(self._emit(seq, token, row))
+                if seq.finished:
+                    break
         return events
 
     # ------------------------------------------------------------------ conveniences

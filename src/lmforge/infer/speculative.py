@@ -23,11 +23,18 @@ decoding with the model alone.
 Each round emits between 1 and k+1 tokens for one forward of the model plus k of the
 draft. The acceptance rate (accepted / proposed) measures how well the draft predicts the
 model; the speed-up is about (accepted per round + 1) / (1 + k * draft cost / model cost).
+
+Several requests at once: the draft keeps a cache slot per request and drafts for all of
+them together (`Drafter.propose`: one batched draft forward per draft token); the engine
+runs one verification forward over every request's [last token, k drafts] (rows of
+different lengths, as any batch); `judge` then applies the rule to each request on its
+own, with its own sampling settings, penalties and random generator, so a request's
+tokens are the same whether it was speculated alone or beside others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,65 +44,91 @@ from lmforge.infer.runner import ModelRunner
 from lmforge.infer.sampling import SamplingParams, TokenCounts, apply_penalties, draw, probabilities
 from lmforge.model.transformer import Transformer
 
-# The model under test, as the engine runs it: token ids [1, k + 1] -> logits [k + 1, V]
-# for one request whose cache holds every token but the last.
-Verifier = Callable[[torch.Tensor], torch.Tensor]
-
-_DRAFT = "draft"
-
 
 class Drafter:
-    """The draft model, with a one-sequence cache that follows the request being decoded."""
+    """The draft model, with a cache slot for each request it drafts for (up to `slots`)."""
 
-    def __init__(self, model: Transformer, context: int) -> None:
+    def __init__(self, model: Transformer, context: int, slots: int = 1) -> None:
         self.runner = ModelRunner(model.eval())
-        self.cache = StaticKVCache.for_model(model, 1, context, lazy=True)
-        self.cache.allocate(_DRAFT)
-        self.owner: int | None = None
-        self.cached: list[int] = []  # the tokens whose keys/values the draft cache holds
+        self.cache = StaticKVCache.for_model(model, slots, context, lazy=True)
+        self.cached: dict[Hashable, list[int]] = {}  # each owner's tokens whose keys/values its slot holds
 
-    def forget(self, owner: int) -> None:
-        if self.owner == owner:
-            self.truncate(0)
-            self.owner = None
+    def forget(self, owner: Hashable) -> None:
+        """Free an owner's slot (its request finished, or left the running batch)."""
+        if self.cached.pop(owner, None) is not None:
+            self.cache.free(owner)
 
-    def truncate(self, n: int) -> None:
-        """Keep the draft cache's first `n` tokens (the rest were rejected or belong to another request)."""
-        self.cache.truncate(_DRAFT, n)
-        del self.cached[n:]
+    def truncate(self, owner: Hashable, n: int) -> None:
+        """Keep the first `n` tokens of an owner's draft cache (the rest were rejected)."""
+        self.cache.truncate(owner, n)
+        del self.cached[owner][n:]
 
-    def propose(self, owner: int, tokens: list[int], k: int, params: SamplingParams,
-                counts: TokenCounts | None,
-                generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor | None]]:
-        """k draft tokens continuing `tokens`, and the distribution q_i each was drawn from
-        (None when greedy: then only the argmax matters)."""
-        if self.owner != owner:
-            self.truncate(0)
-            self.owner = owner
-        common = 0  # normally the whole cache: it is truncated to the accepted tokens after each round
-        while common < len(self.cached) and self.cached[common] == tokens[common]:
+    def _place(self, owners: Sequence[Hashable]) -> list[int]:
+        """Give every owner a slot, and free the slots of everyone else, so that the owners fill
+        slots 0..B-1 (a batch is one run of slots); returns the owners' indices in slot order."""
+        for other in [o for o in self.cached if o not in set(owners)]:
+            self.forget(other)
+        for owner in owners:
+            if owner not in self.cached:
+                self.cache.allocate(owner)
+                self.cached[owner] = []
+        return sorted(range(len(owners)), key=lambda i: self.cache.order(owners[i]))
+
+    def _catch_up(self, owner: Hashable, tokens: list[int]) -> None:
+        """Make the owner's draft cache hold exactly `tokens[:-1]`: keep what it shares with them
+        (normally everything: it is truncated to the accepted tokens after each round), run the rest."""
+        cached = self.cached[owner]
+        common = 0
+        while common < min(len(cached), len(tokens) - 1) and cached[common] == tokens[common]:
             common += 1
-        self.truncate(min(common, len(tokens) - 1))
-        feed = tokens[len(self.cached):]
-        counts = counts.copy() if counts is not None else None
-        drafts: list[int] = []
-        dists: list[torch.Tensor | None] = []
-        for _ in range(k):
-            ids = torch.tensor([feed], device=self.runner.device)
-            logits = self.runner(ids, self.cache.view([_DRAFT]))[0]
-            self.cached += feed
-            if params.greedy:
-                token = int(apply_penalties(logits.float(), params, counts).argmax())
-                dists.append(None)
-            else:
-                q = probabilities(logits, params, counts)
-                token = int(draw(q[None], [generator]))
-                dists.append(q)
-            drafts.append(token)
-            if counts is not None:
-                counts.add(token)
-            feed = [token]
-        return drafts, dists
+        self.truncate(owner, common)
+        feed = tokens[common:-1]
+        if feed:
+            self.runner(torch.tensor([feed], device=self.runner.device), self.cache.view([owner]))
+            cached += feed
+
+    def propose(self, owners: Sequence[Hashable], tokens: Sequence[list[int]], k: Sequence[int],
+                params: Sequence[SamplingParams], counts: Sequence[TokenCounts | None],
+                generators: Sequence[torch.Generator | None],
+                ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """k[i] draft tokens continuing row i's `tokens`, all rows drafted together (one batched draft
+        forward per draft token, max(k) of them), and for each row the distributions q [k[i], V] they
+        were drawn from (None when greedy: then only the argmax matters). A row that has its k[i]
+        drafts draws nothing more (its random numbers are those it would use alone); the batch feeds
+        it its last draft again, and its cache forgets what follows once the round is judged."""
+        rows = self._place(owners)
+        for i in rows:
+            self._catch_up(owners[i], tokens[i])
+        counts = [c.copy() if c is not None else None for c in counts]
+        drafts: list[list[int]] = [[] for _ in owners]
+        dists: list[list[torch.Tensor]] = [[] for _ in owners]
+        feed = [tokens[i][-1] for i in rows]
+        view_of = [owners[i] for i in rows]
+        for step in range(max(k)):
+            ids = torch.tensor(feed, device=self.runner.device)[:, None]
+            logits = self.runner(ids, self.cache.view(view_of))
+            sampled = []
+            for row, i in enumerate(rows):
+                self.cached[owners[i]].append(feed[row])
+                if step >= k[i]:
+                    continue
+                if params[i].greedy:
+                    feed[row] = int(apply_penalties(logits[row].float(), params[i], counts[i]).argmax())
+                else:
+                    dists[i].append(probabilities(logits[row], params[i], counts[i]))
+                    sampled.append(row)
+            if sampled:  # one random number from each sampled row's own generator
+                picks = draw(torch.stack([dists[rows[r]][-1] for r in sampled]),
+                             [generators[rows[r]] for r in sampled])
+                for r, token in zip(sampled, picks.tolist()):
+                    feed[r] = token
+            for row, i in enumerate(rows):
+                if step >= k[i]:
+                    continue
+                drafts[i].append(feed[row])
+                if counts[i] is not None:
+                    counts[i].add(feed[row])
+        return drafts, [torch.stack(d) if d else None for d in dists]
 
 
 def accept_drafts(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int],
@@ -133,17 +166,16 @@ class Round:
     accepted: int
 
 
-def speculative_round(drafter: Drafter, verify: Verifier, owner: int, tokens: list[int], k: int,
-                      params: SamplingParams, counts: TokenCounts | None,
-                      generator: torch.Generator | None) -> Round:
-    """One round for a request whose model cache holds `tokens[:-1]`: draft k, verify once, accept.
+def judge(drafter: Drafter, owner: Hashable, tokens: list[int], drafts: list[int], q: torch.Tensor | None,
+          logits: torch.Tensor, params: SamplingParams, counts: TokenCounts | None,
+          generator: torch.Generator | None) -> Round:
+    """Step 3 for one request: `logits` [k + 1, V] are the model's at [tokens[-1], *drafts] (its
+    verification forward, batched with other requests' by the engine); accept or reject the drafts.
 
     Afterwards the caller keeps `len(tokens) + accepted` tokens in the model's cache (the
     last token and the accepted drafts); the draft's cache is truncated to match here.
     """
-    cached = len(tokens) - 1  # the last token is not yet in the model's cache
-    drafts, q_rows = drafter.propose(owner, tokens, k, params, counts, generator)
-    logits = verify(torch.tensor([[tokens[-1], *drafts]], device=drafter.runner.device))  # [k + 1, V]
+    k = len(drafts)
     # the model's distribution at each position, with penalties seeing the drafts before it
     counts = counts.copy() if counts is not None else None
     p_rows = []
@@ -152,7 +184,9 @@ def speculative_round(drafter: Drafter, verify: Verifier, owner: int, tokens: li
         p_rows.append(row if params.greedy else probabilities(row, params))  # penalties already applied
         if counts is not None and i < k:
             counts.add(drafts[i])
-    q = None if params.greedy else torch.stack(q_rows)
-    accepted, following = accept_drafts(torch.stack(p_rows), q, drafts, generator)
-    drafter.truncate(min(len(drafter.cached), cached + 1 + accepted))
+    p = torch.stack(p_rows)
+    if q is None and not params.greedy:  # no drafts (k = 0): the next token is still drawn, not the argmax
+        q = p[:0]
+    accepted, following = accept_drafts(p, q, drafts, generator)
+    drafter.truncate(owner, min(len(drafter.cached[owner]), len(tokens) + accepted))
     return Round([*drafts[:accepted], following], logits[:accepted + 1], proposed=k, accepted=accepted)
