@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="cap prompt + reply tokens (default: the model's context)")
     p.add_argument("--cache", choices=["static", "paged"], default="static", help="KV cache layout")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                   help="prompt tokens per engine step, so that a long prompt does not stall the other "
+                        "streams (0: whole prompts; default: the engine's, 512)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="the weights' number format")
@@ -129,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from lmforge.infer.engine import Engine
+    from lmforge.infer.engine import PREFILL_CHUNK, Engine
     from lmforge.serve.app import create_app
     from lmforge.serve.catalog import model_id_for
 
@@ -137,6 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_body_mb <= 0:
         raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be >= 0 (0: whole prompts), got {args.prefill_chunk}")
     if args.header_timeout <= 0:
         raise ValueError(f"--header-timeout must be > 0, got {args.header_timeout}")
     if args.threads is not None:
@@ -167,6 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                quantize=args.quantize, max_batch_size=args.max_batch_size,
                                                activations="int8" if args.int8_activations else None,
                                                max_seq_len=args.max_seq_len, cache=args.cache,
+                                               prefill_chunk=(PREFILL_CHUNK if args.prefill_chunk is None
+                                                              else args.prefill_chunk),
                                                prepare=adapter_step(adapter))
     from lmforge.rag.embed import load_embedder
     from lmforge.serve.limits import header_timeout_protocol
