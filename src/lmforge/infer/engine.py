@@ -69,7 +69,7 @@ from lmforge.infer.speculative import Drafter, judge
 from lmforge.model.transformer import Transformer
 
 #: prompt tokens per engine step (chunked prefill); chosen by measurement, see docs/benchmarks.md
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 256
 
 
 class GenerationError(ValueError):

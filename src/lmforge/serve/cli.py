@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=["static", "paged"], default="static", help="KV cache layout")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
                    help="prompt tokens per engine step, so that a long prompt does not stall the other "
-                        "streams (0: whole prompts; default: the engine's, 512)")
+                        "streams (0: whole prompts; default: the engine's, 256)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="the weights' number format")
