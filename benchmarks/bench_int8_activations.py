@@ -4,8 +4,9 @@ One run, one process. The same float model (the `smollm2` sample dequantized to 
 stored as:
 - int8 per channel and int4 (groups of 32, fp16 step and offset, like Q4_1; also with an
   int8 head, as the packaged Q4_1 file keeps its head at 8 bits), each weight-only and with
-  int8 activations (`Engine(activations="int8")`: every input rounded to int8 per token,
-  integer products in the C kernel);
+  int8 activations, integer products in the C kernel: a scale per 32 inputs
+  (`Engine(activations="int8")`, as llama.cpp rounds its activations) and one per token
+  (`activations="int8-token"`);
 - SmoothQuant W8A8 (alpha 0.5, dynamic and static activation scales, calibrated on the
   Python HOWTOs), which before the integer kernel could not use the fused decode step.
 
@@ -59,23 +60,19 @@ from lmforge.model.gguf import export_gguf, load_gguf_model  # noqa: E402
 
 #: llama.cpp's engine runs its own files beside lmforge's (benchmarks/anchors.py)
 ANCHORS = ("llama_cpp",)
-VARIANTS = [  # (label, weights, head, int8 activations)
-    ("int8", "int8", True, False),
-    ("int8, int8 act.", "int8", True, True),
-    ("int4", "int4", True, False),
-    ("int4, int8 act.", "int4", True, True),
-    ("int4 head int8", "int4", "int8", False),
-    ("int4 head int8, int8 act.", "int4", "int8", True),
-]
+#: (label, weights, head) and (label suffix, int8 activation scales: None for weight-only)
+WEIGHTS = [("int8", "int8", True), ("int4", "int4", True), ("int4 head int8", "int4", "int8")]
+SCALES = {"": None, ", a8 per 32": "block", ", a8 per token": "token"}
 
 
 def variants(base, calibration: torch.Tensor) -> dict[str, torch.nn.Module]:
     models = {"fp32": base}
-    for label, weights, head, act in VARIANTS:
-        model = quantize_model(copy.deepcopy(base), weights, head=head)
-        if act:
-            int8_activations(model)
-        models[label] = model
+    for label, weights, head in WEIGHTS:
+        for suffix, scales in SCALES.items():
+            model = quantize_model(copy.deepcopy(base), weights, head=head)
+            if scales:
+                int8_activations(model, scales)
+            models[label + suffix] = model
     for scales in ("dynamic", "static"):
         model = copy.deepcopy(base)
         compress_model(model, "smoothquant", Grid(8), calibration=calibration, activations=scales, alpha=0.5)
@@ -158,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"engine": "lmforge", "precision": label, "tokens_per_s": best[("lmforge", label)],
                      "weight_bytes": weight_bytes(model), "perplexity": score.perplexity,
                      "greedy_identical": identical, "greedy_prefix": prefix})
-        print(f"  {label:26s} ppl {score.perplexity:7.3f}  greedy identical {identical:4.0%}  "
+        print(f"  {label:30s} ppl {score.perplexity:7.3f}  greedy identical {identical:4.0%}  "
               f"prefix {prefix:4.0%}", file=sys.stderr, flush=True)
     for kind, path in ggufs.items():
         ppl = llamacpp_perplexity(path, heldout, args.threads)[0] if kind != "f32" else None
@@ -169,22 +166,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n  SmolLM2-135M, batch 1, {args.threads} threads, best of {args.rounds} interleaved rounds; "
           f"held out {heldout.shape[0]} x {heldout.shape[1]} tokens; greedy {len(prompts)} prompts x "
           f"{args.new} tokens")
-    print(f"  {'engine':10s} {'precision':26s} {'tok/s':>7s} {'x fp32':>7s} {'MB/token':>9s} {'ppl':>8s} "
+    print(f"  {'engine':10s} {'precision':30s} {'tok/s':>7s} {'x fp32':>7s} {'MB/token':>9s} {'ppl':>8s} "
           f"{'identical':>9s} {'prefix':>7s}")
     for row in rows:
         size = row.get("weight_bytes") or row.get("file_bytes")
         ppl = f"{row['perplexity']:8.3f}" if row["perplexity"] else f"{'-':>8s}"
         agree = (f"{row['greedy_identical']:9.0%} {row['greedy_prefix']:7.0%}" if "greedy_prefix" in row
                  else f"{'-':>9s} {'-':>7s}")
-        print(f"  {row['engine']:10s} {row['precision']:26s} {row['tokens_per_s']:7.1f} "
+        print(f"  {row['engine']:10s} {row['precision']:30s} {row['tokens_per_s']:7.1f} "
               f"{row['tokens_per_s'] / fp32:6.2f}x {size / 1e6:9.1f} {ppl} {agree}")
-    for weights in ("int8", "int4", "int4 head int8"):
-        plain, act = best[("lmforge", weights)], best[("lmforge", f"{weights}, int8 act.")]
-        print(f"  {weights}: int8 activations {act / plain:.2f}x weight-only")
+    speed = {label: tps for (engine, label), tps in best.items() if engine == "lmforge"}
+    for weights, _, _ in WEIGHTS:
+        ratios = ", ".join(f"{suffix[2:]} {speed[weights + suffix] / speed[weights]:.2f}x"
+                           for suffix in SCALES if suffix)
+        print(f"  {weights}: vs weight-only: {ratios}")
     if ggufs:
-        for ours, theirs in (("int8, int8 act.", "q8_0"), ("int4 head int8, int8 act.", "q4_1")):
-            print(f"  {ours} vs llama.cpp {theirs.upper()}: "
-                  f"{best[('lmforge', ours)] / best[('llama.cpp', theirs)]:.2f}x")
+        for ours, theirs in (("int8", "q8_0"), ("int4 head int8", "q4_1")):
+            anchor = best[("llama.cpp", theirs)]
+            ratios = ", ".join(f"{ours}{suffix or ' weight-only'} {speed[ours + suffix] / anchor:.2f}x"
+                               for suffix in SCALES)
+            print(f"  vs llama.cpp {theirs.upper()}: {ratios}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "settings": vars(args), "rows": rows},
                                               indent=2) + "\n")

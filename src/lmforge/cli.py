@@ -44,9 +44,11 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, *, default_temperature:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="weight-only quantization of the linear layers (faster decoding)")
-    parser.add_argument("--int8-activations", action="store_true",
-                        help="int8/int4 layers also round their inputs to int8 per token and multiply "
-                             "integers (as llama.cpp's Q8_0/Q4_1; needs --quantize or a quantized model)")
+    parser.add_argument("--int8-activations", nargs="?", const="block", choices=["block", "token"],
+                        default=None, metavar="block|token",
+                        help="int8/int4 layers also round their inputs to int8, a scale per 32 inputs (as "
+                             "llama.cpp; the default) or per token, and multiply integers (needs --quantize "
+                             "or a quantized model)")
     parser.add_argument("--draft-model", default=None, metavar="PATH",
                         help="speculative decoding with this draft model (same vocabulary)")
     parser.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
@@ -57,6 +59,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, *, default_temperature:
                              "PEFT LoRA, IA3 or prefix-tuning folder")
     add_threads_flag(parser)
 
+
+# --int8-activations SCALES -> Engine(activations=...)
+ENGINE_ACTIVATIONS = {"block": "int8", "token": "int8-token"}
 
 # SamplingParams' field names -> the flags that set them, so an error names what the user typed
 _SAMPLING_FLAGS = {"max_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p",
@@ -96,7 +101,7 @@ def _load(args: argparse.Namespace):
     apply_threads(args.threads)
     return Engine.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
                                   quantize=args.quantize, draft=args.draft_model,
-                                  activations="int8" if args.int8_activations else None,
+                                  activations=ENGINE_ACTIVATIONS.get(args.int8_activations),
                                   draft_quantize=args.draft_quantize, max_batch_size=1,
                                   num_speculative=args.num_speculative, prepare=adapter_step(args.adapter))
 

@@ -62,6 +62,8 @@ def test_bad_generation_requests_are_one_clear_line(args, message, capsys, smoll
 def test_generate_with_int8_activations(capsys):
     reply = _run(capsys, "--max-new-tokens", "8", "--quantize", "int8", "--int8-activations")
     assert "Paris" in reply["completion"]
+    reply = _run(capsys, "--max-new-tokens", "8", "--quantize", "int4", "--int8-activations", "token")
+    assert "Paris" in reply["completion"]
     assert main(["generate", "--model", "smollm2", "--prompt", "x", "--int8-activations"]) == 2
     err = capsys.readouterr().err
     assert "int8 activations need int8 or int4 weights" in err and "Traceback" not in err

@@ -36,7 +36,7 @@ def _reference(layer, x: torch.Tensor) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias.double()
 
 
-def _layers(k: int) -> list:
+def _layers(k: int, rounding: str) -> list:
     w, b = torch.randn(40, k), torch.randn(40)
     layers = [Int8Linear.from_float(w, b),  # one scale per row (k = 200: a tail after the 32-byte steps)
               Int8ActLinear(Int8Linear.from_float(w).qweight, Int8Linear.from_float(w).scale, b,
@@ -48,16 +48,17 @@ def _layers(k: int) -> list:
         layers.append(Int8Linear(codes, torch.rand(40, k // 32) / 50))
     for layer in layers:
         if layer.activations is None:
-            layer.activations = "dynamic"
-    return layers
+            layer.activations = rounding
+    return [m for m in layers if m.activations != "block" or k % 32 == 0]
 
 
 @needs_kernels
+@pytest.mark.parametrize("rounding", ["dynamic", "block"])  # a scale per token, per 32 inputs
 @pytest.mark.parametrize("k", [200, 192, 576])
-def test_integer_products_equal_the_rounded_reference(kernel_isa, k):
+def test_integer_products_equal_the_rounded_reference(kernel_isa, k, rounding):
     torch.manual_seed(k)
     x = torch.randn(5, k) * torch.rand(k) * 3  # 5 rows: a tile of 4 and a tile of 1
-    for layer in _layers(k):
+    for layer in _layers(k, rounding):
         for rows in (1, 5):
             y = kernels.linear(layer.kernel_weight(layer.bias), x[:rows].contiguous())
             expected = _reference(layer, x[:rows])
@@ -69,10 +70,12 @@ def test_integer_products_equal_the_rounded_reference(kernel_isa, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("scales", ["block", "token"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_fused_decode_with_int8_activations_equals_the_pytorch_path(kernel_isa, tiny, monkeypatch, mode):
+def test_fused_decode_with_int8_activations_equals_the_pytorch_path(kernel_isa, tiny, monkeypatch, mode,
+                                                                    scales):
     model = quantize_model(tiny("llama-gqa", d_model=64, d_ff=128), mode)
-    assert int8_activations(model) == 2 * 7 + 1  # every projection of both layers, and the head
+    assert int8_activations(model, scales) == 2 * 7 + 1  # every projection of both layers, and the head
     fast = ModelRunner(model)
     assert fast.fast
     ids = torch.randint(0, 97, (2, 12))
@@ -114,7 +117,7 @@ def test_engine_option_greedy_tokens(tiny):
     prompt, params = [5, 17, 42, 8], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     engine = Engine(model, activations="int8")
     tokens = engine.complete([prompt], params)[0].token_ids
-    assert all(m.activations == "dynamic" for m in model.modules() if isinstance(m, Int4Linear))
+    assert all(m.activations == "block" for m in model.modules() if isinstance(m, Int4Linear))
     runner, cache = ModelRunner(model, fast_decode=False), StaticKVCache.for_model(model, 1, 32)
     expected, logits = [], runner(torch.tensor([prompt]), cache)
     for _ in range(12):
@@ -128,3 +131,8 @@ def test_engine_option_needs_quantized_weights(tiny):
         Engine(tiny("llama-gqa"), activations="int8")
     with pytest.raises(ValueError, match="activations"):
         Engine(quantize_model(tiny("llama-gqa"), "int8"), activations="int4")
+    with pytest.raises(ValueError, match="multiple of 32 inputs, one has 100"):
+        Engine(quantize_model(tiny("llama-gqa", d_ff=100), "int8"), activations="int8")
+    model = quantize_model(tiny("llama-gqa", d_ff=100), "int8")
+    Engine(model, activations="int8-token")  # one scale per token: any width
+    assert {m.activations for m in model.modules() if isinstance(m, Int8Linear)} == {"dynamic"}

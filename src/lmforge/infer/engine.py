@@ -201,8 +201,9 @@ class Engine:
     (prefix caching: shared blocks of the paged cache, or what a free static slot holds; see
     `lmforge.infer.cache`) unless `prefix_caching=False`. `prefill_chunk` caps the prompt
     tokens one step runs (chunked prefill; None or 0: every admitted prompt whole at once).
-    `activations="int8"` makes the model's int8 and int4 layers round their inputs to int8 per
-    token and multiply integers (`lmforge.infer.quant.int8_activations`; changes the model).
+    `activations="int8"` makes the model's int8 and int4 layers round their inputs to int8 with a
+    scale per 32 inputs (as llama.cpp; "int8-token": per token) and multiply integers
+    (`lmforge.infer.quant.int8_activations`; changes the model).
     """
 
     def __init__(
@@ -221,7 +222,7 @@ class Engine:
         num_speculative: int = 4,
         prefix_caching: bool = True,
         prefill_chunk: int | None = PREFILL_CHUNK,
-        activations: Literal["int8"] | None = None,
+        activations: Literal["int8", "int8-token"] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -230,10 +231,10 @@ class Engine:
         self.prefill_chunk = prefill_chunk or None
         self.model = model.eval()
         if activations is not None:  # int8/int4 weights times int8-rounded inputs (`quant.int8_activations`)
-            if activations != "int8":
-                raise ValueError(f"activations must be 'int8' (or None: as the layers are), "
+            if activations not in ("int8", "int8-token"):
+                raise ValueError(f"activations must be 'int8' or 'int8-token' (or None: as the layers are), "
                                  f"got {activations!r}")
-            int8_activations(model)
+            int8_activations(model, "token" if activations == "int8-token" else "block")
         self.tokenizer = tokenizer
         self.token_bytes = token_bytes or (_vocabulary_bytes(tokenizer) if tokenizer is not None else None)
         self.runner = ModelRunner(model)

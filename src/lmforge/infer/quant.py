@@ -15,11 +15,11 @@ stay in floating point (only weights are rounded), which keeps the error small:
   spoil only their own group's resolution.
 
 **int8 activations** (an option, `int8_activations`): an int8 or int4 layer can also
-round each input row to int8 with its own scale, x ~ s * c with s = max|x| / 127 per
-token, and multiply integers, as llama.cpp runs its Q8_0/Q4_1 files (its scales are per
-32 inputs): fewer instructions per weight on CPUs without fast float conversion, at the
-cost of the activations' rounding error. `Int8ActLinear` (SmoothQuant's W8A8) always
-does, per token or with one calibrated scale.
+round its input to int8, x ~ s * c with s = max|x| / 127 per 32 inputs (as llama.cpp
+rounds its activations for Q8_0/Q4_1 files) or per token, and multiply integers: fewer
+instructions per weight on CPUs without fast float conversion, at the cost of the
+activations' rounding error. `Int8ActLinear` (SmoothQuant's W8A8) always does, per token
+or with one calibrated scale.
 
 On CPU, small batches (decode) go to lmforge's kernels (`infer/kernels/decode.c`),
 which read the small integers directly (and, with int8 activations, round the input and
@@ -42,17 +42,23 @@ from torch import nn
 from lmforge.infer import kernels
 
 QuantMode = Literal["int8", "int4"]
-ActivationScales = Literal["dynamic", "static"]
+ActivationScales = Literal["dynamic", "static"]  # W8A8: one scale per token, or one calibrated per layer
+#: how a layer rounds its input: per token ("dynamic"), per 32 inputs ("block"), one fixed scale ("static")
+InputRounding = Literal["dynamic", "block", "static"]
 KERNEL_MAX_ROWS = 16  # beyond this many rows a dequantize + BLAS matmul is faster than the kernels
 
 
-def round_activations(x: torch.Tensor,
-                      scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of x [rows, in] rounded to int8: (codes as fp32 integers in [-127, 127], scale [rows, 1]
-    or the given one), x ~ codes * scale. Without `scale`, each row's own max|x| / 127 (per token).
-    The C kernels round the same way (fp32 division, ties to even)."""
+def round_activations(x: torch.Tensor, scale: torch.Tensor | None = None, *,
+                      block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x [rows, in] rounded to int8: (codes as fp32 integers in [-127, 127], scale), x ~ codes
+    * scale. Without `scale`, each row's own max|x| / 127 (per token; scale [rows, 1]), or with
+    `block` each `block` inputs' own (scale [rows, in], repeated over its block). The C kernels round
+    the same way (fp32 division, ties to even)."""
     x = x.float()
-    if scale is None:
+    if block is not None:
+        scale = x.view(x.shape[0], -1, block).abs().amax(dim=2) / 127
+        scale = scale.repeat_interleave(block, dim=1)
+    elif scale is None:
         scale = x.abs().amax(dim=1, keepdim=True) / 127
     scale = scale.clamp(min=1e-12)
     return torch.round(x / scale).clamp_(-127, 127), scale
@@ -65,9 +71,10 @@ class QuantizedLinear(nn.Module, abc.ABC):
     in_features: int
     out_features: int
     bias: torch.Tensor | None
-    #: None: weight-only (fp32 inputs); "dynamic": each input row is rounded to int8 with its own scale
-    #: first (`int8_activations`); "static": with the layer's one calibrated `act_scale` (W8A8 only)
-    activations: ActivationScales | None = None
+    #: None: weight-only (fp32 inputs); "dynamic" / "block": each input row is rounded to int8 first with
+    #: its own scale / a scale per 32 inputs (`int8_activations`); "static": with the layer's one
+    #: calibrated `act_scale` (W8A8 only)
+    activations: InputRounding | None = None
 
     def weight_bytes(self) -> int:
         """Bytes a forward pass reads for the weight (values + scales)."""
@@ -79,7 +86,8 @@ class QuantizedLinear(nn.Module, abc.ABC):
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes as fp32 integers [rows, in], scale [rows, 1] or [1]): x ~ codes * scale."""
-        return round_activations(x, self.act_scale if self.activations == "static" else None)
+        return round_activations(x, self.act_scale if self.activations == "static" else None,
+                                 block=32 if self.activations == "block" else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -104,9 +112,9 @@ class QuantizedLinear(nn.Module, abc.ABC):
         """How the kernels take this layer's input (`kernels.weight`'s act and act_scale)."""
         if self.activations is None:
             return {}
-        if self.activations == "dynamic":
-            return {"act": kernels.ACT_DYNAMIC}
-        return {"act": kernels.ACT_STATIC, "act_scale": float(self.act_scale)}
+        if self.activations == "static":
+            return {"act": kernels.ACT_STATIC, "act_scale": float(self.act_scale)}
+        return {"act": kernels.ACT_BLOCK if self.activations == "block" else kernels.ACT_DYNAMIC}
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
@@ -361,17 +369,24 @@ def concat_linears(layers: Sequence[nn.Module]) -> nn.Module:
     return quantized
 
 
-def int8_activations(model: nn.Module) -> int:
-    """Make every weight-only int8 and int4 layer of `model` round its input to int8 per token
-    (dynamic scale) and multiply integers; returns how many layers that is. W8A8 layers keep
-    their own scales. Set it before building an `Engine`/`ModelRunner`, which fuse the layers."""
+def int8_activations(model: nn.Module, scales: Literal["block", "token"] = "block") -> int:
+    """Make every weight-only int8 and int4 layer of `model` round its input to int8, with a scale
+    per 32 inputs (`scales="block"`, as llama.cpp) or per token, and multiply integers; returns how
+    many layers that is. W8A8 layers keep their own scales. Set it before building an
+    `Engine`/`ModelRunner`, which fuse the layers."""
+    if scales not in ("block", "token"):
+        raise ValueError(f"int8 activation scales are per 'block' (of 32 inputs) or per 'token', "
+                         f"got {scales!r}")
     layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))
               and not isinstance(m, Int8ActLinear)]
     if not layers and not any(isinstance(m, Int8ActLinear) for m in model.modules()):
         raise ValueError("int8 activations need int8 or int4 weights: quantize the model first "
                          "(--quantize int8 or int4)")
+    if scales == "block" and (odd := next((m for m in layers if m.in_features % 32), None)) is not None:
+        raise ValueError(f"int8 activations per 32 inputs need layers of a multiple of 32 inputs, one has "
+                         f"{odd.in_features}: use scales='token'")
     for layer in layers:
-        layer.activations = "dynamic"
+        layer.activations = "block" if scales == "block" else "dynamic"
     return len(layers)
 
 

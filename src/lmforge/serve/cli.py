@@ -48,8 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the weights' number format")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
-    p.add_argument("--int8-activations", action="store_true",
-                   help="int8/int4 layers also round their inputs to int8 per token (integer products)")
+    p.add_argument("--int8-activations", nargs="?", const="block", choices=["block", "token"], default=None,
+                   metavar="block|token",
+                   help="int8/int4 layers round their inputs to int8 too (scales per 32 inputs or per token)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the engines (default: torch's choice)")
     p.add_argument("--shutdown-timeout", type=float, default=60.0,
@@ -170,7 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lmforge serve: loading {name} from {path}{with_adapter}", file=sys.stderr)
         engines[name] = Engine.from_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device,
                                                quantize=args.quantize, max_batch_size=args.max_batch_size,
-                                               activations="int8" if args.int8_activations else None,
+                                               activations={"block": "int8", "token": "int8-token"}.get(
+                                                   args.int8_activations),
                                                max_seq_len=args.max_seq_len, cache=args.cache,
                                                prefill_chunk=(PREFILL_CHUNK if args.prefill_chunk is None
                                                               else args.prefill_chunk),

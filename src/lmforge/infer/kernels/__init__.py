@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.c")
 F32, INT8, INT4 = 0, 1, 2
-ACT_F32, ACT_DYNAMIC, ACT_STATIC = 0, 1, 2  # a matmul's input: fp32, or int8 per token / with a fixed scale
+# a matmul's input: fp32, or int8 with a scale per row (per token, or one fixed scale) or per 32 inputs
+ACT_F32, ACT_DYNAMIC, ACT_STATIC, ACT_BLOCK = 0, 1, 2, 3
 RMSNORM, LAYERNORM = 0, 1
 MLP_KINDS = {"swiglu": 0, "gelu_tanh": 1, "gelu": 2, "relu2": 3}
 
@@ -244,11 +245,14 @@ def weight(kind: int, data: torch.Tensor, scale: torch.Tensor | None = None, bia
            group: int = 0, act: int = ACT_F32, act_scale: float = 0.0) -> Weight:
     """A `Weight` viewing these tensors (fp32 CPU, contiguous). The caller keeps them alive.
     `act`: ACT_DYNAMIC rounds each input row to int8 with its own scale (max|x| / 127), ACT_STATIC
-    with `act_scale`; then the products are integer (int8 and int4 weights only)."""
+    with `act_scale`, ACT_BLOCK with a scale per 32 inputs; then the products are integer (int8
+    and int4 weights only)."""
     if act != ACT_F32 and kind == F32:
         raise ValueError("int8 activations need int8 or int4 weights")
     n = data.shape[0]
     k = data.shape[1] * (2 if kind == INT4 else 1)
+    if act == ACT_BLOCK and k % 32:
+        raise ValueError(f"int8 activations with a scale per 32 inputs need a multiple of 32 inputs, got {k}")
     return Weight(kind, group, n, k, pointer(data), pointer(scale), pointer(bias), act, act_scale)
 
 

@@ -21,8 +21,8 @@
  *         interleaved as dm[n, k / G, 2]. G is a multiple of 32 and k a multiple of 64.
  *
  * Activations: fp32 (weight-only quantization), or, for INT8 and INT4 weights, rounded to int8 once per
- * token and multiplied as integers (`act`, see "int8 activations" below): W8A8 (SmoothQuant) layers,
- * and weight-only models run the way llama.cpp runs its Q8_0/Q4_1 files.
+ * token (a scale per row or per 32 inputs) and multiplied as integers (`act`, see "int8 activations"
+ * below): W8A8 (SmoothQuant) layers, and weight-only models run the way llama.cpp runs its Q8_0/Q4_1.
  */
 
 #include <math.h>
@@ -38,7 +38,8 @@
 #endif
 
 enum { LMF_F32 = 0, LMF_INT8 = 1, LMF_INT4 = 2 };
-enum { LMF_ACT_F32 = 0, LMF_ACT_DYNAMIC = 1, LMF_ACT_STATIC = 2 }; /* how a matmul takes its input */
+/* how a matmul takes its input: fp32, or int8 with a scale per row (dynamic or fixed) or per 32 inputs */
+enum { LMF_ACT_F32 = 0, LMF_ACT_DYNAMIC = 1, LMF_ACT_STATIC = 2, LMF_ACT_BLOCK = 3 };
 
 /* Which code path this build holds: 1 = AVX2 + FMA + F16C, 0 = portable C. */
 int lmf_isa(void) { return LMF_AVX2; }
@@ -63,7 +64,7 @@ typedef struct {
   float* xsum;    /* INT4: [M, k / G] group sums of x (fp32 input), or [M, k / G, 2] of its int8 codes
                    (int8 input: pairs (0, sum), to meet the (step, offset) pairs of the weight's dm) */
   int8_t* xq;     /* int8 input: [M, k] codes (for INT4 in the nibble order, see quantize_row) */
-  float* xscale;  /* int8 input: [M], row m ~ xscale[m] * xq[m] */
+  float* xscale;  /* int8 input: [M] (one scale per row) or [M, k / 32] (LMF_ACT_BLOCK), x ~ xscale * xq */
 } lmf_input;
 
 /* ------------------------------------------------------------------------------------ helpers */
@@ -269,12 +270,14 @@ static inline __attribute__((always_inline)) void row_i4(const uint8_t* w, const
 
 /* ------------------------------------------------------------------------- int8 activations
  * With W->act set, a matmul first rounds each input row x to int8 with one scale per row (per token):
- * x ~ s * c, c = round(x / s) clamped to [-127, 127], where s = max|x| / 127 (LMF_ACT_DYNAMIC, what
- * llama.cpp does to its activations, though per token instead of per 32) or the one calibrated scale of
- * the layer (LMF_ACT_STATIC, SmoothQuant's static scales). Each output is then integer dot products,
- * scaled once per weight group:
+ * x ~ s * c, c = round(x / s) clamped to [-127, 127], where s = max|x| / 127 (LMF_ACT_DYNAMIC) or the
+ * one calibrated scale of the layer (LMF_ACT_STATIC, SmoothQuant's static scales); or (LMF_ACT_BLOCK)
+ * with a scale per 32 inputs, s_b = max|x_b| / 127, as llama.cpp rounds its activations (Q8_0, Q8_1),
+ * which keeps one loud channel from costing the whole token its resolution. Each output is then
+ * integer dot products, scaled once per weight group (and per 32-block of the input):
  *   INT8: y = s * sum_g scale_g * (c_g . q_g)                   (one group per row when per channel)
  *   INT4: y = s * sum_g [d_g * (c_g . q_g) + m_g * sum(c_g)]    (the sums of c once per token, shared)
+ *   (per-block scales: s moves inside the sums, y = sum_b s_b * scale_g(b) * (c_b . q_b), ...)
  * that is, exactly the rounded input times the dequantized weight, up to the fp32 additions of the
  * per-group terms. On AVX2 the products are llama.cpp's: _mm256_maddubs_epi16 multiplies unsigned by
  * signed bytes into sums of pairs in 16 bits, so an int8 weight enters as |w| and its sign moves onto
@@ -288,32 +291,29 @@ static inline __attribute__((always_inline)) void row_i4(const uint8_t* w, const
  * codes 0..31, the high nibbles (input 16b + 8 + i) with codes 32..63. */
 static inline int64_t nibble_position(int64_t j) { return (j % 16 >= 8 ? 32 : 0) + 4 * (j % 8) + j / 16; }
 
-/* Rounds row x [k] to int8 codes c and returns its scale s (x ~ s * c), rounding as PyTorch's
- * `torch.round(x / s).clamp(-127, 127)` does (to nearest, ties to even). For an INT4 weight (`group` > 0)
- * the codes go in the nibble order and csum gets each group's sum of codes, as pairs (0, sum). */
-static float quantize_row(const float* x, int64_t k, int32_t act, float fixed, int64_t group, int8_t* c,
-                          float* csum) {
-  float s = fixed;
+static float abs_max(const float* x, int64_t n) {
+  float amax = 0.f;
   int64_t i = 0;
-  if (act == LMF_ACT_DYNAMIC) {
-    float amax = 0.f;
 #if LMF_AVX2
-    const __m256 sign = _mm256_set1_ps(-0.f);
-    __m256 m = _mm256_setzero_ps();
-    for (; i + 8 <= k; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 #endif
-    for (; i < k; ++i) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
-    s = amax / 127.f;
-  }
-  s = s > 1e-12f ? s : 1e-12f;
-  i = 0;
+  for (; i < n; ++i) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+  return amax;
+}
+
+/* c = round(x / s) clamped to [-127, 127], as PyTorch's `torch.round(x / s).clamp(-127, 127)` rounds
+ * (fp32 division, to nearest, ties to even) */
+static void round_codes(const float* x, int64_t n, float s, int8_t* c) {
+  int64_t i = 0;
 #if LMF_AVX2
   const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (; i + 32 <= k; i += 32) { /* 4 x 8 floats -> 32 int8, packed in order (the packs work per 128 bits) */
+  for (; i + 32 <= n; i += 32) { /* 4 x 8 floats -> 32 int8, packed in order (the packs work per 128 bits) */
     __m256i v[4];
     for (int j = 0; j < 4; ++j) {
       __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i + 8 * j), sv),
@@ -324,16 +324,42 @@ static float quantize_row(const float* x, int64_t k, int32_t act, float fixed, i
     _mm256_storeu_si256((__m256i*)(c + i), _mm256_permutevar8x32_epi32(b, order));
   }
 #endif
-  for (; i < k; ++i) {
+  for (; i < n; ++i) {
     const float q = nearbyintf(x[i] / s);
     c[i] = (int8_t)(q < -127.f ? -127.f : q > 127.f ? 127.f : q);
   }
+}
+
+static inline float scale_of(float amax) { /* max|x| / 127, never 0 (as PyTorch's clamp(min=1e-12)) */
+  const float s = amax / 127.f;
+  return s > 1e-12f ? s : 1e-12f;
+}
+
+/* Rounds row x [k] to int8 codes c with scales s (x ~ s * c): one scale (s[0]) per row, or with
+ * LMF_ACT_BLOCK one per 32 inputs (s[k / 32]). For an INT4 weight (`group` > 0) the codes go in the
+ * nibble order and csum gets, per group g, the pair (0, sum of its codes), or with block scales
+ * (0, sum over its 32-blocks of scale * sum of codes): the term that meets the weight's offset m_g. */
+static void quantize_row(const float* x, int64_t k, int32_t act, float fixed, int64_t group, int8_t* c,
+                         float* s, float* csum) {
+  if (act == LMF_ACT_BLOCK) {
+    for (int64_t b = 0; b < k / 32; ++b) {
+      s[b] = scale_of(abs_max(x + 32 * b, 32));
+      round_codes(x + 32 * b, 32, s[b], c + 32 * b);
+    }
+  } else {
+    s[0] = act == LMF_ACT_DYNAMIC ? scale_of(abs_max(x, k)) : (fixed > 1e-12f ? fixed : 1e-12f);
+    round_codes(x, k, s[0], c);
+  }
   if (group) {
     for (int64_t g = 0; g < k / group; ++g) {
-      int32_t total = 0;
-      for (int64_t j = g * group; j < (g + 1) * group; ++j) total += c[j];
+      float total = 0.f;
+      for (int64_t b = g * group / 32; b < (g + 1) * group / 32; ++b) {
+        int32_t codes = 0;
+        for (int64_t j = 32 * b; j < 32 * b + 32; ++j) codes += c[j];
+        total += act == LMF_ACT_BLOCK ? s[b] * (float)codes : (float)codes;
+      }
       csum[2 * g] = 0.f;
-      csum[2 * g + 1] = (float)total;
+      csum[2 * g + 1] = total;
     }
     for (int64_t b = 0; b < k; b += 64) {
       int8_t block[64];
@@ -341,7 +367,6 @@ static float quantize_row(const float* x, int64_t k, int32_t act, float fixed, i
       memcpy(c + b, block, 64);
     }
   }
-  return s;
 }
 
 #if LMF_AVX2
@@ -385,12 +410,59 @@ static inline __attribute__((always_inline)) void row_i8q(const int8_t* w, const
   }
 }
 
+/* INT8 weights times int8 codes with a scale per 32 inputs (xs[t, k / 32]; k a multiple of 32):
+ * sum_b xs_b * scale_g(b) * (c_b . q_b), the scale per row (G = k) applied once at the end. Two chains
+ * of FMAs (even and odd blocks), so one block's conversion need not wait for the previous one's. */
+static inline __attribute__((always_inline)) void row_i8b(const int8_t* w, const float* scale, const int8_t* c,
+                                                          const float* xs, int64_t k, int64_t group,
+                                                          const int mt, float* out) {
+  const int64_t blocks = k / 32, per = group / 32; /* 32-blocks per weight group */
+  const int rowwise = group == k;
+#define WSCALE(b) (rowwise ? 1.f : per == 1 ? scale[(b)] : scale[(b) / per])
+#if LMF_AVX2
+  __m256 acc[MAX_TILE], acc2[MAX_TILE];
+  for (int t = 0; t < mt; ++t) acc[t] = acc2[t] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    _mm_prefetch((const char*)w + 32 * b + PREFETCH8, _MM_HINT_T0);
+    const __m256i w0 = _mm256_loadu_si256((const __m256i*)(w + 32 * b)), a0 = _mm256_sign_epi8(w0, w0);
+    const __m256i w1 = _mm256_loadu_si256((const __m256i*)(w + 32 * b + 32)), a1 = _mm256_sign_epi8(w1, w1);
+    const float s0 = WSCALE(b), s1 = WSCALE(b + 1);
+    for (int t = 0; t < mt; ++t) {
+      const int8_t* ct = c + t * k + 32 * b;
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(w0, a0, ct)), _mm256_set1_ps(s0 * xs[t * blocks + b]),
+                               acc[t]);
+      acc2[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(w1, a1, ct + 32)),
+                                _mm256_set1_ps(s1 * xs[t * blocks + b + 1]), acc2[t]);
+    }
+  }
+  for (; b < blocks; ++b) {
+    const __m256i w0 = _mm256_loadu_si256((const __m256i*)(w + 32 * b)), a0 = _mm256_sign_epi8(w0, w0);
+    for (int t = 0; t < mt; ++t)
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8(w0, a0, c + t * k + 32 * b)),
+                               _mm256_set1_ps(WSCALE(b) * xs[t * blocks + b]), acc[t]);
+  }
+  for (int t = 0; t < mt; ++t) out[t] = hsum(_mm256_add_ps(acc[t], acc2[t])) * (rowwise ? scale[0] : 1.f);
+#else
+  for (int t = 0; t < mt; ++t) out[t] = 0.f;
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int t = 0; t < mt; ++t) {
+      int32_t dot = 0;
+      for (int64_t i = 32 * b; i < 32 * b + 32; ++i) dot += (int32_t)w[i] * c[t * k + i];
+      out[t] += WSCALE(b) * xs[t * blocks + b] * (float)dot;
+    }
+  for (int t = 0; t < mt; ++t) out[t] *= rowwise ? scale[0] : 1.f;
+#endif
+#undef WSCALE
+}
+
 /* INT4 weights times int8 codes (nibble order), csum[t, g] = (0, the codes' group sum):
  * sum_g d_g * (c_g . q_g) + m_g * sum(c_g). Each 64-input block spans one or two groups (G >= 32): the
- * 16-bit pair sums of a 32-bit lane are its first half (inputs 0..31 of the block) then its second. */
+ * 16-bit pair sums of a 32-bit lane are its first half (inputs 0..31 of the block) then its second.
+ * With a scale per 32 inputs (xs[t, k / 32], else NULL), each half's d_g is multiplied by its scale. */
 static inline __attribute__((always_inline)) void row_i4q(const uint8_t* w, const uint16_t* dm, const int8_t* c,
-                                                          const float* csum, int64_t k, int64_t group,
-                                                          const int mt, float* out) {
+                                                          const float* csum, const float* xs, int64_t k,
+                                                          int64_t group, const int mt, float* out) {
   const int64_t groups = k / group;
   float offset[MAX_TILE] = {0}; /* sum_g m_g * sum(c_g): the row's (d, m) pairs times the (0, sum) pairs */
   int64_t i = 0;
@@ -418,7 +490,7 @@ static inline __attribute__((always_inline)) void row_i4q(const uint8_t* w, cons
   if (!((b) & 1)) _mm_prefetch((const char*)w + 32 * (b) + PREFETCH8, _MM_HINT_T0);                     \
   const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * (b)));                                 \
   const __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble)
-  if (group % 64 == 0) { /* whole blocks per group: the group's integer sum, then one conversion */
+  if (group % 64 == 0 && !xs) { /* whole blocks per group: the group's integer sum, then one conversion */
     for (int64_t g = 0; g < groups; ++g) {
       __m256i sum[MAX_TILE];
       for (int t = 0; t < mt; ++t) sum[t] = _mm256_setzero_si256();
@@ -433,11 +505,13 @@ static inline __attribute__((always_inline)) void row_i4q(const uint8_t* w, cons
     for (int64_t b = 0; b < k / 64; ++b) {
       UNPACK(b);
       const int64_t g0 = group == 32 ? 2 * b : (64 * b) / group, g1 = group == 32 ? 2 * b + 1 : (64 * b + 32) / group;
-      const __m256 d0 = _mm256_set1_ps(half_to_float(dm[2 * g0])), d1 = _mm256_set1_ps(half_to_float(dm[2 * g1]));
+      const float d0 = half_to_float(dm[2 * g0]), d1 = half_to_float(dm[2 * g1]);
       for (int t = 0; t < mt; ++t) {
         const __m256i pairs = PAIRS(b, t);
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, first)), d0, acc[t]);
-        acc2[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, second)), d1, acc2[t]);
+        const float e0 = xs ? d0 * xs[t * (k / 32) + 2 * b] : d0, e1 = xs ? d1 * xs[t * (k / 32) + 2 * b + 1] : d1;
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, first)), _mm256_set1_ps(e0), acc[t]);
+        acc2[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, second)), _mm256_set1_ps(e1),
+                                  acc2[t]);
       }
     }
   }
@@ -453,7 +527,10 @@ static inline __attribute__((always_inline)) void row_i4q(const uint8_t* w, cons
       for (int t = 0; t < mt; ++t) half[h][t] += lo * c[t * k + 64 * b + p] + hi * c[t * k + 64 * b + 32 + p];
     }
     const float d0 = half_to_float(dm[2 * ((64 * b) / group)]), d1 = half_to_float(dm[2 * ((64 * b + 32) / group)]);
-    for (int t = 0; t < mt; ++t) acc[t] += d0 * (float)half[0][t] + d1 * (float)half[1][t];
+    for (int t = 0; t < mt; ++t) {
+      const float e0 = xs ? d0 * xs[t * (k / 32) + 2 * b] : d0, e1 = xs ? d1 * xs[t * (k / 32) + 2 * b + 1] : d1;
+      acc[t] += e0 * (float)half[0][t] + e1 * (float)half[1][t];
+    }
   }
   for (int t = 0; t < mt; ++t) out[t] = acc[t] + offset[t];
 #endif
@@ -498,7 +575,7 @@ static void linear_rows(const lmf_weight* W, const lmf_input* in, int64_t M, flo
  * waking a second thread costs more than it saves. */
 void lmf_linear(const lmf_weight* W, const float* x, int64_t M, float* y, int accumulate) {
   const int64_t groups = W->kind == LMF_INT4 ? W->k / W->group : 0;
-  lmf_input in = {x, (float*)malloc(sizeof(float) * (size_t)(2 * M * groups + M)),
+  lmf_input in = {x, (float*)malloc(sizeof(float) * (size_t)(2 * M * groups + M * (W->k / 32 + 1))),
                   (int8_t*)malloc((size_t)(M * W->k)), NULL};
   in.xscale = in.xsum + 2 * M * groups;
   prepare_input(W, x, M, &in);
@@ -618,9 +695,10 @@ static void prepare_input(const lmf_weight* W, const float* x, int64_t M, lmf_in
   const int64_t k = W->k, group = W->kind == LMF_INT4 ? W->group : 0, groups = group ? k / group : 0;
   in->x = x;
   if (W->act != LMF_ACT_F32 && W->kind != LMF_F32) {
+    const int64_t scales = W->act == LMF_ACT_BLOCK ? k / 32 : 1;
     for (int64_t m = 0; m < M; ++m)
-      in->xscale[m] = quantize_row(x + m * k, k, W->act, W->act_scale, group, in->xq + m * k,
-                                   in->xsum + 2 * m * groups);
+      quantize_row(x + m * k, k, W->act, W->act_scale, group, in->xq + m * k, in->xscale + m * scales,
+                   in->xsum + 2 * m * groups);
     return;
   }
   for (int64_t i = 0; i < M * groups; ++i) {
@@ -638,14 +716,20 @@ static inline __attribute__((always_inline)) void row_any(const lmf_weight* W, i
   const float* xsum = in->xsum + m0 * groups;
   if (W->act != LMF_ACT_F32 && W->kind != LMF_F32) { /* int8 activations */
     const int8_t* c = in->xq + m0 * k;
+    const int blockwise = W->act == LMF_ACT_BLOCK;
+    const float* xs = blockwise ? in->xscale + m0 * (k / 32) : NULL;
     if (W->kind == LMF_INT8) {
       const int64_t group = W->group && W->group < k ? W->group : k;
-      row_i8q((const int8_t*)W->data + r * k, (const float*)W->scale + r * (k / group), c, k, group, mt, out);
+      const int8_t* w = (const int8_t*)W->data + r * k;
+      const float* scale = (const float*)W->scale + r * (k / group);
+      if (blockwise) row_i8b(w, scale, c, xs, k, group, mt, out);
+      else row_i8q(w, scale, c, k, group, mt, out);
     } else {
       row_i4q((const uint8_t*)W->data + r * (k / 2), (const uint16_t*)W->scale + r * groups * 2, c,
-              in->xsum + 2 * m0 * groups, k, W->group, mt, out);
+              in->xsum + 2 * m0 * groups, xs, k, W->group, mt, out);
     }
-    for (int t = 0; t < mt; ++t) out[t] *= in->xscale[m0 + t];
+    if (!blockwise)
+      for (int t = 0; t < mt; ++t) out[t] *= in->xscale[m0 + t];
   } else if (W->kind == LMF_F32) {
     row_dense((const float*)W->data + r * k, 0, x, k, mt, out);
   } else if (W->kind == LMF_INT8 && W->group && W->group < k) {
@@ -805,7 +889,8 @@ void lmf_decode(const lmf_model* M, lmf_step* S, float* logits) {
 #pragma omp parallel if (parallel)
   {
     private_buffers mine;
-    float* own = (float*)malloc(sizeof(float) * (size_t)(B * d + B * (widest / 16 + 1) + 2 * L0->head_dim + B));
+    float* own = (float*)malloc(sizeof(float) *
+                                (size_t)(B * d + B * (widest / 16 + 1) + 2 * L0->head_dim + B * (widest / 32 + 1)));
     mine.h = own;
     mine.in.xsum = own + B * d;
     mine.q = mine.in.xsum + B * (widest / 16 + 1);
