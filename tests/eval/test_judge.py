@@ -94,7 +94,36 @@ def test_answers_files_and_missing_judges_are_clear_errors(tmp_path):
     with pytest.raises(JudgeError, match="LMFORGE_JUDGE_URL"):
         MTBench(environ={}).judge()
     with pytest.raises(JudgeError, match="cannot be reached"):
-        ChatEndpoint("http://127.0.0.1:9/v1", "judge", timeout=2).chat([{"role": "user", "content": "hi"}])
+        ChatEndpoint("http://127.0.0.1:9/v1", "judge", timeout=2, retries=0).chat([{"role": "user",
+                                                                                 "content": "hi"}])
+
+
+def _endpoint(answer, **options) -> ChatEndpoint:
+    client = httpx.Client(base_url="http://judge/v1", transport=httpx.MockTransport(answer))
+    return ChatEndpoint("http://judge/v1", "judge", client=client, **options)
+
+
+def test_busy_or_timed_out_requests_are_asked_again_before_the_run_is_given_up(monkeypatch):
+    monkeypatch.setattr("lmforge.eval.judge.time.sleep", lambda seconds: None)
+    replies = iter([httpx.ReadTimeout("slow"), httpx.Response(503), httpx.Response(429),
+                    httpx.Response(200, json={"choices": [{"message": {"content": "[[A]]"}}]})])
+    calls = []
+
+    def answer(request):
+        calls.append(request)
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    hello = [{"role": "user", "content": "hi"}]
+    assert _endpoint(answer).chat(hello) == "[[A]]" and len(calls) == 4
+    with pytest.raises(JudgeError, match="answered 503"):
+        _endpoint(lambda r: httpx.Response(503), retries=1).chat(hello)
+    with pytest.raises(JudgeError, match="answered 400"):  # a bad request is not asked again
+        _endpoint(lambda r: httpx.Response(400)).chat(hello)
+    with pytest.raises(JudgeError, match="judge_timeout"):
+        MTBench(judge_timeout=0)
 
 
 @pytest.fixture(scope="module")

@@ -130,14 +130,25 @@ def read_answers(path: Path) -> Answers:
 
 
 # ============================================================================ the endpoint
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)  # busy or briefly broken: worth asking again
+
+
 class ChatEndpoint:
-    """An OpenAI-compatible chat endpoint; `base_url` ends in /v1 (``.../v1/chat/completions``)."""
+    """An OpenAI-compatible chat endpoint; `base_url` ends in /v1 (``.../v1/chat/completions``).
+
+    A judged run makes hundreds of requests after a long answering phase, so one timeout or
+    busy reply must not throw the run away: a request that times out, cannot connect, or gets
+    a status of `RETRY_STATUS` is sent again up to `retries` times, waiting 1, 2, 4 ... s
+    (FastChat retries its judge calls too)."""
 
     def __init__(self, base_url: str, model: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 300.0, client: Any = None) -> None:
+                 timeout: float = 600.0, retries: int = 3, client: Any = None) -> None:
         import httpx
 
+        if retries < 0:
+            raise JudgeError(f"retries must be >= 0, got {retries}")
         self.base_url = base_url.rstrip("/")
+        self.retries = retries
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = client or httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self.model = model or self.first_model()
@@ -145,10 +156,19 @@ class ChatEndpoint:
     def _post(self, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         import httpx
 
-        try:
-            response = self.client.post(path, json=payload) if payload is not None else self.client.get(path)
-        except httpx.HTTPError as err:
-            raise JudgeError(f"the judge endpoint {self.base_url} cannot be reached: {err}") from None
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = (self.client.post(path, json=payload) if payload is not None
+                            else self.client.get(path))
+            except httpx.HTTPError as err:
+                if last:
+                    raise JudgeError(f"the judge endpoint {self.base_url} cannot be reached: {err} (after "
+                                     f"{attempt + 1} tries)") from None
+            else:
+                if response.status_code not in RETRY_STATUS or last:
+                    break
+            time.sleep(2.0 ** attempt)
         if response.status_code != 200:
             raise JudgeError(f"the judge endpoint {self.base_url}{path} answered {response.status_code}: "
                              f"{response.text[:300]}")
@@ -295,7 +315,7 @@ class MTBench:
     def __init__(self, data: Sequence[Path] = (), *, judge: ChatEndpoint | None = None,
                  baseline: Answers | ChatEndpoint | None = None, turns: Sequence[int] = (1, 2),
                  max_gen_toks: int = 512, judge_max_tokens: int = 1024, parallel: int = 4,
-                 environ: dict[str, str] | None = None) -> None:
+                 judge_timeout: float = 600.0, environ: dict[str, str] | None = None) -> None:
         if len(data) > 1:
             raise JudgeError(f"{self.name} takes one --data file (the baseline's FastChat answers), "
                              f"got {len(data)}")
@@ -304,7 +324,10 @@ class MTBench:
         self.environ = os.environ if environ is None else environ
         self._judge, self.turns = judge, tuple(turns)
         self.baseline = read_answers(Path(data[0])) if data else baseline
+        if judge_timeout <= 0:
+            raise JudgeError(f"judge_timeout must be > 0 seconds, got {judge_timeout}")
         self.max_gen_toks, self.judge_max_tokens, self.parallel = max_gen_toks, judge_max_tokens, parallel
+        self.judge_timeout = judge_timeout
 
     def judge(self) -> ChatEndpoint:
         if self._judge is None:
@@ -314,7 +337,8 @@ class MTBench:
                                  "endpoint (e.g. http://127.0.0.1:8000/v1 of `lmforge serve`) and "
                                  "LMFORGE_JUDGE_MODEL")
             key = self.environ.get("LMFORGE_JUDGE_API_KEY") or self.environ.get("OPENAI_API_KEY")
-            self._judge = ChatEndpoint(url, self.environ.get("LMFORGE_JUDGE_MODEL"), api_key=key)
+            self._judge = ChatEndpoint(url, self.environ.get("LMFORGE_JUDGE_MODEL"), api_key=key,
+                                       timeout=self.judge_timeout)
         return self._judge
 
     def run(self, model: Generator, *, shots: int | None = None, limit: int | None = None, seed: int = 0,
