@@ -51,6 +51,24 @@ def pytest_make_collect_report(collector: pytest.Collector):
 
 
 
+
+def one_torch_thread(scope: str = "function"):
+    """An autouse fixture for a test package's conftest (`_one_thread = one_torch_thread()`): torch
+    on one thread, restored afterwards. These packages run tiny models: a d_model-64 matmul gains
+    nothing from a second thread, and on a machine shared with other work two threads waiting for
+    each other at every barrier can make a test many times slower. Function scope restores the
+    count after each test, for packages where a test sets threads of its own."""
+    import torch
+
+    @pytest.fixture(scope=scope, autouse=True)
+    def fixture():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+
+    return fixture
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     try:

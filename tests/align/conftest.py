@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import one_torch_thread
 
 from lmforge.model.checkpoint import save_checkpoint
 from lmforge.model.config import ModelConfig
@@ -53,10 +54,4 @@ def tiny():
     return tiny_llama
 
 
-@pytest.fixture(scope="package", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread on a shared 2-core machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = one_torch_thread("package")

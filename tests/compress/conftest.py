@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import one_torch_thread
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
@@ -64,9 +65,4 @@ def calibration() -> torch.Tensor:
     return torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(scope="package", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = one_torch_thread("package")

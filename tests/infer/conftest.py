@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tests.conftest import one_torch_thread
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
@@ -49,11 +50,4 @@ def variant(request) -> str:
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a machine shared with other work, two threads waiting for each other at
-    every barrier can make a test many times slower. (`test_quant` checks the threaded kernels.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_torch_thread()

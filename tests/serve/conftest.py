@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from tests.conftest import one_torch_thread
 
 from lmforge.infer.engine import Engine
 from lmforge.model.config import ModelConfig
@@ -53,13 +54,7 @@ def engine_factory(tokenizer) -> Callable[..., Engine]:
     return lambda **kwargs: make_engine(tokenizer, **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the machine is shared, and barrier-heavy kernels slow down when oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_torch_thread()
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+from tests.conftest import one_torch_thread
 
 from lmforge.data.document import Document
 from lmforge.data.shards import TokenizeConfig, tokenize_documents
@@ -26,17 +26,7 @@ def license_paragraphs() -> list[Document]:
     return docs
 
 
-@pytest.fixture(scope="package", autouse=True)
-def one_thread():
-    """Run these tiny models on one CPU thread (restored afterwards).
-
-    At d_model 64, a matmul is far too small to share between threads: the extra threads
-    only spin and wait, and on a busy machine that made a 40-step run take a minute.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = one_torch_thread("package")
 
 
 @pytest.fixture(scope="session")
