@@ -24,7 +24,9 @@ Beside it, at every level and with the same clients, prompts and token counts:
   on the same GGUF file, with the same threads (`--against llama-cpp`, the default when it
   is installed; `--against none` skips it). It answers one request at a time (no
   continuous batching), which is what a user of that server gets. It has no `ignore_eos`,
-  so the model's stop tokens get a -100 logit bias instead: both sides write every token.
+  so the model's stop tokens get a -100 logit bias instead: both sides write every token
+  (a reply with fewer counts as an error). Its `--interrupt_requests` is turned off: by
+  default a new request cuts the one being streamed.
 - **lmforge's own engine in this process** (`Engine.from_pretrained` with the server's
   settings, `clients` requests in flight, refilled as each finishes): the server's output
   tokens/s as a share of it is what the HTTP layer (FastAPI, SSE, the event loop) costs.
@@ -154,7 +156,10 @@ async def run_level(target: Target, clients: int, requests: int, max_tokens: int
                 i = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            replies.append(await one_request(client, target, PROMPTS[i % len(PROMPTS)], max_tokens))
+            reply = await one_request(client, target, PROMPTS[i % len(PROMPTS)], max_tokens)
+            if reply.error is None and reply.tokens != max_tokens:  # every reply must write every token
+                reply.error = f"the reply stopped after {reply.tokens} of {max_tokens} tokens"
+            replies.append(reply)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=target.url, timeout=1800, limits=limits) as client:
@@ -236,7 +241,10 @@ def start_llama_cpp_server(gguf: str, threads: int, context: int) -> tuple[subpr
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
                "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(context),
-               "--n_gpu_layers", "0", "--verbose", "False"]
+               "--n_gpu_layers", "0", "--verbose", "False",
+               # by default a new request interrupts the one being streamed: every client would
+               # get a cut reply; queued one after another is what its single model slot can do
+               "--interrupt_requests", "False"]
     return launch(command, port, "/v1/models")
 
 
