@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_llamacpp:
         require(*ANCHORS, skip_hint="run with --skip-llamacpp")
     torch.set_num_threads(args.threads)
-    machine = announce(() if args.skip_llamacpp else ANCHORS)
+    machine = announce(() if args.skip_llamacpp else ("llama-cpp-python",))
 
     loaded = load_model("smollm2")
     base, tokenizer = loaded.model.requires_grad_(False), loaded.tokenizer
