@@ -198,18 +198,23 @@ def engine_level(engine, clients: int, requests: int, max_tokens: int) -> dict:
     replies: dict[int, Reply] = {}
     started = time.perf_counter()
     sent = 0
-    while sent < requests or engine.has_unfinished():
-        while sent < requests and sum(1 for r in replies.values() if r.error == "running") < clients:
-            rid = engine.add_request(prompts[sent], params)
-            replies[rid] = Reply(started=time.perf_counter(), error="running")
-            sent += 1
+
+    def send() -> None:
+        nonlocal sent
+        replies[engine.add_request(prompts[sent], params)] = Reply(started=time.perf_counter())
+        sent += 1
+
+    for _ in range(min(clients, requests)):
+        send()
+    while engine.has_unfinished():
         for event in engine.step():
             reply = replies[event.request_id]
             reply.chunk_times.append(time.perf_counter())
             reply.tokens += 1
-            if event.finish_reason is not None:
-                reply.error = None
+            if event.finish_reason is not None:  # a client whose reply is done sends its next request
                 engine.release(event.request_id)
+                if sent < requests:
+                    send()
     return summarize("lmforge engine", clients, list(replies.values()), time.perf_counter() - started)
 
 
@@ -377,10 +382,12 @@ def main() -> int:
         print("\n| clients | output tok/s: lmforge serve / llama.cpp server | TTFT p50: llama.cpp's / "
               "lmforge's | output tok/s: lmforge serve / its engine |")
         print("|---|---|---|---|")
-        nan = float("nan")
+        def cell(row: dict, key: str, unit: str = "") -> str:
+            return f"{row[key]:.2f}{unit}" if key in row else "-"
+
         for clients, row in ratios.items():
-            print(f"| {clients} | {row.get('vs_llama_cpp_tokens', nan):.2f}x | "
-                  f"{row.get('vs_llama_cpp_ttft', nan):.2f}x | {row.get('share_of_engine', nan):.2f} |")
+            print(f"| {clients} | {cell(row, 'vs_llama_cpp_tokens', 'x')} | "
+                  f"{cell(row, 'vs_llama_cpp_ttft', 'x')} | {cell(row, 'share_of_engine')} |")
     if args.json:
         with atomic_write(args.json, "w") as f:
             json.dump({"args": vars(args), "machine": machine, "results": results, "ratios": ratios}, f,
